@@ -1,0 +1,321 @@
+"""`PipelineConfig`: the flow's only parameter, the Prefect UI form, and what YAML files validate against.
+
+One nested model per stage; every stage function receives only its own section. Unknown keys
+are errors everywhere (`extra="forbid"`), and every validation problem becomes one line that
+names the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sklearn.model_selection import ParameterGrid
+
+from mlpipe.errors import MlpipeError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Section):
+    uri: str = Field("sample://digits", description="Dataset location: a directory, or sample://digits.")
+    manifest: str = Field("manifest.csv", description="Manifest file (CSV), relative to the source root.")
+    image_column: str = Field("image", description="Manifest column with image paths relative to the root.")
+
+
+class IngestConfig(_Section):
+    image_size: int = Field(16, ge=4, le=1024, description="Side of the square training resolution in pixels.")
+    channels: Literal[1, 3] = Field(1, description="1 for grayscale, 3 for RGB.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Images larger than this are quarantined (decompression bombs).")
+
+
+Action = Literal["keep", "drop", "pseudonymize", "generalize_date", "redact_text"]
+
+
+class ColumnPolicy(_Section):
+    action: Action = Field(description="What happens to this column's values.")
+    granularity: Literal["year", "month"] = Field("year", description="For generalize_date only.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # `name: drop` in YAML is the common case; the long form carries options.
+        return {"action": value} if isinstance(value, str) else value
+
+
+def _sample_policy() -> dict[str, ColumnPolicy]:
+    policy = {
+        "subject_id": "pseudonymize",
+        "name": "drop",
+        "email": "drop",
+        "phone": "drop",
+        "date_of_birth": {"action": "generalize_date", "granularity": "year"},
+        "note": "redact_text",
+        "annotator_1": "keep",
+        "annotator_2": "keep",
+        "annotator_3": "keep",
+    }
+    return {column: ColumnPolicy.model_validate(p) for column, p in policy.items()}
+
+
+class AnonymizeConfig(_Section):
+    policy: dict[str, ColumnPolicy] = Field(
+        default_factory=_sample_policy,
+        description="One policy per manifest column (the image column is handled by anonymize itself). "
+        "A column without a policy stops the run.",
+    )
+    key_env: str = Field(
+        "MLPIPE_PSEUDONYM_KEY",
+        description="Environment variable holding the HMAC key. Unset: a local key file in the state directory.",
+    )
+
+
+class LabelConfig(_Section):
+    columns: list[str] = Field(
+        default_factory=lambda: ["annotator_1", "annotator_2", "annotator_3"],
+        min_length=1,
+        description="Annotator columns combined by majority vote; a single column is a plain label column.",
+    )
+    classes: list[str] | None = Field(None, description="Allowed labels; any other label stops the run. Empty: open set.")
+
+
+class SplitConfig(_Section):
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of items for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of items for the test set.")
+    group_column: str | None = Field("subject_id", description="Items sharing this (pseudonymized) value stay in one split.")
+    seed: int = Field(0, description="Seed of the split; the same seed gives the same split.")
+
+
+class ResampleConfig(_Section):
+    strategy: Literal["none", "random_over", "random_under", "smote", "class_weight"] = Field(
+        "none", description="Applied to the training split only."
+    )
+    k_neighbors: int = Field(5, ge=1, description="SMOTE neighbours (capped by the rarest class).")
+    seed: int = Field(0)
+
+
+def default_augmentation() -> dict[str, Any]:
+    """A mild policy for small grayscale images, in albumentations' own dict format (`A.from_dict`)."""
+    return {
+        "transform": {
+            "__class_fullname__": "Compose",
+            "p": 1.0,
+            "transforms": [
+                {
+                    "__class_fullname__": "Affine",
+                    "p": 0.7,
+                    "scale": [0.9, 1.1],
+                    "translate_percent": [-0.08, 0.08],
+                    "rotate": [-10.0, 10.0],
+                    "border_mode": 0,
+                },
+            ],
+        }
+    }
+
+
+class TrainConfig(_Section):
+    model: Literal["small_cnn"] = Field("small_cnn", description="Architecture.")
+    epochs: int = Field(20, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=65536, description="Per-process batch size.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw")
+    lr: float = Field(3e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    patience: int = Field(5, ge=1, description="Early stopping: epochs without validation macro-F1 gain.")
+    augment: dict[str, Any] | None = Field(
+        default_factory=default_augmentation,
+        description="albumentations policy in its dict serialization (A.to_dict); null for none.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
+    nproc: int | Literal["auto"] = Field("auto", description="DDP processes; auto: one per GPU, else 1.")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16 on CUDA, off on CPU.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers per process.")
+    max_restarts: int = Field(0, ge=0, le=100, description="torchrun restarts of failed workers.")
+    seed: int = Field(0)
+
+    @field_validator("nproc")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 or 'auto'")
+        return value
+
+
+TRIAL_SECTIONS = ("resample", "train")
+
+
+class SearchConfig(_Section):
+    grid: dict[str, list[Any]] = Field(
+        default_factory=lambda: {"train.lr": [0.002, 0.006], "resample.strategy": ["none", "random_over"]},
+        description="Dotted config keys (resample.* or train.*) to lists of values; every combination is one trial.",
+    )
+    metric: Literal["val_macro_f1", "val_accuracy", "val_balanced_accuracy"] = Field(
+        "val_macro_f1", description="Validation metric that picks the winner."
+    )
+
+
+class EvaluateConfig(_Section):
+    registered_model_name: str = Field("mlpipe-classifier", min_length=1, description="MLflow Model Registry name.")
+
+
+class PipelineConfig(_Section):
+    experiment: str = Field("mlpipe", min_length=1, description="MLflow experiment name.")
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    anonymize: AnonymizeConfig = Field(default_factory=AnonymizeConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    resample: ResampleConfig = Field(default_factory=ResampleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _grid_is_valid(self) -> PipelineConfig:
+        for key, values in self.search.grid.items():
+            if key.split(".")[0] not in TRIAL_SECTIONS:
+                raise ValueError(f"search.grid key '{key}' cannot vary per trial (only resample.* and train.*)")
+            if not values:
+                raise ValueError(f"search.grid key '{key}' has no values")
+        self.trials()  # every combination must itself be a valid config
+        return self
+
+    def trials(self) -> list[Trial]:
+        """One `Trial` per grid combination, in ParameterGrid order (a single trial for an empty grid)."""
+        if not self.search.grid:
+            return [Trial(index=0, params={}, resample=self.resample, train=self.train)]
+        data = self.model_dump(mode="json")
+        data["search"]["grid"] = {}
+        trials = []
+        for index, params in enumerate(ParameterGrid(self.search.grid)):
+            cfg = _validate(_apply(copy.deepcopy(data), params), where="search.grid")
+            trials.append(Trial(index=index, params=params, resample=cfg.resample, train=cfg.train))
+        return trials
+
+    def with_overrides(self, overrides: dict[str, Any]) -> PipelineConfig:
+        return _validate(_apply(self.model_dump(mode="json"), overrides))
+
+
+class Trial(_Section):
+    """One point of the grid: its overrides and the resolved per-trial sections."""
+
+    index: int
+    params: dict[str, Any]
+    resample: ResampleConfig
+    train: TrainConfig
+
+    @property
+    def name(self) -> str:
+        return f"trial-{self.index:03d}"
+
+
+def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for i, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                raise MlpipeError(f"config error: unknown key '{'.'.join(parents[: i + 1])}' in '{dotted}'")
+            node = node[part]
+        if leaf not in node and not _is_open_mapping(parents):
+            raise MlpipeError(f"config error: unknown key '{dotted}'")
+        node[leaf] = value
+    return data
+
+
+# Mappings whose keys are user data, not schema. A file that sets one replaces it whole: a
+# dataset's policy must list its own columns, never inherit the sample's.
+_OPEN_MAPPINGS = {"anonymize.policy", "search.grid"}
+_WHOLE_VALUES = _OPEN_MAPPINGS | {"train.augment"}
+
+
+def _is_open_mapping(parents: list[str]) -> bool:
+    return ".".join(parents) in _OPEN_MAPPINGS
+
+
+def _validate(data: Any, where: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise MlpipeError(f"{where} error: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """All problems on one line: `train.lr: Input should be greater than 0 (got -1)`."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict | list) else ""
+            parts.append(f"{key}: {err['msg']}{got}")
+    return "; ".join(parts)
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """`train.lr=0.01` -> ("train.lr", 0.01); the value is read as YAML, so lists and numbers work."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise MlpipeError(f"--set expects dotted.key=value, got '{assignment}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Defaults, then the YAML file, then each `--set`; validated once at the end."""
+    data: dict[str, Any] = PipelineConfig().model_dump(mode="json")
+    if path is not None:
+        file_data = _read_yaml(Path(path))
+        data = _deep_merge(data, file_data)
+    return _validate(_apply(data, dict(parse_set(s) for s in sets)))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MlpipeError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: no !!python tags
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise MlpipeError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise MlpipeError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    for key, value in extra.items():
+        dotted = prefix + key
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and dotted not in _WHOLE_VALUES:
+            base[key] = _deep_merge(base[key], value, dotted + ".")
+        else:
+            base[key] = value  # unknown keys pass through so that validation names them
+    return base
+
+
+def to_yaml(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flat_params(config: PipelineConfig) -> dict[str, str]:
+    """The resolved config as `section.key -> value` strings, for MLflow params."""
+    out: dict[str, str] = {}
+    for section, values in config.model_dump(mode="json").items():
+        if not isinstance(values, dict):
+            out[section] = str(values)
+            continue
+        for key, value in values.items():
+            out[f"{section}.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return out

@@ -1,0 +1,80 @@
+"""label: one label per item from annotator votes (or a plain label column), and a frozen class map.
+
+Majority vote; a tie or an item with no vote goes to the review queue instead of being guessed,
+and review items never reach training. The class map (label -> index) is written once here and
+every later stage reads it, so indices cannot drift between training and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+
+from mlpipe.anonymize import ITEM_ID
+from mlpipe.config import LabelConfig
+from mlpipe.errors import MlpipeError
+from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json
+
+LABEL, TARGET = "label", "y"
+
+
+def normalize(value: str) -> str:
+    return " ".join(str(value).split())
+
+
+def majority_vote(votes: list[str]) -> tuple[str | None, str | None]:
+    """(label, None) or (None, reason) with reason 'unlabelled' or 'tie'."""
+    counts = Counter(v for v in votes if v)
+    if not counts:
+        return None, "unlabelled"
+    ranked = counts.most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        return None, "tie"
+    return ranked[0][0], None
+
+
+def label(dataset: StageResult, config: LabelConfig) -> StageResult:
+    items = pd.read_parquet(dataset.file("items.parquet"))
+    missing = [c for c in config.columns if c not in items.columns]
+    if missing:
+        raise MlpipeError(f"label column(s) not found after anonymization: {', '.join(missing)} (label.columns)")
+
+    votes = items[config.columns].astype(str).map(normalize)
+    decided = [majority_vote(list(row)) for row in votes.itertuples(index=False)]
+    labels = pd.Series([lab for lab, _ in decided], index=items.index, dtype=object)
+    review_reason = pd.Series([why for _, why in decided], index=items.index, dtype=object)
+
+    found = sorted(set(labels.dropna()))
+    if config.classes is not None:
+        unknown = sorted(set(found) - set(config.classes))
+        if unknown:
+            raise MlpipeError(f"unknown label(s) not in label.classes: {', '.join(unknown)}")
+    if not found:
+        raise MlpipeError("no item has a label: every item is unlabelled or tied")
+    class_names = list(config.classes) if config.classes is not None else found
+    class_map = {name: index for index, name in enumerate(class_names)}
+
+    labelled = items[labels.notna()].copy()
+    labelled[LABEL] = labels[labels.notna()]
+    labelled[TARGET] = labelled[LABEL].map(class_map).astype(int)
+    review = pd.DataFrame({ITEM_ID: items.loc[labels.isna(), ITEM_ID], "reason": review_reason[labels.isna()]})
+
+    multi = len(config.columns) > 1
+    unanimous = votes.nunique(axis=1).eq(1) & votes.ne("").all(axis=1)
+    report = {
+        "items": len(items),
+        "labelled": len(labelled),
+        "review_queue": dict(Counter(review["reason"])),
+        "class_counts": {name: int((labelled[LABEL] == name).sum()) for name in class_names},
+        "unanimous_fraction": round(float(unanimous.mean()), 4) if multi else None,
+        "disagreement_fraction": round(float(1 - unanimous[votes.ne("").any(axis=1)].mean()), 4) if multi else None,
+        "num_classes": len(class_names),
+    }
+    key = stable_hash(dataset.key, config, code_version("mlpipe.label"))[:16]
+    with stage_dir("label", key) as out:
+        labelled.to_parquet(out / "items.parquet", index=False)
+        review.to_csv(out / "review_queue.csv", index=False)
+        write_json(out / "label_map.json", class_map)
+        write_json(out / "report.json", report)
+    return StageResult.at("label", key, report, pixels=dataset.file("pixels"))

@@ -1,0 +1,106 @@
+"""split: stratified train/val/test, grouped so that one subject never spans two splits.
+
+Two rounds of scikit-learn's StratifiedGroupKFold: the first holds out one fold as test, the
+second one fold of the rest as validation. Fractions are therefore met to the nearest fold
+(1/round(1/fraction)), which is the price of keeping groups whole. The checks after the split
+fail the run rather than let a leaky or class-starved split through.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from mlpipe.anonymize import ITEM_ID
+from mlpipe.config import SplitConfig
+from mlpipe.errors import MlpipeError
+from mlpipe.ingest import PIXEL_INDEX
+from mlpipe.label import LABEL, TARGET
+from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json
+
+SPLITS = ("train", "val", "test")
+
+
+def _holdout(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held-out) positions: one fold of round(1/fraction) stratified group folds."""
+    folds = StratifiedGroupKFold(n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed)
+    return next(folds.split(np.zeros(len(y)), y, groups))
+
+
+def assign_splits(y: np.ndarray, groups: np.ndarray, config: SplitConfig) -> np.ndarray:
+    """An array of 'train' / 'val' / 'test', one per item."""
+    rest, test = _holdout(y, groups, config.test_fraction, config.seed)
+    val_share = config.val_fraction / (1 - config.test_fraction)
+    train_pos, val_pos = _holdout(y[rest], groups[rest], val_share, config.seed + 1)
+    out = np.empty(len(y), dtype=object)
+    out[test] = "test"
+    out[rest[val_pos]] = "val"
+    out[rest[train_pos]] = "train"
+    return out
+
+
+def check_stratifiable(labels: pd.Series, groups: pd.Series) -> None:
+    per_class = pd.DataFrame({"label": labels, "group": groups}).groupby("label")["group"].nunique()
+    small = per_class[per_class < len(SPLITS)]
+    if len(small):
+        detail = ", ".join(f"'{name}' ({n} group(s))" for name, n in small.items())
+        raise MlpipeError(f"too few items to stratify: class {detail}; each class needs items from at least 3 groups")
+
+
+def check_split(frame: pd.DataFrame, group_col: str) -> None:
+    owners = frame.groupby(group_col)["split"].nunique()
+    if (owners > 1).any():
+        raise MlpipeError(f"split leak: {int((owners > 1).sum())} group(s) span more than one split")
+    for name in SPLITS:
+        absent = sorted(set(frame[LABEL]) - set(frame.loc[frame["split"] == name, LABEL]))
+        if absent:
+            raise MlpipeError(
+                f"too few items to stratify: class(es) {', '.join(map(repr, absent))} absent from the {name} split"
+            )
+
+
+def split(labelled: StageResult, config: SplitConfig) -> StageResult:
+    items = pd.read_parquet(labelled.file("items.parquet"))
+    if config.group_column is not None and config.group_column not in items.columns:
+        raise MlpipeError(f"split.group_column '{config.group_column}' is not a column of the labelled data")
+    group_col = config.group_column or ITEM_ID
+    check_stratifiable(items[LABEL], items[group_col])
+
+    items["split"] = assign_splits(items[TARGET].to_numpy(), items[group_col].to_numpy(), config)
+    check_split(items, group_col)
+
+    table = items[[ITEM_ID, group_col, LABEL, TARGET, PIXEL_INDEX, "split"]].sort_values(ITEM_ID)
+    report = {
+        "sizes": {name: int((items["split"] == name).sum()) for name in SPLITS},
+        "groups": {name: int(items.loc[items["split"] == name, group_col].nunique()) for name in SPLITS},
+        "class_counts": {
+            name: {str(k): int(v) for k, v in items.loc[items["split"] == name, LABEL].value_counts().sort_index().items()}
+            for name in SPLITS
+        },
+        "group_column": group_col,
+        "seed": config.seed,
+    }
+    key = stable_hash(labelled.key, config, code_version("mlpipe.split"))[:16]
+    with stage_dir("split", key) as out:
+        table.to_csv(out / "assignments.csv", index=False)
+        for name in SPLITS:
+            part = table[table["split"] == name]
+            np.savez(out / f"{name}.npz", pixel_index=part[PIXEL_INDEX].to_numpy(), y=part[TARGET].to_numpy())
+        (out / "label_map.json").write_text(labelled.file("label_map.json").read_text())
+        write_json(out / "report.json", report)
+    return StageResult.at("split", key, report, pixels=labelled.file("pixels"))
+
+
+def load_split(splits: StageResult, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 NHWC, integer labels) of one split, read from the decode-once pixel cache."""
+    part = np.load(splits.file(f"{name}.npz"))
+    pixels = np.load(splits.file("pixels"), mmap_mode="r")
+    return np.ascontiguousarray(pixels[part["pixel_index"]]), part["y"]
+
+
+def class_names(splits: StageResult) -> list[str]:
+    mapping = json.loads(splits.file("label_map.json").read_text())
+    return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]

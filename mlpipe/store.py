@@ -1,0 +1,118 @@
+"""Where stage outputs live, how they are named, and the small handles that stages pass on.
+
+Every stage writes its files into `<state>/work/<stage>/<key>/`, where the key hashes the
+stage's inputs, its own config section and its code. Directory names are hashes, never
+anything derived from user data. A stage hands the next one a `StageResult` (a path, a key and
+a small report), so Prefect passes and persists kilobytes, not arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+KEY_LIBRARIES = ("torch", "numpy", "pandas", "scikit-learn", "imbalanced-learn", "albumentations", "pillow")
+
+
+def state_dir() -> Path:
+    """Project-local state (`./.mlpipe`, or `$MLPIPE_HOME`): MLflow store, work files, local key."""
+    path = Path(os.environ.get("MLPIPE_HOME", ".mlpipe")).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def stable_hash(*parts: Any) -> str:
+    """sha256 over a canonical JSON encoding of `parts` (pydantic models are dumped first)."""
+    encoded = json.dumps(
+        [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the named library modules' source (all of `mlpipe/` when none are named)."""
+    digest = hashlib.sha256()
+    files = (
+        sorted(PACKAGE_ROOT.rglob("*.py"))
+        if not modules
+        else sorted(p for m in modules for p in _module_files(m))
+    )
+    for path in files:
+        digest.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _module_files(module: str) -> list[Path]:
+    rel = Path(*module.split(".")[1:])
+    package = PACKAGE_ROOT / rel
+    return sorted(package.rglob("*.py")) if package.is_dir() else [PACKAGE_ROOT / rel.with_suffix(".py")]
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in KEY_LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+class StageResult(BaseModel):
+    """What a stage hands on: where its files are, their content key, and its report."""
+
+    stage: str
+    path: str
+    key: str
+    report: dict[str, Any]
+    files: dict[str, str] = {}  # inputs that live in an earlier stage's folder, by name
+
+    @classmethod
+    def at(cls, stage: str, key: str, report: dict[str, Any], **files: Path) -> StageResult:
+        return cls(stage=stage, path=str(final_path(stage, key)), key=key, report=report,
+                   files={k: str(v) for k, v in files.items()})
+
+    def file(self, name: str) -> Path:
+        return Path(self.files[name]) if name in self.files else Path(self.path) / name
+
+
+@contextlib.contextmanager
+def stage_dir(stage: str, key: str) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes `<state>/work/<stage>/<key>` only on success.
+
+    Readers never see a half-written output, and a failed stage leaves nothing behind.
+    """
+    final = state_dir() / "work" / stage / key
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def final_path(stage: str, key: str) -> Path:
+    return state_dir() / "work" / stage / key
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,171 @@
+"""The only module that imports MLflow.
+
+Everything goes through explicit run ids (`MlflowClient`), never MLflow's global "active run":
+tasks may run in threads, and the training worker logs from another process into a run the
+flow created. The layout of a pipeline run:
+
+    parent run (one per flow run)   params: the resolved config; config.yaml; tags
+      <stage>/report.json           one folder per stage, plus that stage's files
+      child runs                    one per trial, with per-epoch metrics
+      model                         the winner, registered in the Model Registry
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from mlpipe.store import state_dir
+
+for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
+
+_BATCH = 100  # MLflow's log_batch limit for params
+
+
+class RunRef(BaseModel):
+    """Enough to reach a run from any process."""
+
+    run_id: str
+    experiment_id: str
+    experiment_name: str
+    tracking_uri: str
+
+
+def tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI`, else a SQLite store in the project's state directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+def _client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):  # local default: artifacts beside the database, not in ./mlruns
+        location = (state_dir() / "mlartifacts" / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another run
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> RunRef:
+    uri = tracking_uri()
+    client = _client(uri)
+    experiment_id = _experiment_id(client, experiment, uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    _log_params(client, run.info.run_id, params)
+    return RunRef(run_id=run.info.run_id, experiment_id=experiment_id, experiment_name=experiment, tracking_uri=uri)
+
+
+def start_child_run(parent: RunRef, name: str, params: dict[str, Any]) -> str:
+    client = _client(parent.tracking_uri)
+    run = client.create_run(
+        parent.experiment_id, run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent.run_id, MLFLOW_RUN_NAME: name}
+    )
+    _log_params(client, run.info.run_id, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in params.items()})
+    return run.info.run_id
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, params=items[i : i + _BATCH])
+
+
+def end_run(ref: RunRef, run_id: str | None = None, failed: bool = False) -> None:
+    status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+    _client(ref.tracking_uri).set_terminated(run_id or ref.run_id, status=status)
+
+
+@contextlib.contextmanager
+def pipeline_run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> Iterator[RunRef]:
+    """The parent run: FINISHED when the block completes, FAILED when it raises. Never left RUNNING."""
+    ref = start_run(experiment, run_name, params, tags)
+    try:
+        yield ref
+    except BaseException:
+        end_run(ref, failed=True)
+        raise
+    end_run(ref)
+
+
+def set_tags(ref: RunRef, tags: dict[str, str], run_id: str | None = None) -> None:
+    client = _client(ref.tracking_uri)
+    client.log_batch(run_id or ref.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_metrics(ref: RunRef, metrics: dict[str, float], step: int = 0, run_id: str | None = None) -> None:
+    metric_logger(run_id or ref.run_id, ref.tracking_uri)(metrics, step)
+
+
+def metric_logger(run_id: str, uri: str | None) -> Callable[[dict[str, float], int], None]:
+    """A callable for the training worker's rank 0: one batched request per epoch."""
+    client = _client(uri)
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    return log
+
+
+def log_stage(ref: RunRef, stage: str, report: dict[str, Any], files: list[Path] = (), run_id: str | None = None) -> None:
+    """`<stage>/report.json` plus the stage's files, in the parent run (or a child run)."""
+    client = _client(ref.tracking_uri)
+    target = run_id or ref.run_id
+    client.log_dict(target, report, f"{stage}/report.json")
+    for path in files:
+        client.log_artifact(target, str(path), artifact_path=stage)
+
+
+def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
+    _client(ref.tracking_uri).log_text(ref.run_id, text, artifact_file)
+
+
+def log_figure(ref: RunRef, figure: Any, artifact_file: str) -> None:
+    _client(ref.tracking_uri).log_figure(ref.run_id, figure, artifact_file)
+
+
+def log_model(ref: RunRef, model: Any, registered_name: str, input_example: Any) -> dict[str, str]:
+    """Log a torch module as a safe `pt2` export (no pickle) and register it. Returns uri and version."""
+    mlflow.set_tracking_uri(ref.tracking_uri)
+    mlflow.set_experiment(experiment_id=ref.experiment_id)  # LoggedModels live in the run's experiment
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        run_id=ref.run_id,
+        registered_model_name=registered_name,
+        input_example=input_example,
+        serialization_format="pt2",
+        pip_requirements=["torch"],
+    )
+    version = str(info.registered_model_version)
+    set_tags(ref, {"mlpipe.model_uri": info.model_uri, "mlpipe.registered_model": f"{registered_name}/{version}"})
+    return {"model_uri": info.model_uri, "registered_model": registered_name, "version": version}
+
+
+def get_run(run_id: str, uri: str | None = None):
+    return _client(uri).get_run(run_id)
+
+
+def download_artifact(run_id: str, path: str, dst: Path, uri: str | None = None) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=uri or tracking_uri()))

@@ -1,0 +1,46 @@
+"""The contract between the train task and the torchrun worker: a JSON file in, JSON files out.
+
+It names only training and validation data. The test split is not part of it, so no trial
+can look at it.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from mlpipe.config import TrainConfig
+
+
+class TrialSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    train: TrainConfig
+    train_set: str  # npz: images, y, synthetic, class_weight (from resample)
+    out_dir: str  # rank 0 writes checkpoint.pt and result.json here
+    run_id: str | None = None  # MLflow child run that rank 0 logs metrics into
+
+
+class WorkerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pixels: str  # the decode-once uint8 cache from ingest
+    val_set: str  # npz: pixel_index, y
+    num_classes: int
+    tracking_uri: str | None = None
+    trials: list[TrialSpec]
+
+
+class TrialResult(BaseModel):
+    name: str
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    val_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    checkpoint: str
+    world_size: int
+    device: str
+    amp: str
+    train_items: int
+    seconds: float
