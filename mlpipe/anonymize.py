@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ITEM_ID = "item_id"
 IDENTIFIER_ACTIONS = ("drop", "pseudonymize")
+TEXT_ACTIONS = ("keep", "generalize_date", "redact_text")  # outputs that can still carry raw text
 # Recognizers for free text, beyond the row's own identifier values.
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 PHONE = re.compile(r"(?<!\w)\+?\d[\d ().-]{7,}\d(?!\w)")
@@ -82,7 +83,7 @@ def redact_text(text: str, identifiers: list[str]) -> tuple[str, int]:
         if value in text:
             count += text.count(value)
             text = text.replace(value, "[REDACTED]")
-    for pattern, tag in ((EMAIL, "[EMAIL]"), (PHONE, "[PHONE]"), (DATE, "[DATE]")):
+    for pattern, tag in ((EMAIL, "[EMAIL]"), (DATE, "[DATE]"), (PHONE, "[PHONE]")):  # dates before phones
         text, n = pattern.subn(tag, text)
         count += n
     return text, count
@@ -126,7 +127,8 @@ def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConf
             counts[f"{column}.redactions"] = sum(n for _, n in redacted)
         # "drop": the column is simply not carried over
 
-    leaks = residual_scan(out, raw_values)
+    # Hash outputs (item ids, pseudonyms) cannot carry raw text and would only match by chance.
+    leaks = residual_scan(out[[c for c in columns if config.policy[c].action in TEXT_ACTIONS]], raw_values)
     if leaks:
         raise MlpipeError(
             f"anonymization left {sum(leaks.values())} raw identifier value(s) in column(s) "
@@ -151,11 +153,10 @@ def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConf
 
 
 def _raw_values(items: pd.DataFrame, identifier_cols: list[str], image_column: str) -> set[str]:
-    values = {v for c in identifier_cols for v in items[c].astype(str) if len(v) >= 3}
+    values = {v for c in identifier_cols for v in items[c].astype(str)}
     for path in items[image_column].astype(str):
-        values.add(path)
-        values.add(Path(path).stem)  # file names often are the person's name
-    return values
+        values.update((path, Path(path).stem))  # file names often are the person's name
+    return {v for v in values if len(v) >= 3}
 
 
 def residual_scan(frame: pd.DataFrame, raw_values: set[str]) -> dict[str, int]:

@@ -51,6 +51,7 @@ def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig) -> 
     report = {
         "winner": best.report["winner"],
         "test_items": len(y),
+        "input_shape": [int(images.shape[3]), int(images.shape[1]), int(images.shape[2])],  # C, H, W
         "metrics": metrics,
         "majority_class_macro_f1": _majority_macro_f1(y, len(names)),
         "per_class": per_class,

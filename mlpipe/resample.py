@@ -16,7 +16,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from mlpipe.config import ResampleConfig, Trial
 from mlpipe.errors import MlpipeError
-from mlpipe.split import load_split
+from mlpipe.split import class_names, load_split
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json
 
 
@@ -52,7 +52,7 @@ def resample_training_set(
 def resample(splits: StageResult, trials: list[Trial]) -> StageResult:
     """One training set per distinct `resample` config among the trials."""
     images, y = load_split(splits, "train")
-    num_classes = len(splits.report["class_counts"]["train"])
+    num_classes = len(class_names(splits))
     before = _counts(y, num_classes)
     sets, report = {}, {"before": before, "strategies": {}}
     configs = {stable_hash(t.resample)[:12]: t.resample for t in trials}

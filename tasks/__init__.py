@@ -1,0 +1,13 @@
+"""Prefect tasks: one thin wrapper per stage around `mlpipe/`, adding MLflow logging and a Prefect artifact."""
+
+from tasks.anonymize import anonymize
+from tasks.evaluate import evaluate
+from tasks.ingest import ingest
+from tasks.label import label
+from tasks.resample import resample
+from tasks.run import pipeline_run
+from tasks.search import search
+from tasks.split import split
+from tasks.train import train
+
+__all__ = ["anonymize", "evaluate", "ingest", "label", "pipeline_run", "resample", "search", "split", "train"]

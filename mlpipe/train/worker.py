@@ -152,7 +152,7 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
         metrics = {"train_loss": train_loss, **validate(model, val_images, val_y, cfg.batch_size, amp_dtype, norm, ctx)}
         history.append({"epoch": epoch, **metrics})
         if ctx.is_main:
-            print(f"[{trial.name}] epoch {epoch:3d} loss {train_loss:.4f} val_macro_f1 {metrics['val_macro_f1']:.4f}", flush=True)
+            print(f"{trial.name} epoch {epoch:3d} loss {train_loss:.4f} val_macro_f1 {metrics['val_macro_f1']:.4f}", flush=True)
             if tracker is not None:
                 tracker(metrics, epoch)
         if metrics["val_macro_f1"] > best_score:
@@ -175,6 +175,9 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
 
     model.load_state_dict(best_state)  # early stopping restores the best weights, not the last
     best = history[best_epoch]
+    if ctx.is_main:
+        print(f"[{trial.name}] done: best epoch {best_epoch} of {len(history)}, "
+              f"val_macro_f1 {best['val_macro_f1']:.4f}, {time.perf_counter() - started:.1f}s", flush=True)
     return TrialResult(
         name=trial.name,
         best_epoch=best_epoch,

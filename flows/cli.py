@@ -1,0 +1,93 @@
+"""`mlpipe`: run the pipeline, or write the sample dataset.
+
+    mlpipe run [--config FILE] [--set dotted.key=value ...]
+    mlpipe sample-data DIR
+
+Bad input ends with one line on stderr and a non-zero exit: 2 for usage and config errors,
+1 for a pipeline that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Before Prefect, MLflow or albumentations are imported: no telemetry, no update checks.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlpipe")
+
+from mlpipe.config import load_config  # noqa: E402
+from mlpipe.errors import MlpipeError  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlpipe", description="Prefect + MLflow pipeline for image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline (default: the embedded sample://digits on CPU)")
+    run.add_argument("--config", type=Path, help="YAML file validated against PipelineConfig")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config value, e.g. --set train.lr=0.01 (repeatable)")  # fmt: skip
+    sample = sub.add_parser("sample-data", help="write the embedded dataset as a manifest plus image files")
+    sample.add_argument("dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sample-data":
+            return _sample_data(args.dir)
+        config = load_config(args.config, args.sets)
+    except MlpipeError as err:
+        print(f"mlpipe: error: {err}", file=sys.stderr)
+        return 2
+    return _run(config)
+
+
+def _sample_data(target: Path) -> int:
+    from mlpipe.sample import write_sample_digits
+
+    if target.exists() and any(target.iterdir()):
+        raise MlpipeError(f"{target} exists and is not empty")
+    root = write_sample_digits(target)
+    print(f"wrote {root / 'manifest.csv'} and {root / 'images'}/")
+    return 0
+
+
+def _run(config) -> int:
+    from flows.ephemeral import install_quiet_shutdown
+    from flows.training_pipeline import training_pipeline
+
+    install_quiet_shutdown()  # the temporary server stops at exit, after this function returns
+    logging.getLogger("mlpipe").setLevel(logging.INFO)
+    try:
+        summary = training_pipeline(config)
+    except MlpipeError as err:
+        print(f"mlpipe: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - anything else: one line, details are in the Prefect log above
+        print(f"mlpipe: error: pipeline failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    metrics = summary["metrics"]
+    print()
+    print(f"Prefect flow run:  {summary['flow_run_id']}")
+    print(f"MLflow experiment: {summary['experiment_name']} (id {summary['experiment_id']})")
+    print(f"MLflow run:        {summary['run_id']}")
+    print(f"Tracking URI:      {summary['tracking_uri']}")
+    print(f"Registered model:  {summary['registered_model']} version {summary['version']}")
+    print("Test metrics:      " + "  ".join(f"{k.removeprefix('test_')}={v:.4f}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

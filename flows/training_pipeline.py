@@ -1,0 +1,24 @@
+"""The pipeline as a Prefect flow: eight stages, one MLflow parent run."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from mlpipe.config import PipelineConfig
+from tasks import anonymize, evaluate, ingest, label, pipeline_run, resample, search, split, train
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (pydantic default is the UI form)
+    with pipeline_run(config) as run:
+        snapshot = ingest(config.source, config.ingest, run)
+        dataset = anonymize(snapshot, config.anonymize, config.source, run)
+        labelled = label(dataset, config.label, run)
+        splits = split(labelled, config.split, run)
+        trials = config.trials()
+        training_sets = resample(splits, trials, run)
+        trained = train(splits, training_sets, trials, run)
+        best = search(trained, config.search, run)
+        outcome = evaluate(best, splits, config.evaluate, run)
+    return {"flow_run_id": str(flow_run.id), **run.model_dump(), **outcome}

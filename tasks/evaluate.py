@@ -1,0 +1,23 @@
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mlpipe import tracking
+from mlpipe.config import EvaluateConfig
+from mlpipe.evaluate import evaluate as evaluate_on_test
+from mlpipe.store import StageResult
+from mlpipe.tracking import RunRef
+from tasks._publish import publish
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig, run: RunRef) -> dict:
+    """The winner on the test set, once; log and register the model. Returns the headline figures."""
+    result, model = evaluate_on_test(best, splits, config)
+    tracking.log_metrics(run, result.report["metrics"])
+    publish(run, result, files=("confusion_matrix.png", "predictions.csv"))
+    # Batch of 2 in the example: the pt2 export keeps the batch dimension dynamic (1 would pin it).
+    example = np.zeros((2, *result.report["input_shape"]), dtype=np.float32)
+    registered = tracking.log_model(run, model, config.registered_model_name, example)
+    return {"metrics": result.report["metrics"], **registered}
+

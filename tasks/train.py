@@ -1,0 +1,26 @@
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mlpipe import tracking
+from mlpipe.config import Trial
+from mlpipe.store import StageResult
+from mlpipe.train.launch import train as train_trials
+from mlpipe.tracking import RunRef
+from tasks._publish import publish
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train(splits: StageResult, resampled: StageResult, trials: list[Trial], run: RunRef) -> StageResult:
+    """Every trial in one torchrun launch (DDP); one nested MLflow run per trial."""
+    run_ids = {t.name: tracking.start_child_run(run, t.name, {**t.params, "trial": t.name}) for t in trials}
+    try:
+        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri)
+    except BaseException:
+        for run_id in run_ids.values():
+            tracking.end_run(run, run_id, failed=True)
+        raise
+    for trial in result.report["trials"]:
+        child = trial["run_id"]
+        tracking.log_stage(run, "train", trial, [result.file(trial["checkpoint"])], run_id=child)
+        tracking.end_run(run, child)
+    return publish(run, result, files=tuple(p.name for p in result.file("").glob("launch-*")))

@@ -1,0 +1,39 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from mlpipe.config import PipelineConfig  # noqa: E402
+from mlpipe.sample import write_sample_digits  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    """The embedded dataset, written once per session; tests copy it before changing it."""
+    return write_sample_digits(tmp_path_factory.mktemp("sample") / "digits")
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch) -> Path:
+    """A private state directory (work files, key file, MLflow store) per test."""
+    home = tmp_path / "state"
+    monkeypatch.setenv("MLPIPE_HOME", str(home))
+    monkeypatch.delenv("MLPIPE_PSEUDONYM_KEY", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+@pytest.fixture
+def dataset_copy(sample_root, tmp_path) -> Path:
+    target = tmp_path / "data"
+    shutil.copytree(sample_root, target)
+    return target
+
+
+@pytest.fixture
+def config(sample_root) -> PipelineConfig:
+    return PipelineConfig().with_overrides({"source.uri": str(sample_root)})

@@ -1,0 +1,119 @@
+import os
+import stat
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, PngImagePlugin
+
+from mlpipe.anonymize import anonymize, pseudonym, redact_text
+from mlpipe.config import AnonymizeConfig, IngestConfig, SourceConfig
+from mlpipe.errors import MlpipeError
+from mlpipe.ingest import ingest
+
+PERSONAL = ("name", "email", "phone")
+
+
+@pytest.fixture
+def snapshot(state, sample_root):
+    return ingest(SourceConfig(uri=str(sample_root)), IngestConfig())
+
+
+def _raw(sample_root):
+    return pd.read_csv(sample_root / "manifest.csv", dtype=str, keep_default_na=False)
+
+
+def test_no_raw_personal_value_survives(snapshot, sample_root):
+    result = anonymize(snapshot, AnonymizeConfig(), SourceConfig(uri=str(sample_root)))
+    out = pd.read_parquet(result.file("items.parquet"))
+    blob = out.to_csv()
+    raw = _raw(sample_root)
+    for column in PERSONAL:
+        assert not any(v in blob for v in raw[column]), column
+    assert not any(v in blob for v in raw["subject_id"])
+    assert not any(v in blob for v in raw["date_of_birth"])  # generalized to the year
+    assert set(out.columns) >= {"item_id", "subject_id", "date_of_birth", "note"}
+    assert not set(PERSONAL) & set(out.columns)
+    assert out["note"].str.contains(r"\[REDACTED\]|\[PHONE\]|\[EMAIL\]").sum() > 50
+    assert result.report["residual_raw_values"] == 0
+
+
+def test_fails_closed_on_a_column_without_policy(snapshot, sample_root):
+    policy = AnonymizeConfig().policy
+    del policy["email"], policy["note"]
+    with pytest.raises(MlpipeError, match="no anonymization policy for column\\(s\\): email, note") as err:
+        anonymize(snapshot, AnonymizeConfig(policy=policy), SourceConfig(uri=str(sample_root)))
+    assert "\n" not in str(err.value)
+
+
+def test_residual_scan_stops_a_policy_that_keeps_personal_data(snapshot, sample_root):
+    policy = AnonymizeConfig().policy
+    policy["note"] = policy["annotator_1"]  # "keep" the free text: the names in it must stop the run
+    with pytest.raises(MlpipeError, match="raw identifier value"):
+        anonymize(snapshot, AnonymizeConfig(policy=policy), SourceConfig(uri=str(sample_root)))
+
+
+def test_pseudonyms_are_keyed_and_deterministic():
+    assert pseudonym("MRN-1", b"k1") == pseudonym("MRN-1", b"k1")
+    assert pseudonym("MRN-1", b"k1") != pseudonym("MRN-1", b"k2")
+    assert pseudonym("MRN-1", b"k1") != pseudonym("MRN-2", b"k1")
+    assert pseudonym("", b"k1") == ""
+
+
+def test_env_key_wins_and_rotation_changes_every_pseudonym(snapshot, sample_root, monkeypatch):
+    source = SourceConfig(uri=str(sample_root))
+    monkeypatch.setenv("MLPIPE_PSEUDONYM_KEY", "first-secret")
+    a = pd.read_parquet(anonymize(snapshot, AnonymizeConfig(), source).file("items.parquet"))
+    again = pd.read_parquet(anonymize(snapshot, AnonymizeConfig(), source).file("items.parquet"))
+    monkeypatch.setenv("MLPIPE_PSEUDONYM_KEY", "second-secret")
+    b = anonymize(snapshot, AnonymizeConfig(), source)
+    assert a["subject_id"].tolist() == again["subject_id"].tolist()
+    assert not set(a["subject_id"]) & set(pd.read_parquet(b.file("items.parquet"))["subject_id"])
+    assert b.report["key_source"] == "env:MLPIPE_PSEUDONYM_KEY"
+    assert "second-secret" not in str(b.report)
+
+
+def test_local_key_file_is_private_and_reused(snapshot, sample_root, state):
+    source = SourceConfig(uri=str(sample_root))
+    first = anonymize(snapshot, AnonymizeConfig(), source).report["key_id"]
+    key_file = state / "secrets" / "pseudonym.key"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert anonymize(snapshot, AnonymizeConfig(), source).report["key_id"] == first
+
+
+def test_images_are_reencoded_under_content_names_without_metadata(state, dataset_copy):
+    frame = pd.read_csv(dataset_copy / "manifest.csv", dtype=str, keep_default_na=False)
+    target = dataset_copy / frame["image"].iloc[5]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", frame["name"].iloc[5])
+    Image.open(target).save(target, pnginfo=info)
+    snapshot = ingest(SourceConfig(uri=str(dataset_copy)), IngestConfig())
+    result = anonymize(snapshot, AnonymizeConfig(), SourceConfig(uri=str(dataset_copy)))
+    files = sorted((result.file("images")).iterdir())
+    assert len(files) == snapshot.report["kept"]
+    assert all(len(f.stem) == 16 and all(c in "0123456789abcdef" for c in f.stem) for f in files)
+    for path in files:
+        with Image.open(path) as img:
+            assert not img.text and "exif" not in img.info and "icc_profile" not in img.info
+    assert frame["name"].iloc[5].encode() not in b"".join(f.read_bytes() for f in files)
+
+
+def test_redact_text_catches_row_values_and_patterns():
+    text, n = redact_text("Ann Lee (ann@x.org, +1-555-123-4567) born 1980-01-02", ["Ann Lee"])
+    assert text == "[REDACTED] ([EMAIL], [PHONE]) born [DATE]"
+    assert n == 4
+
+
+def test_generalize_date_and_counts_unparseable(state, tmp_path):
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), i * 50, np.uint8)).save(root / "img" / f"{i}.png")
+    pd.DataFrame({"image": ["img/0.png", "img/1.png"], "dob": ["1984-05-12", "not a date"]}).to_csv(
+        root / "manifest.csv", index=False
+    )
+    snapshot = ingest(SourceConfig(uri=str(root)), IngestConfig())
+    policy = {"dob": {"action": "generalize_date", "granularity": "month"}}
+    result = anonymize(snapshot, AnonymizeConfig(policy=policy), SourceConfig(uri=str(root)))
+    assert pd.read_parquet(result.file("items.parquet"))["dob"].tolist() == ["1984-05", ""]
+    assert result.report["counts"]["dob.unparseable"] == 1

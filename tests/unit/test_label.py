@@ -1,0 +1,55 @@
+import json
+
+import pandas as pd
+import pytest
+
+from mlpipe.anonymize import anonymize
+from mlpipe.config import AnonymizeConfig, IngestConfig, LabelConfig, SourceConfig
+from mlpipe.errors import MlpipeError
+from mlpipe.ingest import ingest
+from mlpipe.label import label, majority_vote
+
+
+@pytest.mark.parametrize(
+    ("votes", "expected"),
+    [
+        (["3", "3", "3"], ("3", None)),
+        (["3", "5", "3"], ("3", None)),
+        (["3", "", ""], ("3", None)),
+        (["3", "5", ""], (None, "tie")),
+        (["1", "2", "3"], (None, "tie")),
+        (["", "", ""], (None, "unlabelled")),
+    ],
+)
+def test_majority_vote(votes, expected):
+    assert majority_vote(votes) == expected
+
+
+@pytest.fixture
+def dataset(state, sample_root):
+    source = SourceConfig(uri=str(sample_root))
+    return anonymize(ingest(source, IngestConfig()), AnonymizeConfig(), source)
+
+
+def test_labels_class_map_and_review_queue(dataset):
+    result = label(dataset, LabelConfig())
+    class_map = json.loads(result.file("label_map.json").read_text())
+    assert class_map == {str(d): d for d in range(10)}
+    items = pd.read_parquet(result.file("items.parquet"))
+    review = pd.read_csv(result.file("review_queue.csv"))
+    assert len(items) + len(review) == result.report["items"]
+    assert set(review["reason"]) == {"tie", "unlabelled"}
+    assert not set(review["item_id"]) & set(items["item_id"])  # review items never reach training
+    assert (items["y"] == items["label"].map(class_map)).all()
+    assert 0.05 < result.report["disagreement_fraction"] < 0.15
+    assert list(review.columns) == ["item_id", "reason"]  # anonymized references only
+
+
+def test_unknown_labels_stop_the_run(dataset):
+    with pytest.raises(MlpipeError, match="unknown label\\(s\\) not in label.classes: 8, 9"):
+        label(dataset, LabelConfig(classes=[str(d) for d in range(8)]))
+
+
+def test_missing_label_column(dataset):
+    with pytest.raises(MlpipeError, match="label column\\(s\\) not found"):
+        label(dataset, LabelConfig(columns=["grade"]))
