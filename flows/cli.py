@@ -19,6 +19,9 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlpipe")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # library logs outside a flow
+
+from flows import ephemeral  # noqa: E402
 
 from mlpipe.config import load_config  # noqa: E402
 from mlpipe.errors import MlpipeError  # noqa: E402
@@ -58,20 +61,32 @@ def _sample_data(target: Path) -> int:
     return 0
 
 
+class ExpectedErrorTraceback(logging.Filter):
+    """Prefect logs a failed task with its traceback. For an `MlpipeError` (bad input, a failed
+    check) the message already says everything, so the console gets the message alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], MlpipeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _run(config) -> int:
-    from flows.ephemeral import install_quiet_shutdown
     from flows.training_pipeline import training_pipeline
 
-    install_quiet_shutdown()  # the temporary server stops at exit, after this function returns
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(ExpectedErrorTraceback())
     logging.getLogger("mlpipe").setLevel(logging.INFO)
+    state = training_pipeline(config, return_state=True)
+    ephemeral.settle_and_stop(str(state.state_details.flow_run_id))
     try:
-        summary = training_pipeline(config)
+        summary = state.result()
     except MlpipeError as err:
         print(f"mlpipe: error: {err}", file=sys.stderr)
         return 1
-    except Exception as err:  # noqa: BLE001 - anything else: one line, details are in the Prefect log above
-        print(f"mlpipe: error: pipeline failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-              file=sys.stderr)  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - anything else: one line; the Prefect log above has the details
+        reason = str(err).splitlines()[0] if str(err) else ""
+        print(f"mlpipe: error: pipeline failed: {type(err).__name__}: {reason}", file=sys.stderr)
         return 1
     _print_summary(summary)
     return 0
@@ -89,5 +104,4 @@ def _print_summary(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    logging.captureWarnings(True)
     sys.exit(main())

@@ -1,30 +1,68 @@
-"""Keep the console of a successful run clean on Prefect's temporary (ephemeral) server.
+"""End a run on Prefect's temporary (ephemeral) server cleanly.
 
-When the temporary server stops at interpreter exit, Prefect 3.8's task-run recorder cancels
-its periodic flush. A flush caught mid-write logs "Error flushing N events (N to retry,
-0 dropped)" with a CancelledError traceback, then re-queues the batch and writes it in its
-final flush. Nothing is lost, but users read a traceback as a failure. This filter hides
-exactly that record; any event that is really dropped ("M dropped" with M > 0, or "Dropping
-event ...") still reaches the console.
+With no `PREFECT_API_URL`, Prefect 3.8 starts a temporary server subprocess and stops it at
+interpreter exit. Task-run states reach that server as events, which its task-run recorder
+writes in batches every few seconds. If the server is stopped while a batch is being written,
+the recorder logs "Error flushing N events (N to retry, 0 dropped)" with CancelledError
+tracebacks. The run succeeded, but users read tracebacks as failure, and the last task states
+may not be recorded.
+
+So before exit we deliver the pending events, wait until the server has recorded a final
+state for every task run of the flow run, and only then stop it. This also lets our own last
+line (the summary or the error) be the last line on the console.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import re
+import os
+import time
 
-RECORDER_LOGGER = "prefect.server.services.task_run_recorder"
-_RETRIED_ONLY = re.compile(r"^Error flushing \d+ events \(\d+ to retry, 0 dropped\)$")
-
-
-class RetriedFlushFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        cancelled = record.exc_info is not None and isinstance(record.exc_info[1], asyncio.CancelledError)
-        return not (cancelled and _RETRIED_ONLY.match(record.getMessage()))
+RECORDER_FLUSH_ENV = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"
+# Not lowered on purpose: at 0.5 s the temporary server spent a whole core while training ran.
+DEFAULT_FLUSH_INTERVAL_S = 5.0
 
 
-def install_quiet_shutdown() -> None:
-    logger = logging.getLogger(RECORDER_LOGGER)
-    if not any(isinstance(f, RetriedFlushFilter) for f in logger.filters):
-        logger.addFilter(RetriedFlushFilter())
+def temporary_server():
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer._instances.get(None)
+    return server if server is not None and server.server_process is not None else None
+
+
+def settle_and_stop(flow_run_id: str | None, timeout_s: float = 20.0) -> bool:
+    """Wait until the temporary server has recorded every task run as final, then stop it.
+
+    Returns False when there is no temporary server (a real server is configured) or it did not
+    settle within the timeout (it is stopped anyway, as Prefect would at exit).
+    """
+    server = temporary_server()
+    if server is None:
+        return False
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=timeout_s)  # task-run states travel as events
+    APILogWorker.drain_all(timeout=timeout_s)
+    settled = flow_run_id is None or _wait_for_recorder(flow_run_id, timeout_s)
+    server.stop()
+    return settled
+
+
+def _wait_for_recorder(flow_run_id: str, timeout_s: float) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    # Every task run final, unchanged for longer than one flush interval: the queue is empty.
+    quiet_for = float(os.environ.get(RECORDER_FLUSH_ENV, DEFAULT_FLUSH_INTERVAL_S)) + 0.5
+    deadline = time.monotonic() + timeout_s
+    seen, since = None, time.monotonic()
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            snapshot = sorted((str(r.id), r.state.type.value if r.state else "") for r in runs)
+            if snapshot != seen or not all(r.state is not None and r.state.is_final() for r in runs):
+                seen, since = snapshot, time.monotonic()
+            elif time.monotonic() - since >= quiet_for:
+                return True
+            time.sleep(0.25)
+    return False

@@ -28,7 +28,7 @@ from PIL import Image
 
 from mlpipe.config import AnonymizeConfig, ColumnPolicy, SourceConfig
 from mlpipe.errors import MlpipeError
-from mlpipe.ingest import PIXEL_INDEX, SHA
+from mlpipe.ingest import PIXEL_INDEX, ROW, SHA, manifest_sha256, read_manifest, resolve_source
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, state_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,18 @@ def check_policy(columns: list[str], config: AnonymizeConfig) -> None:
         )
 
 
+def load_snapshot_rows(snapshot: StageResult, source: SourceConfig) -> pd.DataFrame:
+    """The manifest rows ingest kept, with their hashes, read again from the unchanged source."""
+    root = resolve_source(source)
+    if manifest_sha256(root, source) != snapshot.report["manifest_sha256"]:
+        raise MlpipeError("the manifest changed since ingest; rerun the pipeline from ingest")
+    kept = pd.read_parquet(snapshot.file("items.parquet"))
+    rows = read_manifest(root, source).iloc[kept[ROW]].reset_index(drop=True)
+    return pd.concat([rows, kept], axis=1)
+
+
 def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConfig) -> StageResult:
-    items = pd.read_parquet(snapshot.file("items.parquet"))
+    items = load_snapshot_rows(snapshot, source)
     columns = [c for c in items.columns if c not in (source.image_column,) and not c.startswith("__")]
     check_policy(columns, config)
     key, key_source = load_key(config)

@@ -65,10 +65,14 @@ def read_manifest(root: Path, source: SourceConfig) -> pd.DataFrame:
     return frame
 
 
+def manifest_sha256(root: Path, source: SourceConfig) -> str:
+    return hashlib.sha256((root / source.manifest).read_bytes()).hexdigest()
+
+
 def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
     root = resolve_source(source)
     frame = read_manifest(root, source)
-    manifest_digest = hashlib.sha256((root / source.manifest).read_bytes()).hexdigest()
+    manifest_digest = manifest_sha256(root, source)
 
     pixels, kept_rows, hashes = [], [], []
     quarantine: list[tuple[int, str]] = []
@@ -97,10 +101,9 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
         summary = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "empty manifest"
         raise MlpipeError(f"no usable images after quarantine: all {rows_in} rows were rejected ({summary})")
 
-    items = frame.iloc[kept_rows].copy()
-    items[ROW] = kept_rows
-    items[SHA] = hashes
-    items[PIXEL_INDEX] = np.arange(len(kept_rows))
+    # Only positions and hashes are kept: the snapshot holds no copy of the manifest's personal
+    # data. Anonymize re-reads the manifest and checks it against `manifest_sha256`.
+    items = pd.DataFrame({ROW: kept_rows, SHA: hashes, PIXEL_INDEX: np.arange(len(kept_rows))})
     fingerprint = stable_hash(manifest_digest, hashes, quarantine, config)[:16]
     report = {
         "rows_in": rows_in,
@@ -109,13 +112,14 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
         "duplicates": len(duplicates),
         "quarantine_reasons": dict(reasons),
         "fingerprint": fingerprint,
+        "manifest_sha256": manifest_digest,
         "image_shape": list(pixels[0].shape),
         "columns": [c for c in frame.columns],
     }
     key = stable_hash(fingerprint, code_version("mlpipe.ingest"))[:16]
     with stage_dir("ingest", key) as out:
         np.save(out / "pixels.npy", np.stack(pixels))
-        items.reset_index(drop=True).to_parquet(out / "items.parquet", index=False)
+        items.to_parquet(out / "items.parquet", index=False)
         pd.DataFrame(quarantine, columns=["row", "reason"]).to_csv(out / "quarantine.csv", index=False)
         pd.DataFrame(duplicates, columns=["row", "duplicate_of_row", "sha256_prefix"]).to_csv(
             out / "duplicates.csv", index=False

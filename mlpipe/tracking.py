@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from mlpipe.store import state_dir
@@ -145,8 +146,10 @@ def log_figure(ref: RunRef, figure: Any, artifact_file: str) -> None:
     _client(ref.tracking_uri).log_figure(ref.run_id, figure, artifact_file)
 
 
-def log_model(ref: RunRef, model: Any, registered_name: str, input_example: Any) -> dict[str, str]:
+def log_model(ref: RunRef, model: Any, registered_name: str, input_shape: list[int]) -> dict[str, str]:
     """Log a torch module as a safe `pt2` export (no pickle) and register it. Returns uri and version."""
+    # A batch of 2 in the example keeps the export's batch dimension dynamic (1 would pin it).
+    input_example = np.zeros((2, *input_shape), dtype=np.float32)
     mlflow.set_tracking_uri(ref.tracking_uri)
     mlflow.set_experiment(experiment_id=ref.experiment_id)  # LoggedModels live in the run's experiment
     info = mlflow.pytorch.log_model(

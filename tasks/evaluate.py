@@ -1,4 +1,3 @@
-import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -16,8 +15,6 @@ def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig, run
     result, model = evaluate_on_test(best, splits, config)
     tracking.log_metrics(run, result.report["metrics"])
     publish(run, result, files=("confusion_matrix.png", "predictions.csv"))
-    # Batch of 2 in the example: the pt2 export keeps the batch dimension dynamic (1 would pin it).
-    example = np.zeros((2, *result.report["input_shape"]), dtype=np.float32)
-    registered = tracking.log_model(run, model, config.registered_model_name, example)
+    registered = tracking.log_model(run, model, config.registered_model_name, result.report["input_shape"])
     return {"metrics": result.report["metrics"], **registered}
 

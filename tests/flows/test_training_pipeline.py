@@ -1,0 +1,154 @@
+"""The whole flow on the embedded sample, under Prefect's test harness, with real 2-process DDP.
+
+One run serves every assertion (it costs about a minute); the checks are grouped by what a
+user relies on.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+import mlpipe.evaluate
+import mlpipe.resample
+import mlpipe.split
+from mlpipe.config import PipelineConfig
+from mlpipe.sample import PERSONAL_COLUMNS
+
+pytestmark = pytest.mark.slow
+STAGES = ["ingest", "anonymize", "label", "split", "resample", "train", "search", "evaluate"]
+CHECKED_FLOOR = 0.6  # macro-F1; always predicting the majority class scores about 0.03 here
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("state")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLPIPE_HOME", str(home))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    mp.delenv("MLPIPE_PSEUDONYM_KEY", raising=False)
+    yield home
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def finished(harness, env):
+    from flows.training_pipeline import training_pipeline
+
+    config = PipelineConfig().with_overrides({"train.nproc": 2, "train.epochs": 10})
+    reads = []
+    mp = pytest.MonkeyPatch()
+    original = mlpipe.split.load_split
+
+    def spy(splits, name):
+        reads.append(name)
+        return original(splits, name)
+
+    mp.setattr(mlpipe.evaluate, "load_split", spy)
+    mp.setattr(mlpipe.resample, "load_split", spy)
+    state = training_pipeline(config, return_state=True)
+    mp.undo()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    return {"state": state, "config": config, "reads": reads, "client": client, "home": env}
+
+
+def test_flow_completes_and_returns_the_headline(finished):
+    assert finished["state"].is_completed()
+    summary = finished["state"].result()
+    assert summary["metrics"]["test_macro_f1"] > CHECKED_FLOOR
+    run = finished["client"].get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"] == summary["flow_run_id"]
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(summary["metrics"]["test_macro_f1"])
+
+
+def test_every_stage_report_is_in_the_parent_run(finished):
+    client, run_id = finished["client"], finished["state"].result()["run_id"]
+    for stage in STAGES:
+        assert f"{stage}/report.json" in {a.path for a in client.list_artifacts(run_id, stage)}, stage
+    assert "evaluate/confusion_matrix.png" in {a.path for a in client.list_artifacts(run_id, "evaluate")}
+
+
+def test_one_child_run_per_trial_and_a_registered_model(finished):
+    client, summary = finished["client"], finished["state"].result()
+    parent = client.get_run(summary["run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    assert len(children) == len(finished["config"].trials()) == 4
+    assert all(c.info.status == "FINISHED" and "val_macro_f1" in c.data.metrics for c in children)
+    versions = client.search_model_versions(f"name = '{finished['config'].evaluate.registered_model_name}'")
+    assert summary["version"] in {str(v.version) for v in versions}
+
+
+def test_trials_see_train_and_val_only_and_the_test_set_is_read_once(finished):
+    assert finished["reads"] == ["train", "test"]  # resample: train; evaluate: test, once
+
+
+def test_run_is_reproducible_from_its_mlflow_record(finished, tmp_path):
+    client, summary = finished["client"], finished["state"].result()
+    local = client.download_artifacts(summary["run_id"], "config.yaml", str(tmp_path))
+    assert PipelineConfig.model_validate(yaml.safe_load(Path(local).read_text())) == finished["config"]
+    tags = client.get_run(summary["run_id"]).data.tags
+    assert {"mlpipe.code_version", "mlpipe.lib.torch", "prefect.flow_run_id"} <= set(tags)
+    ingest_report = client.download_artifacts(summary["run_id"], "ingest/report.json", str(tmp_path))
+    assert "fingerprint" in Path(ingest_report).read_text()
+
+
+def test_no_personal_value_reaches_mlflow_logs_or_file_names(finished):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    home: Path = finished["home"]
+    manifest = pd.read_csv(home / "sample" / "digits-v1" / "manifest.csv", dtype=str, keep_default_na=False)
+    secrets = {v for c in (*PERSONAL_COLUMNS, "subject_id") for v in manifest[c] if v}
+    secrets |= {Path(p).stem for p in manifest["image"] if len(Path(p).stem) > 8}
+    assert len(secrets) > 1000
+
+    haystacks = {"mlflow.db": (home / "mlflow.db").read_bytes().decode("latin-1")}
+    for path in home.rglob("*"):
+        if "sample" in path.relative_to(home).parts:  # the source data itself
+            continue
+        haystacks[f"name:{path.relative_to(home)}"] = path.name
+        if path.is_file():
+            haystacks[str(path.relative_to(home))] = path.read_bytes().decode("latin-1")
+    flow_run_id = finished["state"].result()["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    assert logs
+    haystacks["prefect logs"] = "\n".join(log.message for log in logs)
+
+    leaks = {where: v for where, text in haystacks.items() for v in secrets if v in text}
+    assert leaks == {}
+
+
+def test_a_failing_stage_fails_the_mlflow_run_instead_of_leaving_it_running(harness, env):
+    from flows.training_pipeline import training_pipeline
+
+    config = PipelineConfig().with_overrides({"source.image_column": "scan_path", "experiment": "failing"})
+    state = training_pipeline(config, return_state=True)
+    assert state.is_failed()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("failing")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_cli_reports_a_data_error_in_one_line(env, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--set", "source.image_column=scan_path"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "MLPIPE_HOME": str(tmp_path / "s")},
+    )  # fmt: skip
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlpipe: error: manifest is missing column 'scan_path'")
