@@ -215,6 +215,14 @@ class Trial(_Section):
     def name(self) -> str:
         return f"trial-{self.index:03d}"
 
+    def flat_params(self) -> dict[str, str]:
+        """The trial's resolved resample and train sections, for its MLflow child run."""
+        out = {"trial": self.name}
+        for section in ("resample", "train"):
+            for key, value in getattr(self, section).model_dump(mode="json").items():
+                out[f"{section}.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        return out
+
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for dotted, value in overrides.items():

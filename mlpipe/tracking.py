@@ -13,7 +13,6 @@ flow created. The layout of a pipeline run:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -77,12 +76,12 @@ def start_run(experiment: str, run_name: str, params: dict[str, str], tags: dict
     return RunRef(run_id=run.info.run_id, experiment_id=experiment_id, experiment_name=experiment, tracking_uri=uri)
 
 
-def start_child_run(parent: RunRef, name: str, params: dict[str, Any]) -> str:
+def start_child_run(parent: RunRef, name: str, params: dict[str, str]) -> str:
     client = _client(parent.tracking_uri)
     run = client.create_run(
         parent.experiment_id, run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent.run_id, MLFLOW_RUN_NAME: name}
     )
-    _log_params(client, run.info.run_id, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in params.items()})
+    _log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 

@@ -1,6 +1,7 @@
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mlpipe import tracking
 from mlpipe.config import IngestConfig, SourceConfig
 from mlpipe.ingest import ingest as ingest_snapshot
 from mlpipe.store import StageResult
@@ -11,4 +12,6 @@ from tasks._publish import publish
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest(source: SourceConfig, config: IngestConfig, run: RunRef) -> StageResult:
     """Decode and validate every image once; quarantine and dedupe with full accounting."""
-    return publish(run, ingest_snapshot(source, config), files=("quarantine.csv", "duplicates.csv"))
+    snapshot = ingest_snapshot(source, config)
+    tracking.set_tags(run, {"mlpipe.data_fingerprint": snapshot.report["fingerprint"]})
+    return publish(run, snapshot, files=("quarantine.csv", "duplicates.csv"))

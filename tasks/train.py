@@ -12,7 +12,7 @@ from tasks._publish import publish
 @task(name="train", cache_policy=NO_CACHE)
 def train(splits: StageResult, resampled: StageResult, trials: list[Trial], run: RunRef) -> StageResult:
     """Every trial in one torchrun launch (DDP); one nested MLflow run per trial."""
-    run_ids = {t.name: tracking.start_child_run(run, t.name, {**t.params, "trial": t.name}) for t in trials}
+    run_ids = {t.name: tracking.start_child_run(run, t.name, t.flat_params()) for t in trials}
     try:
         result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri)
     except BaseException:

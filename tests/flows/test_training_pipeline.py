@@ -87,6 +87,8 @@ def test_one_child_run_per_trial_and_a_registered_model(finished):
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
     assert len(children) == len(finished["config"].trials()) == 4
     assert all(c.info.status == "FINISHED" and "val_macro_f1" in c.data.metrics for c in children)
+    assert {c.data.params["train.lr"] for c in children} == {"0.002", "0.006"}
+    assert {c.data.params["resample.strategy"] for c in children} == {"none", "random_over"}
     versions = client.search_model_versions(f"name = '{finished['config'].evaluate.registered_model_name}'")
     assert summary["version"] in {str(v.version) for v in versions}
 
@@ -100,7 +102,7 @@ def test_run_is_reproducible_from_its_mlflow_record(finished, tmp_path):
     local = client.download_artifacts(summary["run_id"], "config.yaml", str(tmp_path))
     assert PipelineConfig.model_validate(yaml.safe_load(Path(local).read_text())) == finished["config"]
     tags = client.get_run(summary["run_id"]).data.tags
-    assert {"mlpipe.code_version", "mlpipe.lib.torch", "prefect.flow_run_id"} <= set(tags)
+    assert {"mlpipe.code_version", "mlpipe.lib.torch", "prefect.flow_run_id", "mlpipe.data_fingerprint"} <= set(tags)
     ingest_report = client.download_artifacts(summary["run_id"], "ingest/report.json", str(tmp_path))
     assert "fingerprint" in Path(ingest_report).read_text()
 

@@ -25,3 +25,17 @@ def test_environment_parameter_files_validate():
     assert files
     for path in files:
         load_config(path)
+
+
+def test_flow_parameter_schema_is_a_usable_ui_form():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.training_pipeline import training_pipeline
+
+    schema = parameter_schema(training_pipeline).model_dump()
+    assert list(schema["properties"]) == ["config"]  # the config is the only parameter
+    sections = schema["definitions"]
+    assert {"SourceConfig", "TrainConfig", "SearchConfig", "ResampleConfig"} <= set(sections)
+    strategy = sections["ResampleConfig"]["properties"]["strategy"]
+    assert "smote" in strategy["enum"] and strategy["description"]  # a dropdown with help text
+    assert sections["TrainConfig"]["properties"]["epochs"]["minimum"] == 1  # bounds are validated
