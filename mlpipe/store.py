@@ -100,13 +100,15 @@ def stage_dir(stage: str, key: str) -> Iterator[Path]:
     tmp = final.parent / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
+    stale = final.parent / f".stale-{key}-{os.getpid()}"
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # same key, recomputed: swap by renames so the folder is never half there
+            final.rename(stale)
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def final_path(stage: str, key: str) -> Path:

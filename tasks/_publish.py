@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from prefect.artifacts import create_markdown_artifact
+from collections.abc import Callable
+
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from mlpipe import tracking
 from mlpipe.store import StageResult
@@ -28,3 +30,15 @@ def _markdown(result: StageResult) -> str:
         text = json.dumps(value, default=str) if not isinstance(value, str) else value
         lines.append(f"| {key} | {text[:300].replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def trial_progress(total: int) -> Callable[[str], None]:
+    """A Prefect progress artifact for the train task, advanced as each trial finishes."""
+    artifact = create_progress_artifact(0.0, key="train-progress", description="trials finished (%)")
+    finished: list[str] = []
+
+    def on_trial_done(name: str) -> None:
+        finished.append(name)
+        update_progress_artifact(artifact, 100.0 * len(finished) / total)
+
+    return on_trial_done

@@ -6,7 +6,7 @@ from mlpipe.config import Trial
 from mlpipe.store import StageResult
 from mlpipe.train.launch import train as train_trials
 from mlpipe.tracking import RunRef
-from tasks._publish import publish
+from tasks._publish import publish, trial_progress
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -14,7 +14,7 @@ def train(splits: StageResult, resampled: StageResult, trials: list[Trial], run:
     """Every trial in one torchrun launch (DDP); one nested MLflow run per trial."""
     run_ids = {t.name: tracking.start_child_run(run, t.name, t.flat_params()) for t in trials}
     try:
-        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri)
+        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, trial_progress(len(trials)))
     except BaseException:
         for run_id in run_ids.values():
             tracking.end_run(run, run_id, failed=True)

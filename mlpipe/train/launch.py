@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,7 +49,10 @@ def torchrun_command(spec_path: Path, nproc: int, max_restarts: int) -> list[str
     ]  # fmt: skip
 
 
-def launch(spec_path: Path, nproc: int, max_restarts: int, log_path: Path, cpu: bool) -> None:
+def launch(
+    spec_path: Path, nproc: int, max_restarts: int, log_path: Path, cpu: bool,
+    on_trial_done: Callable[[str], None] | None = None,
+) -> None:  # fmt: skip
     """Run torchrun, stream rank 0's progress to the log, fail with the last error line."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
     if cpu:  # share the cores instead of oversubscribing them nproc times
@@ -64,6 +68,8 @@ def launch(spec_path: Path, nproc: int, max_restarts: int, log_path: Path, cpu: 
             tail.append(line.rstrip())
             if line.startswith("[trial-"):
                 log.info(line.rstrip())
+                if on_trial_done is not None:
+                    on_trial_done(line[1 : line.index("]")])
         code = proc.wait()
     if code != 0:
         errors = [t for t in tail if "Error" in t or "error" in t] or list(tail) or ["no output"]
@@ -71,9 +77,17 @@ def launch(spec_path: Path, nproc: int, max_restarts: int, log_path: Path, cpu: 
 
 
 def train(
-    splits: StageResult, resampled: StageResult, trials: list[Trial], run_ids: dict[str, str], tracking_uri: str | None
+    splits: StageResult,
+    resampled: StageResult,
+    trials: list[Trial],
+    run_ids: dict[str, str],
+    tracking_uri: str | None,
+    on_trial_done: Callable[[str], None] | None = None,
 ) -> StageResult:
-    """Train all trials; returns a report with one entry per trial (validation metrics only)."""
+    """Train all trials; returns a report with one entry per trial (validation metrics only).
+
+    `on_trial_done(name)` is called as each trial finishes, for progress reporting.
+    """
     key = stable_hash(splits.key, resampled.key, [t.model_dump() for t in trials], code_version("mlpipe.train"))[:16]
     num_classes = len(class_names(splits))
     results: list[dict] = []
@@ -90,7 +104,7 @@ def train(
                 trials=[_trial_spec(t, resampled, out, run_ids.get(t.name)) for t in members],
             )
             spec_path = write_json(out / f"launch-{n}.json", spec.model_dump())
-            launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda)
+            launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda, on_trial_done=on_trial_done)
         for trial in trials:
             result = TrialResult.model_validate_json((out / trial.name / "result.json").read_text())
             results.append({

@@ -53,7 +53,9 @@ def normalize_on_device(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tens
 
 def train_one_epoch(model, loader, optimizer, loss_fn, scaler, amp_dtype, norm, ctx: DistContext) -> float:
     model.train()
-    total, count = 0.0, 0
+    # Summed on the device: a per-step .item() would stall the GPU on every batch.
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    count = 0
     for images, targets in loader:
         images = normalize_on_device(images.to(ctx.device, non_blocking=True), *norm)
         targets = targets.to(ctx.device, non_blocking=True)
@@ -63,9 +65,9 @@ def train_one_epoch(model, loader, optimizer, loss_fn, scaler, amp_dtype, norm, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total += loss.item() * len(targets)
+        total += loss.detach().double() * len(targets)
         count += len(targets)
-    total, count = all_reduce_sum([total, count], ctx.device)
+    total, count = all_reduce_sum([total.item(), count], ctx.device)
     return total / max(count, 1)
 
 

@@ -154,3 +154,16 @@ def test_cli_reports_a_data_error_in_one_line(env, tmp_path):
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("mlpipe: error: manifest is missing column 'scan_path'")
+
+
+def test_each_stage_publishes_a_prefect_artifact_and_training_reports_progress(finished):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run_id = finished["state"].result()["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    keys = {a.key for a in artifacts}
+    assert {f"{stage}-report" for stage in STAGES} <= keys
+    progress = [a for a in artifacts if a.key == "train-progress"]
+    assert progress and float(progress[0].data) == 100.0
