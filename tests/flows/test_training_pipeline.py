@@ -167,3 +167,19 @@ def test_each_stage_publishes_a_prefect_artifact_and_training_reports_progress(f
     assert {f"{stage}-report" for stage in STAGES} <= keys
     progress = [a for a in artifacts if a.key == "train-progress"]
     assert progress and float(progress[0].data) == 100.0
+
+
+def test_cli_success_prints_the_summary_and_no_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--set", "train.epochs=2", "--set", "search.grid={train.lr: [0.003]}"],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={k: v for k, v in {**os.environ, "MLPIPE_HOME": str(tmp_path / "s")}.items() if k != "MLFLOW_TRACKING_URI"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "Error" not in done.stdout + done.stderr
+    tail = done.stdout.strip().splitlines()[-6:]
+    assert [line.split(":")[0] for line in tail] == [
+        "Prefect flow run", "MLflow experiment", "MLflow run", "Tracking URI", "Registered model", "Test metrics",
+    ]
+    assert "macro_f1=" in tail[-1]

@@ -110,3 +110,11 @@ def test_failed_worker_is_a_one_line_error(spec_factory, tmp_path):
     with pytest.raises(MlpipeError, match=r"training failed \(torchrun exit code 1\)") as err:
         launch(_write(spec, tmp_path), nproc=1, max_restarts=0, log_path=tmp_path / "log", cpu=True)
     assert "\n" not in str(err.value)
+
+
+def test_training_is_deterministic_on_cpu(spec_factory, tmp_path):
+    cfg = TrainConfig(**{**FAST, "augment": TrainConfig().augment, "epochs": 3})
+    spec = spec_factory([cfg, cfg])  # the same trial twice, in one process
+    worker.main(["--spec", str(_write(spec, tmp_path))])
+    first, second = (json.loads((tmp_path / f"t{i}" / "result.json").read_text())["history"] for i in range(2))
+    assert first == second
