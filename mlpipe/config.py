@@ -184,7 +184,10 @@ class PipelineConfig(_Section):
                 raise ValueError(f"search.grid key '{key}' cannot vary per trial (only resample.* and train.*)")
             if not values:
                 raise ValueError(f"search.grid key '{key}' has no values")
-        self.trials()  # every combination must itself be a valid config
+        try:
+            self.trials()  # every combination must itself be a valid config
+        except MlpipeError as err:  # as a ValueError, so the Prefect form shows it as a validation error
+            raise ValueError(f"search.grid: {str(err).split(' error: ', 1)[-1]}") from None
         return self
 
     def trials(self) -> list[Trial]:
@@ -262,6 +265,9 @@ def format_validation_error(exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "config"
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
+        elif err["type"] == "value_error":  # our own validators: the message names its key
+            message = str(err["ctx"]["error"])
+            parts.append(message if not err["loc"] else f"{key}: {message}")
         else:
             got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict | list) else ""
             parts.append(f"{key}: {err['msg']}{got}")

@@ -141,10 +141,6 @@ def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
     _client(ref.tracking_uri).log_text(ref.run_id, text, artifact_file)
 
 
-def log_figure(ref: RunRef, figure: Any, artifact_file: str) -> None:
-    _client(ref.tracking_uri).log_figure(ref.run_id, figure, artifact_file)
-
-
 def log_model(ref: RunRef, model: Any, registered_name: str, input_shape: list[int]) -> dict[str, str]:
     """Log a torch module as a safe `pt2` export (no pickle) and register it. Returns uri and version."""
     # A batch of 2 in the example keeps the export's batch dimension dynamic (1 would pin it).
@@ -163,11 +159,3 @@ def log_model(ref: RunRef, model: Any, registered_name: str, input_shape: list[i
     version = str(info.registered_model_version)
     set_tags(ref, {"mlpipe.model_uri": info.model_uri, "mlpipe.registered_model": f"{registered_name}/{version}"})
     return {"model_uri": info.model_uri, "registered_model": registered_name, "version": version}
-
-
-def get_run(run_id: str, uri: str | None = None):
-    return _client(uri).get_run(run_id)
-
-
-def download_artifact(run_id: str, path: str, dst: Path, uri: str | None = None) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=uri or tracking_uri()))
