@@ -28,12 +28,13 @@ from PIL import Image
 
 from mlpipe.config import AnonymizeConfig, ColumnPolicy, SourceConfig
 from mlpipe.errors import MlpipeError
-from mlpipe.ingest import PIXEL_INDEX, ROW, SHA, manifest_sha256, read_manifest, resolve_source
+from mlpipe.ingest import NEAR_DUP, PIXEL_INDEX, SHA, snapshot_rows
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, state_dir, write_json
 
 log = logging.getLogger(__name__)
 
 ITEM_ID = "item_id"
+NEAR_DUP_GROUP = "near_dup_group"  # ingest's near-duplicate group: kept together by split
 IDENTIFIER_ACTIONS = ("drop", "pseudonymize")
 TEXT_ACTIONS = ("keep", "generalize_date", "redact_text")  # outputs that can still carry raw text
 # Recognizers for free text, beyond the row's own identifier values.
@@ -98,18 +99,8 @@ def check_policy(columns: list[str], config: AnonymizeConfig) -> None:
         )
 
 
-def load_snapshot_rows(snapshot: StageResult, source: SourceConfig) -> pd.DataFrame:
-    """The manifest rows ingest kept, with their hashes, read again from the unchanged source."""
-    root = resolve_source(source)
-    if manifest_sha256(root, source) != snapshot.report["manifest_sha256"]:
-        raise MlpipeError("the manifest changed since ingest; rerun the pipeline from ingest")
-    kept = pd.read_parquet(snapshot.file("items.parquet"))
-    rows = read_manifest(root, source).iloc[kept[ROW]].reset_index(drop=True)
-    return pd.concat([rows, kept], axis=1)
-
-
 def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConfig) -> StageResult:
-    items = load_snapshot_rows(snapshot, source)
+    items = snapshot_rows(snapshot, source)
     columns = [c for c in items.columns if c not in (source.image_column,) and not c.startswith("__")]
     check_policy(columns, config)
     key, key_source = load_key(config)
@@ -117,7 +108,7 @@ def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConf
     identifier_cols = [c for c in columns if config.policy[c].action in IDENTIFIER_ACTIONS]
     personal_cols = identifier_cols + [c for c in columns if config.policy[c].action == "generalize_date"]
     raw_values = _raw_values(items, personal_cols, source.image_column)
-    out = pd.DataFrame({ITEM_ID: items[SHA].str[:16], PIXEL_INDEX: items[PIXEL_INDEX]})
+    out = pd.DataFrame({ITEM_ID: items[SHA].str[:16], PIXEL_INDEX: items[PIXEL_INDEX], NEAR_DUP_GROUP: items[NEAR_DUP]})
     counts: dict[str, int] = {}
     for column in columns:
         policy: ColumnPolicy = config.policy[column]

@@ -24,8 +24,13 @@ class _Section(BaseModel):
 
 
 class SourceConfig(_Section):
-    uri: str = Field("sample://digits", description="Dataset location: a directory, or sample://digits.")
-    manifest: str = Field("manifest.csv", description="Manifest file (CSV), relative to the source root.")
+    uri: str = Field(
+        "sample://digits", description="Dataset root: a directory or any fsspec URL (file://, s3://, ...), or sample://digits."
+    )
+    layout: Literal["manifest", "imagefolder"] = Field(
+        "manifest", description="manifest: a table of image paths; imagefolder: root/<class>/<image> (column 'class')."
+    )
+    manifest: str = Field("manifest.csv", description="Manifest file (.csv, .parquet or .jsonl), relative to the root.")
     image_column: str = Field("image", description="Manifest column with image paths relative to the root.")
 
 
@@ -33,6 +38,18 @@ class IngestConfig(_Section):
     image_size: int = Field(16, ge=4, le=1024, description="Side of the square training resolution in pixels.")
     channels: Literal[1, 3] = Field(1, description="1 for grayscale, 3 for RGB.")
     max_pixels: int = Field(40_000_000, ge=1, description="Images larger than this are quarantined (decompression bombs).")
+    min_rows: int = Field(1, ge=1, description="Fewer surviving rows than this stop the run.")
+    near_duplicate_distance: int | None = Field(
+        2, ge=0, le=15, description="Max perceptual-hash distance of near-duplicates (kept together by split); null: off."
+    )
+    workers: int | Literal["auto"] = Field("auto", description="Decoding threads; auto: cores + 1, at most 8.")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 or 'auto'")
+        return value
 
 
 Action = Literal["keep", "drop", "pseudonymize", "generalize_date", "redact_text"]

@@ -1,167 +1,347 @@
-"""ingest: a manifest of image paths in, a validated, content-addressed snapshot out.
+"""ingest: any dataset source in, an immutable, validated, decode-once snapshot out.
 
-Every row ends in exactly one of three places: kept, quarantined (with a reason), or dropped as
-an exact duplicate of a kept row (with the row it duplicates). `rows_in == kept + quarantined +
-duplicates` is checked, not hoped for. Each image is decoded once, here, into one uint8 array at
-training resolution that every later stage reads.
+Every row ends in exactly one of three places: kept, quarantined (with a reason), or removed
+as an exact duplicate of a kept row. `rows_in == kept + quarantined + duplicates` is checked,
+not hoped for. Each image is decoded once, on a thread pool, into one uint8 array at training
+resolution that every later stage reads (memory-mapped). A second run over an unchanged source
+decodes nothing: a scan key (listing, sizes, mtimes, config, code) finds the earlier snapshot.
 
-Reasons and reports name rows by their manifest position, never by path: raw file names often
-hold a person's name, and ingest runs before anonymization.
+Reports name rows by manifest position, never by path: raw file names often hold a person's
+name, and ingest runs before anonymization.
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
+import io
+import json
+import os
+import posixpath
 from collections import Counter
-from pathlib import Path, PurePosixPath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
+import pandera.pandas as pa
+from tqdm import tqdm
 
 from mlpipe.config import IngestConfig, SourceConfig
 from mlpipe.errors import MlpipeError
+from mlpipe.images import Decoded, Quarantined, decode
 from mlpipe.sample import materialize_sample
-from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, state_dir, write_json
+from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, state_dir, write_json
 
-ROW, SHA, PIXEL_INDEX = "__row", "__sha256", "__pixel_index"
-
-
-class Quarantined(Exception):
-    """An image that cannot be used; the message is the reason recorded for its row."""
+ROW, SHA, PIXEL_INDEX, NEAR_DUP = "__row", "__sha256", "__pixel_index", "__near_dup_group"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGEFOLDER_LABEL = "class"
 
 
-def resolve_source(source: SourceConfig) -> Path:
-    uri = source.uri
-    if uri == "sample://digits":
-        return materialize_sample(state_dir() / "sample")
-    if uri.startswith("file://"):
-        uri = uri.removeprefix("file://")
-    elif "://" in uri:
-        raise MlpipeError(f"unsupported source scheme in '{uri}' (supported: a directory, file://, sample://digits)")
-    root = Path(uri).expanduser()
-    if not root.is_dir():
-        raise MlpipeError(f"source directory not found: {uri}")
-    return root.resolve()
+@dataclass(frozen=True)
+class Source:
+    """A dataset root on any fsspec filesystem, with path checks that keep reads inside it."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    uri: str
+
+    @property
+    def local(self) -> bool:
+        return "file" in self.fs.protocol or "local" in self.fs.protocol
+
+    def resolve(self, rel: str) -> str:
+        """The full path of `rel` inside the root, or `Quarantined` if it is unsafe or absent."""
+        if not rel.strip():
+            raise Quarantined("empty path")
+        posix = rel.replace("\\", "/")
+        if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":"):
+            raise Quarantined("absolute path")
+        normal = posixpath.normpath(posix)
+        if normal == ".." or normal.startswith("../"):
+            raise Quarantined("path escapes the dataset root")
+        full = posixpath.join(self.root, normal)
+        if self.local:  # symlinks: compare where the link really points
+            real, real_root = os.path.realpath(full), os.path.realpath(self.root)
+            if os.path.commonpath([real, real_root]) != real_root:
+                raise Quarantined("path escapes the dataset root")
+            if not os.path.isfile(real):
+                raise Quarantined("missing file")
+            return real
+        if not self.fs.isfile(full):
+            raise Quarantined("missing file")
+        return full
+
+    def read(self, full: str) -> bytes:
+        if self.local:
+            with open(full, "rb") as f:
+                return f.read()
+        return self.fs.cat_file(full)
+
+    def stat(self, full: str) -> tuple[int, str]:
+        """(size, modification time): what decides whether an earlier snapshot can be reused."""
+        if self.local:
+            st = os.stat(full)
+            return st.st_size, str(st.st_mtime_ns)
+        info = self.fs.info(full)
+        return int(info.get("size") or 0), str(info.get("mtime") or info.get("created") or "")
 
 
-def read_manifest(root: Path, source: SourceConfig) -> pd.DataFrame:
-    path = root / source.manifest
-    if not path.is_file():
-        raise MlpipeError(f"manifest not found: {source.manifest} in the source directory")
+def open_source(source: SourceConfig) -> Source:
+    if source.uri == "sample://digits":
+        root = str(materialize_sample(state_dir() / "sample"))
+        return Source(fsspec.filesystem("file"), root, source.uri)
     try:
-        # Everything as text: the manifest is data to validate, not to interpret.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise MlpipeError(f"manifest {source.manifest} is not readable CSV: {type(exc).__name__}") from None
+        fs, root = fsspec.core.url_to_fs(source.uri)
+    except (ValueError, ImportError) as exc:
+        raise MlpipeError(f"unsupported source '{source.uri}': {exc}") from None
+    root = root.rstrip("/") or "/"
+    if not fs.isdir(root):
+        raise MlpipeError(f"source directory not found: {source.uri}")
+    return Source(fs, root, source.uri)
+
+
+def read_manifest(src: Source, source: SourceConfig) -> pd.DataFrame:
+    """The manifest as text columns (CSV, Parquet or JSONL), or an ImageFolder listing."""
+    if source.layout == "imagefolder":
+        return _imagefolder_listing(src, source)
+    path = posixpath.join(src.root, source.manifest)
+    if not src.fs.isfile(path):
+        raise MlpipeError(f"manifest not found: {source.manifest} in the source directory")
+    suffix = posixpath.splitext(source.manifest)[1].lower()
+    try:
+        data = src.fs.cat_file(path)
+        if suffix == ".parquet":
+            frame = pd.read_parquet(io.BytesIO(data))
+        elif suffix in (".jsonl", ".ndjson"):
+            frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)
+        else:  # text as text: the manifest is data to validate, not to interpret
+            frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding="utf-8")
+    except (UnicodeDecodeError, ValueError, OSError, pd.errors.ParserError) as exc:
+        raise MlpipeError(f"manifest {source.manifest} is not readable: {type(exc).__name__}") from None
+    frame.columns = [str(c) for c in frame.columns]
+    frame = frame.astype(object).where(frame.notna(), "").astype(str)
     if source.image_column not in frame.columns:
         raise MlpipeError(
             f"manifest is missing column '{source.image_column}' (source.image_column); it has: {', '.join(frame.columns)}"
         )
-    reserved = {ROW, SHA, PIXEL_INDEX} & set(frame.columns)
+    reserved = {ROW, SHA, PIXEL_INDEX, NEAR_DUP} & set(frame.columns)
     if reserved:
         raise MlpipeError(f"manifest uses reserved column name(s): {', '.join(sorted(reserved))}")
-    return frame
+    return frame.reset_index(drop=True)
 
 
-def manifest_sha256(root: Path, source: SourceConfig) -> str:
-    return hashlib.sha256((root / source.manifest).read_bytes()).hexdigest()
+def _imagefolder_listing(src: Source, source: SourceConfig) -> pd.DataFrame:
+    """`root/<class>/.../file` -> rows (image, class); files outside a class folder are listed too,
+    with an empty class, so that they are quarantined rather than ignored."""
+    rows = []
+    for full in sorted(src.fs.find(src.root)):
+        rel = posixpath.relpath(full, src.root)
+        if posixpath.splitext(rel)[1].lower() in IMAGE_SUFFIXES:
+            rows.append({source.image_column: rel, IMAGEFOLDER_LABEL: rel.split("/")[0] if "/" in rel else ""})
+    return pd.DataFrame(rows, columns=[source.image_column, IMAGEFOLDER_LABEL])
+
+
+def manifest_digest(src: Source, source: SourceConfig, frame: pd.DataFrame) -> str:
+    if source.layout == "imagefolder":
+        return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
+    return hashlib.sha256(src.fs.cat_file(posixpath.join(src.root, source.manifest))).hexdigest()
+
+
+def validate_manifest(frame: pd.DataFrame, source: SourceConfig) -> tuple[dict[int, str], list[dict]]:
+    """pandera, lazily: every failing row and check. Returns ({row: reason}, failure cases).
+
+    Failure cases name row, column and check, never the value (it may be personal data).
+    """
+    column = source.image_column
+    checks = [
+        pa.Check.str_length(min_value=1, max_value=4096, error="path length 1-4096"),
+        pa.Check(lambda s: ~s.str.contains("\x00", regex=False), element_wise=False, error="no NUL byte"),
+    ]
+    if source.layout == "imagefolder":
+        schema = pa.DataFrameSchema({column: pa.Column(str, checks),
+                                     IMAGEFOLDER_LABEL: pa.Column(str, pa.Check.str_length(min_value=1, error="in a class folder"))})  # fmt: skip
+    else:
+        schema = pa.DataFrameSchema({column: pa.Column(str, checks)})
+    try:
+        schema.validate(frame, lazy=True)
+        return {}, []
+    except pa.errors.SchemaErrors as err:
+        cases = err.failure_cases
+    failures = [
+        {"row": None if pd.isna(c["index"]) else int(c["index"]), "column": c["column"], "check": str(c["check"])}
+        for c in cases.to_dict(orient="records")
+    ]
+    return {f["row"]: f"invalid manifest row ({f['check']})" for f in reversed(failures) if f["row"] is not None}, failures
 
 
 def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
-    root = resolve_source(source)
-    frame = read_manifest(root, source)
-    manifest_digest = manifest_sha256(root, source)
+    src = open_source(source)
+    frame = read_manifest(src, source)
+    digest = manifest_digest(src, source, frame)
+    invalid, validation = validate_manifest(frame, source)
 
-    pixels, kept_rows, hashes = [], [], []
-    quarantine: list[tuple[int, str]] = []
-    duplicates: list[tuple[int, int, str]] = []
-    first_row_of: dict[str, int] = {}
+    # Check paths first (cheap), then look for an earlier snapshot of the very same files.
+    checked: list[str | Quarantined] = []
     for row, rel in enumerate(frame[source.image_column]):
+        if row in invalid:
+            checked.append(Quarantined(invalid[row]))
+            continue
         try:
-            native, resized = decode_image(root, rel, config)
+            checked.append(src.resolve(rel))
         except Quarantined as why:
-            quarantine.append((row, str(why)))
-            continue
-        digest = hashlib.sha256(f"{native.shape}".encode() + native.tobytes()).hexdigest()
-        if digest in first_row_of:
-            duplicates.append((row, first_row_of[digest], digest[:16]))
-            continue
-        first_row_of[digest] = row
-        kept_rows.append(row)
-        hashes.append(digest)
-        pixels.append(resized)
+            checked.append(why)
+    stats = [src.stat(c) if isinstance(c, str) else str(c) for c in checked]
+    scan_key = stable_hash(digest, stats, config, source.layout, code_version("mlpipe.ingest", "mlpipe.images"))[:16]
+    cached = _cached_snapshot(scan_key)
+    if cached is not None:
+        return cached
 
-    rows_in = len(frame)
+    decoded = _decode_all(src, checked, config)
+    return _snapshot(decoded, digest, validation, scan_key, config, list(frame.columns))
+
+
+def _decode_all(src: Source, checked: list, config: IngestConfig) -> list[Decoded | Quarantined]:
+    def one(item: str | Quarantined) -> Decoded | Quarantined:
+        if isinstance(item, Quarantined):
+            return item
+        try:
+            return decode(src.read(item), config.image_size, config.channels, config.max_pixels)
+        except Quarantined as why:
+            return why
+        except OSError:
+            return Quarantined("unreadable file")
+
+    workers = config.workers if config.workers != "auto" else min(8, (os.cpu_count() or 1) + 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow releases the GIL while decoding
+        return list(tqdm(pool.map(one, checked), total=len(checked), desc="ingest: decoding", unit="img",
+                         disable=None, leave=False))  # fmt: skip
+
+
+def _snapshot(decoded, digest, validation, scan_key, config, columns) -> StageResult:
+    kept_rows, hashes, phashes, pixels = [], [], [], []
+    quarantine: list[tuple[int, str]] = []
+    duplicates: list[tuple[int, int]] = []
+    first_row_of: dict[str, int] = {}
+    for row, result in enumerate(decoded):
+        if isinstance(result, Quarantined):
+            quarantine.append((row, str(result)))
+            continue
+        if result.sha256 in first_row_of:
+            duplicates.append((row, first_row_of[result.sha256]))
+            continue
+        first_row_of[result.sha256] = row
+        kept_rows.append(row)
+        hashes.append(result.sha256)
+        phashes.append(result.phash)
+        pixels.append(result.pixels)
+
+    rows_in = len(decoded)
     if len(kept_rows) + len(quarantine) + len(duplicates) != rows_in:  # the accounting must close
         raise MlpipeError("ingest lost rows: kept + quarantined + duplicates != rows in manifest")
     reasons = Counter(reason for _, reason in quarantine)
-    if not kept_rows:
+    if len(kept_rows) < config.min_rows:
         summary = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "empty manifest"
-        raise MlpipeError(f"no usable images after quarantine: all {rows_in} rows were rejected ({summary})")
+        raise MlpipeError(
+            f"no usable images after quarantine: {len(kept_rows)} of {rows_in} rows survive, "
+            f"ingest.min_rows is {config.min_rows} ({summary})"
+        )
 
-    # Only positions and hashes are kept: the snapshot holds no copy of the manifest's personal
-    # data. Anonymize re-reads the manifest and checks it against `manifest_sha256`.
-    items = pd.DataFrame({ROW: kept_rows, SHA: hashes, PIXEL_INDEX: np.arange(len(kept_rows))})
-    fingerprint = stable_hash(manifest_digest, hashes, quarantine, config)[:16]
+    groups = near_duplicate_groups(phashes, config.near_duplicate_distance)
+    items = pd.DataFrame({ROW: kept_rows, SHA: hashes, PIXEL_INDEX: np.arange(len(kept_rows)),
+                          NEAR_DUP: [f"n{kept_rows[g]}" if g >= 0 else "" for g in groups]})  # fmt: skip
+    fingerprint = stable_hash(digest, hashes, quarantine, config)[:16]
     report = {
         "rows_in": rows_in,
         "kept": len(kept_rows),
         "quarantined": len(quarantine),
         "duplicates": len(duplicates),
+        "near_duplicate_groups": int(len({g for g in groups if g >= 0})),
+        "near_duplicate_items": int(sum(g >= 0 for g in groups)),
         "quarantine_reasons": dict(reasons),
+        "validation_failures": len(validation),
+        "source_modes": dict(Counter(d.source_mode for d in decoded if isinstance(d, Decoded))),
         "fingerprint": fingerprint,
-        "manifest_sha256": manifest_digest,
+        "manifest_sha256": digest,
         "image_shape": list(pixels[0].shape),
-        "columns": [c for c in frame.columns],
+        "columns": list(columns),
     }
-    key = stable_hash(fingerprint, code_version("mlpipe.ingest"))[:16]
+    key = stable_hash(fingerprint, code_version("mlpipe.ingest", "mlpipe.images"))[:16]
     with stage_dir("ingest", key) as out:
         np.save(out / "pixels.npy", np.stack(pixels))
         items.to_parquet(out / "items.parquet", index=False)
+        # No path column, not even hashed: an unkeyed hash of "Jane_Doe_01.png" is confirmable by
+        # anyone with a list of names. The row number finds the entry in the user's own manifest.
         pd.DataFrame(quarantine, columns=["row", "reason"]).to_csv(out / "quarantine.csv", index=False)
-        pd.DataFrame(duplicates, columns=["row", "duplicate_of_row", "sha256_prefix"]).to_csv(
-            out / "duplicates.csv", index=False
+        pd.DataFrame(duplicates, columns=["row", "duplicate_of_row"]).to_csv(out / "duplicates.csv", index=False)
+        items.loc[items[NEAR_DUP] != "", [ROW, NEAR_DUP]].rename(columns={ROW: "row", NEAR_DUP: "group"}).to_csv(
+            out / "near_duplicates.csv", index=False
         )
+        write_json(out / "validation.json", {"failure_cases": validation})
         write_json(out / "report.json", report)
-    return StageResult.at("ingest", key, report)
+    index = state_dir() / "work" / "ingest" / "index"
+    index.mkdir(parents=True, exist_ok=True)
+    write_json(index / f"{scan_key}.json", {"key": key})
+    return StageResult.at("ingest", key, {**report, "cache": "miss"})
 
 
-def decode_image(root: Path, rel: str, config: IngestConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(native pixels, pixels at training resolution) in the configured channel layout."""
-    path = safe_path(root, rel)
-    mode = "L" if config.channels == 1 else "RGB"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > config.max_pixels:
-                    raise Quarantined("over the pixel limit")
-                img.load()
-                img = ImageOps.exif_transpose(img).convert(mode)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise Quarantined("over the pixel limit") from None
-    except UnidentifiedImageError:
-        raise Quarantined("not an image") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise Quarantined(f"undecodable ({type(exc).__name__})") from None
-    native = np.asarray(img)
-    resized = np.asarray(img.resize((config.image_size, config.image_size), Image.Resampling.BILINEAR))
-    if resized.ndim == 2:
-        resized = resized[:, :, None]
-    return native, resized
+def _cached_snapshot(scan_key: str) -> StageResult | None:
+    entry = state_dir() / "work" / "ingest" / "index" / f"{scan_key}.json"
+    if not entry.is_file():
+        return None
+    key = json.loads(entry.read_text())["key"]
+    folder = final_path("ingest", key)
+    if not (folder / "report.json").is_file() or not (folder / "pixels.npy").is_file():
+        return None
+    return StageResult.at("ingest", key, {**json.loads((folder / "report.json").read_text()), "cache": "hit"})
 
 
-def safe_path(root: Path, rel: str) -> Path:
-    """The file `rel` names inside `root`, or `Quarantined` if it is absent or escapes the root."""
-    if not rel.strip():
-        raise Quarantined("empty path")
-    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or (len(rel) > 1 and rel[1] == ":"):
-        raise Quarantined("absolute path")
-    full = (root / rel).resolve()  # resolves symlinks too, so a link out of the root is caught here
-    if not full.is_relative_to(root.resolve()):
-        raise Quarantined("path escapes the dataset root")
-    if not full.is_file():
-        raise Quarantined("missing file")
-    return full
+def near_duplicate_groups(phashes: list[int | None], max_distance: int | None) -> list[int]:
+    """Group index (the first member's position) per item, -1 when it has no near-duplicate.
+
+    Pigeonhole banding: two 64-bit hashes within distance d agree exactly on at least one of
+    d + 1 bands, so comparing only items that share a band finds every pair, in near-linear time.
+    """
+    n = len(phashes)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if max_distance is not None and n:
+        bands = max_distance + 1
+        width = 64 // bands
+        for b in range(bands):
+            buckets: dict[int, list[int]] = {}
+            for i, h in enumerate(phashes):
+                if h is not None:
+                    buckets.setdefault((h >> (b * width)) & ((1 << width) - 1), []).append(i)
+            for members in buckets.values():
+                for x in range(len(members)):
+                    for y in range(x + 1, len(members)):
+                        i, j = members[x], members[y]
+                        if (phashes[i] ^ phashes[j]).bit_count() <= max_distance:
+                            parent[find(j)] = find(i)
+    roots = [find(i) for i in range(n)]
+    sizes = Counter(roots)
+    first: dict[int, int] = {}
+    for i, r in enumerate(roots):
+        first.setdefault(r, i)
+    return [first[r] if sizes[r] > 1 else -1 for r in roots]
+
+
+def snapshot_rows(snapshot: StageResult, source: SourceConfig) -> pd.DataFrame:
+    """The manifest rows ingest kept, with their hashes, read again from the unchanged source.
+
+    The snapshot itself holds no copy of the manifest's personal data.
+    """
+    src = open_source(source)
+    frame = read_manifest(src, source)
+    if manifest_digest(src, source, frame) != snapshot.report["manifest_sha256"]:
+        raise MlpipeError("the manifest changed since ingest; rerun the pipeline from ingest")
+    kept = pd.read_parquet(snapshot.file("items.parquet"))
+    rows = frame.iloc[kept[ROW]].reset_index(drop=True)
+    return pd.concat([rows, kept], axis=1)

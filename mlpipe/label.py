@@ -11,7 +11,7 @@ from collections import Counter
 
 import pandas as pd
 
-from mlpipe.anonymize import ITEM_ID
+from mlpipe.anonymize import ITEM_ID, NEAR_DUP_GROUP
 from mlpipe.config import LabelConfig
 from mlpipe.errors import MlpipeError
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json
@@ -34,6 +34,16 @@ def majority_vote(votes: list[str]) -> tuple[str | None, str | None]:
     return ranked[0][0], None
 
 
+def near_duplicate_conflicts(items: pd.DataFrame, labels: pd.Series) -> pd.Series:
+    """Members of a near-duplicate group whose labels disagree: one image cannot be two classes,
+    so the whole group goes to review instead of training on a coin flip."""
+    if NEAR_DUP_GROUP not in items.columns:
+        return pd.Series(False, index=items.index)
+    grouped = items[NEAR_DUP_GROUP].where(items[NEAR_DUP_GROUP] != "")
+    distinct = labels.groupby(grouped).transform(lambda g: g.dropna().nunique())
+    return grouped.notna() & distinct.gt(1).reindex(items.index, fill_value=False)
+
+
 def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     items = pd.read_parquet(dataset.file("items.parquet"))
     missing = [c for c in config.columns if c not in items.columns]
@@ -54,6 +64,10 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
         raise MlpipeError("no item has a label: every item is unlabelled or tied")
     class_names = list(config.classes) if config.classes is not None else found
     class_map = {name: index for index, name in enumerate(class_names)}
+
+    conflicts = near_duplicate_conflicts(items, labels)
+    labels[conflicts] = None
+    review_reason[conflicts] = "near-duplicate label conflict"
 
     labelled = items[labels.notna()].copy()
     labelled[LABEL] = labels[labels.notna()]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from mlpipe.anonymize import ITEM_ID
+from mlpipe.anonymize import ITEM_ID, NEAR_DUP_GROUP
 from mlpipe.config import SplitConfig
 from mlpipe.errors import MlpipeError
 from mlpipe.ingest import PIXEL_INDEX
@@ -42,6 +42,25 @@ def assign_splits(y: np.ndarray, groups: np.ndarray, config: SplitConfig) -> np.
     return out
 
 
+def combined_groups(subjects: pd.Series, near_dups: pd.Series | None) -> np.ndarray:
+    """Items linked by subject or by near-duplicate group form one group: neither may span splits."""
+    codes, _ = pd.factorize(subjects)
+    parent = list(range(int(codes.max(initial=-1)) + 1))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if near_dups is not None:
+        first_subject: dict[str, int] = {}
+        for code, dup in zip(codes, near_dups, strict=True):
+            if dup:
+                parent[find(code)] = find(first_subject.setdefault(dup, code))
+    return np.array([find(c) for c in codes])
+
+
 def check_stratifiable(labels: pd.Series, groups: pd.Series) -> None:
     per_class = pd.DataFrame({"label": labels, "group": groups}).groupby("label")["group"].nunique()
     small = per_class[per_class < len(SPLITS)]
@@ -67,15 +86,16 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
     if config.group_column is not None and config.group_column not in items.columns:
         raise MlpipeError(f"split.group_column '{config.group_column}' is not a column of the labelled data")
     group_col = config.group_column or ITEM_ID
-    check_stratifiable(items[LABEL], items[group_col])
+    items["group"] = combined_groups(items[group_col], items.get(NEAR_DUP_GROUP))
+    check_stratifiable(items[LABEL], items["group"])
 
-    items["split"] = assign_splits(items[TARGET].to_numpy(), items[group_col].to_numpy(), config)
-    check_split(items, group_col)
+    items["split"] = assign_splits(items[TARGET].to_numpy(), items["group"].to_numpy(), config)
+    check_split(items, "group")
 
-    table = items[[ITEM_ID, group_col, LABEL, TARGET, PIXEL_INDEX, "split"]].sort_values(ITEM_ID)
+    table = items[[ITEM_ID, group_col, "group", LABEL, TARGET, PIXEL_INDEX, "split"]].sort_values(ITEM_ID)
     report = {
         "sizes": {name: int((items["split"] == name).sum()) for name in SPLITS},
-        "groups": {name: int(items.loc[items["split"] == name, group_col].nunique()) for name in SPLITS},
+        "groups": {name: int(items.loc[items["split"] == name, "group"].nunique()) for name in SPLITS},
         "class_counts": {
             name: {str(k): int(v) for k, v in items.loc[items["split"] == name, LABEL].value_counts().sort_index().items()}
             for name in SPLITS

@@ -141,6 +141,18 @@ def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
     _client(ref.tracking_uri).log_text(ref.run_id, text, artifact_file)
 
 
+def log_dataset(ref: RunRef, name: str, digest: str, source_uri: str) -> None:
+    """The snapshot as an `mlflow.data` dataset input: the UI shows which data (by digest) a run saw."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(source=HTTPDatasetSource(url=source_uri), name=name, digest=digest)
+    _client(ref.tracking_uri).log_inputs(
+        ref.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "ingest")])]
+    )
+
+
 def log_model(ref: RunRef, model: Any, registered_name: str, input_shape: list[int]) -> dict[str, str]:
     """Log a torch module as a safe `pt2` export (no pickle) and register it. Returns uri and version."""
     # A batch of 2 in the example keeps the export's batch dimension dynamic (1 would pin it).

@@ -14,4 +14,5 @@ def ingest(source: SourceConfig, config: IngestConfig, run: RunRef) -> StageResu
     """Decode and validate every image once; quarantine and dedupe with full accounting."""
     snapshot = ingest_snapshot(source, config)
     tracking.set_tags(run, {"mlpipe.data_fingerprint": snapshot.report["fingerprint"]})
-    return publish(run, snapshot, files=("quarantine.csv", "duplicates.csv"))
+    tracking.log_dataset(run, "snapshot", snapshot.report["fingerprint"], source.uri)
+    return publish(run, snapshot, files=("quarantine.csv", "duplicates.csv", "near_duplicates.csv", "validation.json"))

@@ -4,6 +4,7 @@ One run serves every assertion (it costs about a minute); the checks are grouped
 user relies on.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -103,8 +104,9 @@ def test_run_is_reproducible_from_its_mlflow_record(finished, tmp_path):
     assert PipelineConfig.model_validate(yaml.safe_load(Path(local).read_text())) == finished["config"]
     tags = client.get_run(summary["run_id"]).data.tags
     assert {"mlpipe.code_version", "mlpipe.lib.torch", "prefect.flow_run_id", "mlpipe.data_fingerprint"} <= set(tags)
-    ingest_report = client.download_artifacts(summary["run_id"], "ingest/report.json", str(tmp_path))
-    assert "fingerprint" in Path(ingest_report).read_text()
+    ingest_report = json.loads(Path(client.download_artifacts(summary["run_id"], "ingest/report.json", str(tmp_path))).read_text())
+    inputs = client.get_run(summary["run_id"]).inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == [ingest_report["fingerprint"]] == [tags["mlpipe.data_fingerprint"]]
 
 
 def test_no_personal_value_reaches_mlflow_logs_or_file_names(finished):

@@ -53,3 +53,11 @@ def test_unknown_labels_stop_the_run(dataset):
 def test_missing_label_column(dataset):
     with pytest.raises(MlpipeError, match="label column\\(s\\) not found"):
         label(dataset, LabelConfig(columns=["grade"]))
+
+
+def test_near_duplicates_with_different_labels_go_to_review():
+    from mlpipe.label import near_duplicate_conflicts
+
+    items = pd.DataFrame({"near_dup_group": ["n0", "n0", "n2", "n2", ""]})
+    labels = pd.Series(["cat", "dog", "cat", "cat", "dog"], dtype=object)
+    assert near_duplicate_conflicts(items, labels).tolist() == [True, True, False, False, False]
