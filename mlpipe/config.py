@@ -42,7 +42,7 @@ class IngestConfig(_Section):
     near_duplicate_distance: int | None = Field(
         2, ge=0, le=15, description="Max perceptual-hash distance of near-duplicates (kept together by split); null: off."
     )
-    workers: int | Literal["auto"] = Field("auto", description="Decoding threads; auto: cores + 1, at most 8.")
+    workers: int | Literal["auto"] = Field("auto", description="Decoding processes (threads for remote sources); auto: cores, at most 8.")
 
     @field_validator("workers")
     @classmethod

@@ -17,38 +17,52 @@ import io
 import json
 import os
 import posixpath
+import stat
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 import fsspec
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+from PIL import Image
 from tqdm import tqdm
 
 from mlpipe.config import IngestConfig, SourceConfig
 from mlpipe.errors import MlpipeError
-from mlpipe.images import Decoded, Quarantined, decode
+from mlpipe.images import Decoded, Quarantined, decode_into, perceptual_hashes
 from mlpipe.sample import materialize_sample
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, state_dir, write_json
 
 ROW, SHA, PIXEL_INDEX, NEAR_DUP = "__row", "__sha256", "__pixel_index", "__near_dup_group"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 IMAGEFOLDER_LABEL = "class"
+PROCESS_POOL_MIN_IMAGES = 1000  # below this, starting worker processes costs more than it saves
 
 
-@dataclass(frozen=True)
+@dataclass
 class Source:
     """A dataset root on any fsspec filesystem, with path checks that keep reads inside it."""
 
     fs: fsspec.AbstractFileSystem
     root: str
     uri: str
+    _real_dirs: dict[str, str] = field(default_factory=dict, repr=False)
+    _stats: dict[str, tuple[int, str]] = field(default_factory=dict, repr=False)  # from resolve
 
     @property
     def local(self) -> bool:
         return "file" in self.fs.protocol or "local" in self.fs.protocol
+
+    def _real_dir(self, path: str) -> str:
+        # Files share few folders: resolving each folder once keeps symlink checks cheap.
+        if path not in self._real_dirs:
+            self._real_dirs[path] = os.path.realpath(path)
+        return self._real_dirs[path]
 
     def resolve(self, rel: str) -> str:
         """The full path of `rel` inside the root, or `Quarantined` if it is unsafe or absent."""
@@ -61,12 +75,22 @@ class Source:
         if normal == ".." or normal.startswith("../"):
             raise Quarantined("path escapes the dataset root")
         full = posixpath.join(self.root, normal)
-        if self.local:  # symlinks: compare where the link really points
-            real, real_root = os.path.realpath(full), os.path.realpath(self.root)
-            if os.path.commonpath([real, real_root]) != real_root:
+        if self.local:  # symlinks, in the folders or the file itself: compare where they really point
+            folder, name = os.path.split(full)
+            real = os.path.join(self._real_dir(folder), name)
+            try:
+                st = os.lstat(real)  # one call answers: link? regular file? size? mtime?
+                if stat.S_ISLNK(st.st_mode):
+                    real = os.path.realpath(real)
+                    st = os.stat(real)
+            except OSError:
+                raise Quarantined("missing file") from None
+            real_root = self._real_dir(self.root)
+            if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
                 raise Quarantined("path escapes the dataset root")
-            if not os.path.isfile(real):
+            if not stat.S_ISREG(st.st_mode):
                 raise Quarantined("missing file")
+            self._stats[real] = (st.st_size, str(st.st_mtime_ns))
             return real
         if not self.fs.isfile(full):
             raise Quarantined("missing file")
@@ -80,9 +104,8 @@ class Source:
 
     def stat(self, full: str) -> tuple[int, str]:
         """(size, modification time): what decides whether an earlier snapshot can be reused."""
-        if self.local:
-            st = os.stat(full)
-            return st.st_size, str(st.st_mtime_ns)
+        if full in self._stats:
+            return self._stats[full]
         info = self.fs.info(full)
         return int(info.get("size") or 0), str(info.get("mtime") or info.get("created") or "")
 
@@ -197,29 +220,49 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
     if cached is not None:
         return cached
 
-    decoded = _decode_all(src, checked, config)
-    return _snapshot(decoded, digest, validation, scan_key, config, list(frame.columns))
+    pixels_path = state_dir() / "work" / "ingest" / f".pixels-{scan_key}-{os.getpid()}.npy"
+    pixels_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        decoded = _decode_all(src, checked, config, pixels_path)
+        return _snapshot(decoded, digest, validation, scan_key, config, list(frame.columns), pixels_path)
+    finally:
+        pixels_path.unlink(missing_ok=True)
 
 
-def _decode_all(src: Source, checked: list, config: IngestConfig) -> list[Decoded | Quarantined]:
-    def one(item: str | Quarantined) -> Decoded | Quarantined:
-        if isinstance(item, Quarantined):
-            return item
-        try:
-            return decode(src.read(item), config.image_size, config.channels, config.max_pixels)
-        except Quarantined as why:
-            return why
-        except OSError:
-            return Quarantined("unreadable file")
+def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: Path) -> list[Decoded | Quarantined]:
+    """Decode every checked path once into the memory-mapped cache (row i at index i), with a
+    progress bar on a terminal. Returns hashes and reasons in row order.
 
-    workers = config.workers if config.workers != "auto" else min(8, (os.cpu_count() or 1) + 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow releases the GIL while decoding
-        return list(tqdm(pool.map(one, checked), total=len(checked), desc="ingest: decoding", unit="img",
-                         disable=None, leave=False))  # fmt: skip
+    Local files go to worker processes: per-image Python work (hashing, normalizing) holds the
+    GIL, so threads gain little on small images. Other filesystems (an in-memory one lives in
+    this process only) are read here and decoded on threads, where Pillow releases the GIL.
+    """
+    shape = (len(checked), config.image_size, config.image_size, config.channels)
+    np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=shape).flush()
+    cores = os.cpu_count() or 1
+    workers = config.workers if config.workers != "auto" else min(8, cores)
+    pending = sum(not isinstance(c, Quarantined) for c in checked)
+    task = partial(decode_into, str(pixels_path), image_size=config.image_size, channels=config.channels,
+                   max_pixels=config.max_pixels)  # fmt: skip
+    if src.local and workers > 1 and pending >= PROCESS_POOL_MIN_IMAGES:
+        Image.init()  # import Pillow's plugins before forking: a child must never need the import lock
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers)
+        task = partial(task, read=None if src.local else src.read)
+    rows = list(enumerate(checked))
+    size = max(32, min(512, len(rows) // (workers * 8) or 1))  # a future per image costs more than a small PNG
+    out: list[Decoded | Quarantined] = [None] * len(rows)  # type: ignore[list-item]
+    with pool, tqdm(total=len(rows), desc="ingest: decoding", unit="img", disable=None, leave=False) as bar:
+        for part in pool.map(task, [rows[i : i + size] for i in range(0, len(rows), size)]):
+            for row, result in part:
+                out[row] = result
+            bar.update(len(part))
+    return out
 
 
-def _snapshot(decoded, digest, validation, scan_key, config, columns) -> StageResult:
-    kept_rows, hashes, phashes, pixels = [], [], [], []
+def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_path: Path) -> StageResult:
+    kept_rows, hashes, thumbs = [], [], []
     quarantine: list[tuple[int, str]] = []
     duplicates: list[tuple[int, int]] = []
     first_row_of: dict[str, int] = {}
@@ -233,8 +276,7 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns) -> StageRe
         first_row_of[result.sha256] = row
         kept_rows.append(row)
         hashes.append(result.sha256)
-        phashes.append(result.phash)
-        pixels.append(result.pixels)
+        thumbs.append(result.thumb)
 
     rows_in = len(decoded)
     if len(kept_rows) + len(quarantine) + len(duplicates) != rows_in:  # the accounting must close
@@ -247,8 +289,13 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns) -> StageRe
             f"ingest.min_rows is {config.min_rows} ({summary})"
         )
 
+    hashable = [i for i, t in enumerate(thumbs) if t is not None]
+    phashes: list[int | None] = [None] * len(thumbs)
+    for i, h in zip(hashable, perceptual_hashes(np.stack([thumbs[i] for i in hashable]) if hashable else []), strict=True):
+        phashes[i] = h
     groups = near_duplicate_groups(phashes, config.near_duplicate_distance)
-    items = pd.DataFrame({ROW: kept_rows, SHA: hashes, PIXEL_INDEX: np.arange(len(kept_rows)),
+    # The cache keeps a slot per manifest row (empty for rejected rows): workers wrote in place.
+    items = pd.DataFrame({ROW: kept_rows, SHA: hashes, PIXEL_INDEX: kept_rows,
                           NEAR_DUP: [f"n{kept_rows[g]}" if g >= 0 else "" for g in groups]})  # fmt: skip
     fingerprint = stable_hash(digest, hashes, quarantine, config)[:16]
     report = {
@@ -263,12 +310,12 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns) -> StageRe
         "source_modes": dict(Counter(d.source_mode for d in decoded if isinstance(d, Decoded))),
         "fingerprint": fingerprint,
         "manifest_sha256": digest,
-        "image_shape": list(pixels[0].shape),
+        "image_shape": [config.image_size, config.image_size, config.channels],
         "columns": list(columns),
     }
     key = stable_hash(fingerprint, code_version("mlpipe.ingest", "mlpipe.images"))[:16]
     with stage_dir("ingest", key) as out:
-        np.save(out / "pixels.npy", np.stack(pixels))
+        os.replace(pixels_path, out / "pixels.npy")
         items.to_parquet(out / "items.parquet", index=False)
         # No path column, not even hashed: an unkeyed hash of "Jane_Doe_01.png" is confirmable by
         # anyone with a list of names. The row number finds the entry in the user's own manifest.

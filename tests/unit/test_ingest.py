@@ -251,3 +251,15 @@ def test_too_few_survivors_is_an_error(state, tmp_path):
     ok = _dataset(tmp_path / "e", {"a.png": _png(_digit()), "b.png": b""})
     with pytest.raises(MlpipeError, match="1 of 2 rows survive, ingest.min_rows is 2"):
         ingest(SourceConfig(uri=str(ok)), IngestConfig(min_rows=2))
+
+
+def test_batched_perceptual_hash_equals_imagehash():
+    import imagehash
+
+    from mlpipe.images import perceptual_hashes, phash_thumbnail
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 50, 3), dtype=np.uint8)) for i in range(12)]
+    ours = perceptual_hashes(np.stack([phash_thumbnail(img) for img in images]))
+    theirs = [int(str(imagehash.phash(img)), 16) for img in images]
+    assert ours == theirs
