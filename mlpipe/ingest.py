@@ -358,20 +358,22 @@ def near_duplicate_groups(phashes: list[int | None], max_distance: int | None) -
             i = parent[i]
         return i
 
-    if max_distance is not None and n:
+    present = np.array([i for i, h in enumerate(phashes) if h is not None], dtype=np.int64)
+    if max_distance is not None and len(present) > 1:
+        values = np.array([phashes[i] for i in present], dtype=np.uint64)
         bands = max_distance + 1
         width = 64 // bands
         for b in range(bands):
-            buckets: dict[int, list[int]] = {}
-            for i, h in enumerate(phashes):
-                if h is not None:
-                    buckets.setdefault((h >> (b * width)) & ((1 << width) - 1), []).append(i)
-            for members in buckets.values():
-                for x in range(len(members)):
-                    for y in range(x + 1, len(members)):
-                        i, j = members[x], members[y]
-                        if (phashes[i] ^ phashes[j]).bit_count() <= max_distance:
-                            parent[find(j)] = find(i)
+            band = (values >> np.uint64(b * width)) & np.uint64((1 << width) - 1)
+            order = np.argsort(band, kind="stable")
+            starts = np.flatnonzero(np.r_[True, band[order][1:] != band[order][:-1]])
+            for lo, hi in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+                if hi - lo < 2:
+                    continue
+                members = order[lo:hi]  # all pairs of one bucket at once
+                close = np.bitwise_count(values[members][:, None] ^ values[members][None, :]) <= max_distance
+                for x, y in zip(*np.nonzero(np.triu(close, k=1)), strict=True):
+                    parent[find(int(present[members[y]]))] = find(int(present[members[x]]))
     roots = [find(i) for i in range(n)]
     sizes = Counter(roots)
     first: dict[int, int] = {}
