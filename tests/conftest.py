@@ -6,6 +6,7 @@ import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 from mlpipe.config import PipelineConfig  # noqa: E402
 from mlpipe.sample import write_sample_digits  # noqa: E402
