@@ -28,7 +28,7 @@ from PIL import Image
 
 from mlpipe.config import AnonymizeConfig, ColumnPolicy, SourceConfig
 from mlpipe.errors import MlpipeError
-from mlpipe.ingest import NEAR_DUP, PIXEL_INDEX, SHA, snapshot_rows
+from mlpipe.ingest import NEAR_DUP, PIXEL_INDEX, ROW, SHA, snapshot_rows
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, state_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def check_policy(columns: list[str], config: AnonymizeConfig) -> None:
 
 
 def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConfig) -> StageResult:
-    items = snapshot_rows(snapshot, source)
+    items, removed_duplicates = snapshot_rows(snapshot, source)
     columns = [c for c in items.columns if c not in (source.image_column,) and not c.startswith("__")]
     check_policy(columns, config)
     key, key_source = load_key(config)
@@ -129,7 +129,15 @@ def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConf
         # "drop": the column is simply not carried over
 
     # Hash outputs (item ids, pseudonyms) cannot carry raw text and would only match by chance.
-    leaks = residual_scan(out[[c for c in columns if config.policy[c].action in TEXT_ACTIONS]], raw_values)
+    # Removed exact duplicates keep only their non-personal ("keep") values and the item they
+    # duplicate: enough for label to see whether the copies were labelled alike.
+    keep_cols = [c for c in columns if config.policy[c].action == "keep"]
+    item_of_row = dict(zip(items[ROW], out[ITEM_ID], strict=True))
+    duplicates = removed_duplicates[keep_cols].assign(**{ITEM_ID: removed_duplicates[ROW].map(item_of_row)})
+    leaks = residual_scan(
+        pd.concat([out[[c for c in columns if config.policy[c].action in TEXT_ACTIONS]], duplicates[keep_cols]]).fillna(""),
+        raw_values,
+    )
     if leaks:
         raise MlpipeError(
             f"anonymization left {sum(leaks.values())} raw identifier value(s) in column(s) "
@@ -149,6 +157,7 @@ def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConf
     with stage_dir("anonymize", stage_key) as tmp:
         write_clean_images(np.load(snapshot.file("pixels.npy"), mmap_mode="r"), out, tmp / "images")
         out.to_parquet(tmp / "items.parquet", index=False)
+        duplicates.to_parquet(tmp / "duplicates.parquet", index=False)
         write_json(tmp / "report.json", report)
     return StageResult.at("anonymize", stage_key, report, pixels=snapshot.file("pixels.npy"))
 

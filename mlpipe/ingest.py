@@ -382,15 +382,16 @@ def near_duplicate_groups(phashes: list[int | None], max_distance: int | None) -
     return [first[r] if sizes[r] > 1 else -1 for r in roots]
 
 
-def snapshot_rows(snapshot: StageResult, source: SourceConfig) -> pd.DataFrame:
-    """The manifest rows ingest kept, with their hashes, read again from the unchanged source.
-
-    The snapshot itself holds no copy of the manifest's personal data.
+def snapshot_rows(snapshot: StageResult, source: SourceConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept rows with their hashes, removed exact-duplicate rows with the row they duplicate),
+    read again from the unchanged source. The snapshot holds no copy of the manifest's personal data.
     """
     src = open_source(source)
     frame = read_manifest(src, source)
     if manifest_digest(src, source, frame) != snapshot.report["manifest_sha256"]:
         raise MlpipeError("the manifest changed since ingest; rerun the pipeline from ingest")
     kept = pd.read_parquet(snapshot.file("items.parquet"))
-    rows = frame.iloc[kept[ROW]].reset_index(drop=True)
-    return pd.concat([rows, kept], axis=1)
+    rows = pd.concat([frame.iloc[kept[ROW]].reset_index(drop=True), kept], axis=1)
+    dups = pd.read_csv(snapshot.file("duplicates.csv"))
+    removed = frame.iloc[dups["row"]].reset_index(drop=True).assign(**{ROW: dups["duplicate_of_row"].to_numpy()})
+    return rows, removed

@@ -44,6 +44,24 @@ def near_duplicate_conflicts(items: pd.DataFrame, labels: pd.Series) -> pd.Serie
     return grouped.notna() & distinct.gt(1).reindex(items.index, fill_value=False)
 
 
+def duplicate_conflicts(items: pd.DataFrame, labels: pd.Series, dataset: StageResult, config: LabelConfig) -> pd.Series:
+    """Kept items whose removed exact duplicates were labelled differently: the same pixels under
+    two labels is a labelling error, so the item goes to review rather than keeping either label."""
+    path = dataset.file("duplicates.parquet")
+    flagged = pd.Series(False, index=items.index)
+    if not path.exists():
+        return flagged
+    removed = pd.read_parquet(path)
+    if removed.empty or not set(config.columns) <= set(removed.columns):
+        return flagged
+    votes = removed[config.columns].astype(str).map(normalize)
+    removed_label = [majority_vote(list(row))[0] for row in votes.itertuples(index=False)]
+    label_of = dict(zip(items[ITEM_ID], labels, strict=True))
+    bad = {item for item, lab in zip(removed[ITEM_ID], removed_label, strict=True)
+           if lab is not None and label_of.get(item) is not None and lab != label_of[item]}  # fmt: skip
+    return items[ITEM_ID].isin(bad)
+
+
 def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     items = pd.read_parquet(dataset.file("items.parquet"))
     missing = [c for c in config.columns if c not in items.columns]
@@ -68,6 +86,9 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     conflicts = near_duplicate_conflicts(items, labels)
     labels[conflicts] = None
     review_reason[conflicts] = "near-duplicate label conflict"
+    conflicts = duplicate_conflicts(items, labels, dataset, config)
+    labels[conflicts] = None
+    review_reason[conflicts] = "duplicate label conflict"
 
     labelled = items[labels.notna()].copy()
     labelled[LABEL] = labels[labels.notna()]

@@ -61,3 +61,21 @@ def test_near_duplicates_with_different_labels_go_to_review():
     items = pd.DataFrame({"near_dup_group": ["n0", "n0", "n2", "n2", ""]})
     labels = pd.Series(["cat", "dog", "cat", "cat", "dog"], dtype=object)
     assert near_duplicate_conflicts(items, labels).tolist() == [True, True, False, False, False]
+
+
+def test_exact_duplicates_labelled_differently_go_to_review(state, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / "img" / f"{i}.png")
+    (root / "img" / "copy.png").write_bytes((root / "img" / "0.png").read_bytes())
+    pd.DataFrame({"image": ["img/0.png", "img/1.png", "img/2.png", "img/copy.png"],
+                  "grade": ["a", "b", "b", "c"]}).to_csv(root / "manifest.csv", index=False)  # fmt: skip
+    source = SourceConfig(uri=str(root))
+    data = anonymize(ingest(source, IngestConfig()), AnonymizeConfig(policy={"grade": "keep"}), source)
+    result = label(data, LabelConfig(columns=["grade"]))
+    assert result.report["review_queue"] == {"duplicate label conflict": 1}
+    assert result.report["labelled"] == 2
