@@ -10,6 +10,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -68,16 +69,25 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int) -> Deco
     )
 
 
-def decode_into(pixels_path: str, rows: list[tuple[int, object]], image_size: int, channels: int, max_pixels: int,
-                read=None) -> list[tuple[int, Decoded | Quarantined]]:  # fmt: skip
-    """Decode `(row, path)` pairs and write each image's pixels straight into row `row` of the
-    memory-mapped cache at `pixels_path`; return hashes and reasons only.
+class Summary(NamedTuple):
+    """What a worker sends back for a decoded image; its pixels and thumbnail went to the memmaps."""
+
+    sha256: str
+    has_thumb: bool
+    source_mode: str
+
+
+def decode_into(pixels_path: str, thumbs_path: str, rows: list[tuple[int, object]], image_size: int, channels: int,
+                max_pixels: int, read=None) -> list[tuple[int, Summary | Quarantined]]:  # fmt: skip
+    """Decode `(row, path)` pairs, writing pixels and phash thumbnails straight into row `row` of
+    the memory-mapped arrays; return hashes and reasons only.
 
     Runs in worker processes (local files) or threads (`read` given, for other filesystems):
-    pixels never travel back through a pipe, and the cache is written once, in place.
+    arrays never travel back through a pipe, and the cache is written once, in place.
     """
     cache = np.load(pixels_path, mmap_mode="r+")
-    out: list[tuple[int, Decoded | Quarantined]] = []
+    thumbs = np.load(thumbs_path, mmap_mode="r+")
+    out: list[tuple[int, Summary | Quarantined]] = []
     for row, item in rows:
         if isinstance(item, Quarantined):
             out.append((row, item))
@@ -96,9 +106,12 @@ def decode_into(pixels_path: str, rows: list[tuple[int, object]], image_size: in
             out.append((row, Quarantined("unreadable file")))
             continue
         cache[row] = decoded.pixels
-        out.append((row, Decoded(np.empty(0, np.uint8), decoded.sha256, decoded.thumb, decoded.source_mode)))
+        if decoded.thumb is not None:
+            thumbs[row] = decoded.thumb
+        out.append((row, Summary(decoded.sha256, decoded.thumb is not None, decoded.source_mode)))
     cache.flush()
-    del cache
+    thumbs.flush()
+    del cache, thumbs
     return out
 
 
@@ -132,6 +145,8 @@ def phash_thumbnail(img: Image.Image) -> np.ndarray | None:
     """imagehash.phash's first step (grayscale, 32x32 Lanczos); the DCT runs later, batched."""
     if min(img.size) < MIN_SIDE_FOR_PHASH:
         return None
+    if img.mode == "L" and img.size == (PHASH_SIDE, PHASH_SIDE):  # already the thumbnail: no copies
+        return np.asarray(img)
     return np.asarray(img.convert("L").resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS))
 
 

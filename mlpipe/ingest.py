@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mlpipe.config import IngestConfig, SourceConfig
 from mlpipe.errors import MlpipeError
-from mlpipe.images import Decoded, Quarantined, decode_into, perceptual_hashes
+from mlpipe.images import PHASH_SIDE, Quarantined, Summary, decode_into, perceptual_hashes
 from mlpipe.sample import materialize_sample
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, state_dir, write_json
 
@@ -227,9 +227,14 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
         return _snapshot(decoded, digest, validation, scan_key, config, list(frame.columns), pixels_path)
     finally:
         pixels_path.unlink(missing_ok=True)
+        _thumbs_path(pixels_path).unlink(missing_ok=True)
 
 
-def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: Path) -> list[Decoded | Quarantined]:
+def _thumbs_path(pixels_path: Path) -> Path:
+    return pixels_path.with_name(pixels_path.stem + "-thumbs.npy")
+
+
+def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: Path) -> list[Summary | Quarantined]:
     """Decode every checked path once into the memory-mapped cache (row i at index i), with a
     progress bar on a terminal. Returns hashes and reasons in row order.
 
@@ -239,10 +244,12 @@ def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: P
     """
     shape = (len(checked), config.image_size, config.image_size, config.channels)
     np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=shape).flush()
+    thumbs_path = _thumbs_path(pixels_path)
+    np.lib.format.open_memmap(thumbs_path, mode="w+", dtype=np.uint8, shape=(len(checked), PHASH_SIDE, PHASH_SIDE)).flush()
     cores = os.cpu_count() or 1
     workers = config.workers if config.workers != "auto" else min(8, cores)
     pending = sum(not isinstance(c, Quarantined) for c in checked)
-    task = partial(decode_into, str(pixels_path), image_size=config.image_size, channels=config.channels,
+    task = partial(decode_into, str(pixels_path), str(thumbs_path), image_size=config.image_size, channels=config.channels,
                    max_pixels=config.max_pixels)  # fmt: skip
     if src.local and workers > 1 and pending >= PROCESS_POOL_MIN_IMAGES:
         Image.init()  # import Pillow's plugins before forking: a child must never need the import lock
@@ -252,7 +259,7 @@ def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: P
         task = partial(task, read=None if src.local else src.read)
     rows = list(enumerate(checked))
     size = max(32, min(512, len(rows) // (workers * 8) or 1))  # a future per image costs more than a small PNG
-    out: list[Decoded | Quarantined] = [None] * len(rows)  # type: ignore[list-item]
+    out: list[Summary | Quarantined] = [None] * len(rows)  # type: ignore[list-item]
     with pool, tqdm(total=len(rows), desc="ingest: decoding", unit="img", disable=None, leave=False) as bar:
         for part in pool.map(task, [rows[i : i + size] for i in range(0, len(rows), size)]):
             for row, result in part:
@@ -276,7 +283,7 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_pat
         first_row_of[result.sha256] = row
         kept_rows.append(row)
         hashes.append(result.sha256)
-        thumbs.append(result.thumb)
+        thumbs.append(row if result.has_thumb else None)
 
     rows_in = len(decoded)
     if len(kept_rows) + len(quarantine) + len(duplicates) != rows_in:  # the accounting must close
@@ -290,8 +297,9 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_pat
         )
 
     hashable = [i for i, t in enumerate(thumbs) if t is not None]
+    thumb_cache = np.load(_thumbs_path(pixels_path), mmap_mode="r")
     phashes: list[int | None] = [None] * len(thumbs)
-    for i, h in zip(hashable, perceptual_hashes(np.stack([thumbs[i] for i in hashable]) if hashable else []), strict=True):
+    for i, h in zip(hashable, perceptual_hashes(thumb_cache[[thumbs[i] for i in hashable]]), strict=True):
         phashes[i] = h
     groups = near_duplicate_groups(phashes, config.near_duplicate_distance)
     # The cache keeps a slot per manifest row (empty for rejected rows): workers wrote in place.
@@ -307,7 +315,7 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_pat
         "near_duplicate_items": int(sum(g >= 0 for g in groups)),
         "quarantine_reasons": dict(reasons),
         "validation_failures": len(validation),
-        "source_modes": dict(Counter(d.source_mode for d in decoded if isinstance(d, Decoded))),
+        "source_modes": dict(Counter(d.source_mode for d in decoded if isinstance(d, Summary))),
         "fingerprint": fingerprint,
         "manifest_sha256": digest,
         "image_shape": [config.image_size, config.image_size, config.channels],
