@@ -1,7 +1,7 @@
-"""Decoding one image file: bytes in, normalized pixels and content hashes out, or a reason.
+"""Decoding image files: bytes in, normalized pixels and content hashes out, or a reason.
 
-Pure functions of the file's bytes, so ingest can run them on a thread pool (Pillow releases
-the GIL while it decodes and resizes).
+`decode_into` is what ingest's workers run over a chunk of files: it writes pixels straight
+into the memory-mapped cache and sends back only hashes, so arrays never cross a pipe.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Perceptual hashes of tiny images say little: an 8x8 scan of a "1" hashes like every other "1".
 MIN_SIDE_FOR_PHASH = 32
+PHASH_SIDE, PHASH_BITS = 32, 8
 
 
 class Quarantined(Exception):
@@ -31,88 +32,100 @@ class Decoded:
     source_mode: str
 
 
+class Summary(NamedTuple):
+    """What a worker sends back for a decoded image; its pixels went to the memmap."""
+
+    sha256: str
+    phash: int | None
+    source_mode: str
+
+
 def decode(data: bytes, image_size: int, channels: int, max_pixels: int) -> Decoded:
+    """Decode one file's bytes. Pillow's decompression-bomb warnings count as errors here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _decode(data, image_size, channels, max_pixels)
+
+
+def _decode(data: bytes, image_size: int, channels: int, max_pixels: int) -> Decoded:
+    """`decode` without the warnings guard, for loops that set it once (it costs as much as a
+    small PNG's hash)."""
     if not data:
         raise Quarantined("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > max_pixels:  # checked on the header, before decoding
-                    raise Quarantined("over the pixel limit")
-                if img.format == "JPEG":  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the target
-                    img.draft(None, (image_size, image_size))
-                img.load()
-                source_mode = img.mode
-                ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when nothing turns
-                normalized = normalize_mode(img, channels)
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:  # checked on the header, before decoding
+                raise Quarantined("over the pixel limit")
+            if img.format == "JPEG":  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the target
+                img.draft(None, (image_size, image_size))
+            img.load()
+            source_mode = img.mode
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when nothing turns
+            normalized = normalize_mode(img, channels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise Quarantined("over the pixel limit") from None
     except UnidentifiedImageError:
         raise Quarantined("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise Quarantined(f"truncated or corrupt ({type(exc).__name__})") from None
-    native = np.asarray(normalized)
-    digest = hashlib.sha256(f"{native.shape}".encode() + native.tobytes()).hexdigest()
+    raw = normalized.tobytes()  # one copy out of Pillow, shared by the hash and (often) the pixels
+    width, height = normalized.size
+    depth = len(normalized.getbands())
+    digest = hashlib.sha256(f"({height}, {width}, {depth})".encode() + raw).hexdigest()
     if normalized.size == (image_size, image_size):
-        small = normalized
+        small, resized = normalized, np.frombuffer(raw, np.uint8).reshape(height, width, depth)
     else:  # reducing_gap: box-reduce first, then resample; same look, a fraction of the time
         small = normalized.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    resized = np.asarray(small)
-    return Decoded(
-        pixels=resized[:, :, None] if resized.ndim == 2 else resized,
-        sha256=digest,
-        # The hash of the training-resolution image when that is large enough: the perceptual
-        # hash only looks at a 32x32 thumbnail, and shrinking 224 px costs less than 4,000 px.
-        thumb=phash_thumbnail(small if image_size >= MIN_SIDE_FOR_PHASH else normalized),
-        source_mode=source_mode,
-    )
+        resized = np.frombuffer(small.tobytes(), np.uint8).reshape(image_size, image_size, depth)
+    # The hash of the training-resolution image when that is large enough: the perceptual hash
+    # only looks at a 32x32 thumbnail, and shrinking 224 px costs less than shrinking 4,000 px.
+    if small is normalized and depth == 1 and small.size == (PHASH_SIDE, PHASH_SIDE):
+        thumb = resized[:, :, 0]
+    else:
+        thumb = phash_thumbnail(small if image_size >= MIN_SIDE_FOR_PHASH else normalized)
+    return Decoded(pixels=resized, sha256=digest, thumb=thumb, source_mode=source_mode)
 
 
-class Summary(NamedTuple):
-    """What a worker sends back for a decoded image; its pixels and thumbnail went to the memmaps."""
+def decode_into(pixels_path: str, rows: list[tuple[int, object]], image_size: int, channels: int, max_pixels: int,
+                read=None) -> list[tuple[int, Summary | Quarantined]]:  # fmt: skip
+    """Decode `(row, path)` pairs, write each image's pixels into row `row` of the memory-mapped
+    cache, and return (row, hashes) or (row, reason). Perceptual hashes are computed here too,
+    for the whole chunk at once, so that the work is spread over the workers.
 
-    sha256: str
-    has_thumb: bool
-    source_mode: str
-
-
-def decode_into(pixels_path: str, thumbs_path: str, rows: list[tuple[int, object]], image_size: int, channels: int,
-                max_pixels: int, read=None) -> list[tuple[int, Summary | Quarantined]]:  # fmt: skip
-    """Decode `(row, path)` pairs, writing pixels and phash thumbnails straight into row `row` of
-    the memory-mapped arrays; return hashes and reasons only.
-
-    Runs in worker processes (local files) or threads (`read` given, for other filesystems):
-    arrays never travel back through a pipe, and the cache is written once, in place.
+    Runs in worker processes (local files) or threads (`read` given, for other filesystems).
     """
     cache = np.load(pixels_path, mmap_mode="r+")
-    thumbs = np.load(thumbs_path, mmap_mode="r+")
-    out: list[tuple[int, Summary | Quarantined]] = []
-    for row, item in rows:
-        if isinstance(item, Quarantined):
-            out.append((row, item))
-            continue
-        try:
-            if read is None:
-                with open(item, "rb") as f:
-                    data = f.read()
-            else:
-                data = read(item)
-            decoded = decode(data, image_size, channels, max_pixels)
-        except Quarantined as why:
-            out.append((row, why))
-            continue
-        except OSError:
-            out.append((row, Quarantined("unreadable file")))
-            continue
-        cache[row] = decoded.pixels
-        if decoded.thumb is not None:
-            thumbs[row] = decoded.thumb
-        out.append((row, Summary(decoded.sha256, decoded.thumb is not None, decoded.source_mode)))
+    results: list[tuple[int, Decoded | Quarantined]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for row, item in rows:
+            if isinstance(item, Quarantined):
+                results.append((row, item))
+                continue
+            try:
+                if read is None:
+                    with open(item, "rb") as f:
+                        data = f.read()
+                else:
+                    data = read(item)
+                decoded = _decode(data, image_size, channels, max_pixels)
+            except Quarantined as why:
+                results.append((row, why))
+                continue
+            except OSError:
+                results.append((row, Quarantined("unreadable file")))
+                continue
+            cache[row] = decoded.pixels
+            results.append((row, decoded))
     cache.flush()
-    thumbs.flush()
-    del cache, thumbs
-    return out
+    del cache
+    thumbs = [d.thumb for _, d in results if isinstance(d, Decoded) and d.thumb is not None]
+    hashes = iter(perceptual_hashes(np.stack(thumbs)) if thumbs else [])
+    return [
+        (row, Summary(d.sha256, next(hashes) if d.thumb is not None else None, d.source_mode))
+        if isinstance(d, Decoded) else (row, d)
+        for row, d in results
+    ]  # fmt: skip
 
 
 def normalize_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -148,9 +161,6 @@ def phash_thumbnail(img: Image.Image) -> np.ndarray | None:
     if img.mode == "L" and img.size == (PHASH_SIDE, PHASH_SIDE):  # already the thumbnail: no copies
         return np.asarray(img)
     return np.asarray(img.convert("L").resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS))
-
-
-PHASH_SIDE, PHASH_BITS = 32, 8
 
 
 def perceptual_hashes(thumbs: np.ndarray) -> list[int]:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mlpipe.config import IngestConfig, SourceConfig
 from mlpipe.errors import MlpipeError
-from mlpipe.images import PHASH_SIDE, Quarantined, Summary, decode_into, perceptual_hashes
+from mlpipe.images import Quarantined, Summary, decode_into
 from mlpipe.sample import materialize_sample
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, state_dir, write_json
 
@@ -227,11 +227,6 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
         return _snapshot(decoded, digest, validation, scan_key, config, list(frame.columns), pixels_path)
     finally:
         pixels_path.unlink(missing_ok=True)
-        _thumbs_path(pixels_path).unlink(missing_ok=True)
-
-
-def _thumbs_path(pixels_path: Path) -> Path:
-    return pixels_path.with_name(pixels_path.stem + "-thumbs.npy")
 
 
 def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: Path) -> list[Summary | Quarantined]:
@@ -244,12 +239,10 @@ def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: P
     """
     shape = (len(checked), config.image_size, config.image_size, config.channels)
     np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=shape).flush()
-    thumbs_path = _thumbs_path(pixels_path)
-    np.lib.format.open_memmap(thumbs_path, mode="w+", dtype=np.uint8, shape=(len(checked), PHASH_SIDE, PHASH_SIDE)).flush()
     cores = os.cpu_count() or 1
     workers = config.workers if config.workers != "auto" else min(8, cores)
     pending = sum(not isinstance(c, Quarantined) for c in checked)
-    task = partial(decode_into, str(pixels_path), str(thumbs_path), image_size=config.image_size, channels=config.channels,
+    task = partial(decode_into, str(pixels_path), image_size=config.image_size, channels=config.channels,
                    max_pixels=config.max_pixels)  # fmt: skip
     if src.local and workers > 1 and pending >= PROCESS_POOL_MIN_IMAGES:
         Image.init()  # import Pillow's plugins before forking: a child must never need the import lock
@@ -269,7 +262,7 @@ def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: P
 
 
 def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_path: Path) -> StageResult:
-    kept_rows, hashes, thumbs = [], [], []
+    kept_rows, hashes, phashes = [], [], []
     quarantine: list[tuple[int, str]] = []
     duplicates: list[tuple[int, int]] = []
     first_row_of: dict[str, int] = {}
@@ -283,7 +276,7 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_pat
         first_row_of[result.sha256] = row
         kept_rows.append(row)
         hashes.append(result.sha256)
-        thumbs.append(row if result.has_thumb else None)
+        phashes.append(result.phash)
 
     rows_in = len(decoded)
     if len(kept_rows) + len(quarantine) + len(duplicates) != rows_in:  # the accounting must close
@@ -296,11 +289,6 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_pat
             f"ingest.min_rows is {config.min_rows} ({summary})"
         )
 
-    hashable = [i for i, t in enumerate(thumbs) if t is not None]
-    thumb_cache = np.load(_thumbs_path(pixels_path), mmap_mode="r")
-    phashes: list[int | None] = [None] * len(thumbs)
-    for i, h in zip(hashable, perceptual_hashes(thumb_cache[[thumbs[i] for i in hashable]]), strict=True):
-        phashes[i] = h
     groups = near_duplicate_groups(phashes, config.near_duplicate_distance)
     # The cache keeps a slot per manifest row (empty for rejected rows): workers wrote in place.
     items = pd.DataFrame({ROW: kept_rows, SHA: hashes, PIXEL_INDEX: kept_rows,
@@ -355,18 +343,12 @@ def near_duplicate_groups(phashes: list[int | None], max_distance: int | None) -
     """Group index (the first member's position) per item, -1 when it has no near-duplicate.
 
     Pigeonhole banding: two 64-bit hashes within distance d agree exactly on at least one of
-    d + 1 bands, so comparing only items that share a band finds every pair, in near-linear time.
+    d + 1 bands, so comparing only items that share a band finds every pair. Groups are the
+    connected components of all close pairs (scipy), so closeness chains are followed.
     """
     n = len(phashes)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     present = np.array([i for i, h in enumerate(phashes) if h is not None], dtype=np.int64)
+    pairs: list[np.ndarray] = []
     if max_distance is not None and len(present) > 1:
         values = np.array([phashes[i] for i in present], dtype=np.uint64)
         bands = max_distance + 1
@@ -375,19 +357,23 @@ def near_duplicate_groups(phashes: list[int | None], max_distance: int | None) -
             band = (values >> np.uint64(b * width)) & np.uint64((1 << width) - 1)
             order = np.argsort(band, kind="stable")
             starts = np.flatnonzero(np.r_[True, band[order][1:] != band[order][:-1]])
-            for lo, hi in zip(starts, np.r_[starts[1:], len(order)], strict=True):
-                if hi - lo < 2:
-                    continue
+            ends = np.r_[starts[1:], len(order)]
+            shared = ends - starts > 1  # only buckets with two or more members hold candidates
+            for lo, hi in zip(starts[shared], ends[shared], strict=True):
                 members = order[lo:hi]  # all pairs of one bucket at once
                 close = np.bitwise_count(values[members][:, None] ^ values[members][None, :]) <= max_distance
-                for x, y in zip(*np.nonzero(np.triu(close, k=1)), strict=True):
-                    parent[find(int(present[members[y]]))] = find(int(present[members[x]]))
-    roots = [find(i) for i in range(n)]
-    sizes = Counter(roots)
-    first: dict[int, int] = {}
-    for i, r in enumerate(roots):
-        first.setdefault(r, i)
-    return [first[r] if sizes[r] > 1 else -1 for r in roots]
+                x, y = np.nonzero(np.triu(close, k=1))
+                pairs.append(np.stack([present[members[x]], present[members[y]]]))
+    if not pairs or not sum(p.shape[1] for p in pairs):
+        return [-1] * n
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edges = np.concatenate(pairs, axis=1)
+    graph = coo_matrix((np.ones(edges.shape[1], dtype=np.int8), (edges[0], edges[1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)  # labels 0..k-1
+    _, first, counts = np.unique(component, return_index=True, return_counts=True)
+    return np.where(counts[component] > 1, first[component], -1).tolist()
 
 
 def snapshot_rows(snapshot: StageResult, source: SourceConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
