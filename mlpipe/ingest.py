@@ -64,6 +64,10 @@ class Source:
             self._real_dirs[path] = os.path.realpath(path)
         return self._real_dirs[path]
 
+    def _inside(self, real: str) -> bool:
+        root = self._real_dir(self.root)
+        return real == root or real.startswith(root.rstrip("/") + "/")
+
     def resolve(self, rel: str) -> str:
         """The full path of `rel` inside the root, or `Quarantined` if it is unsafe or absent."""
         if not rel.strip():
@@ -74,20 +78,22 @@ class Source:
         normal = posixpath.normpath(posix)
         if normal == ".." or normal.startswith("../"):
             raise Quarantined("path escapes the dataset root")
-        full = posixpath.join(self.root, normal)
+        full = f"{self.root.rstrip('/')}/{normal}"
         if self.local:  # symlinks, in the folders or the file itself: compare where they really point
-            folder, name = os.path.split(full)
-            real = os.path.join(self._real_dir(folder), name)
+            folder, _, name = full.rpartition("/")
+            real_folder = self._real_dir(folder)  # cached per folder, and so is its inside-root check
+            if not self._inside(real_folder):  # decided before touching anything out there
+                raise Quarantined("path escapes the dataset root")
+            real = f"{real_folder.rstrip('/')}/{name}"
             try:
                 st = os.lstat(real)  # one call answers: link? regular file? size? mtime?
                 if stat.S_ISLNK(st.st_mode):
                     real = os.path.realpath(real)
                     st = os.stat(real)
+                    if not self._inside(real):
+                        raise Quarantined("path escapes the dataset root")
             except OSError:
                 raise Quarantined("missing file") from None
-            real_root = self._real_dir(self.root)
-            if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
-                raise Quarantined("path escapes the dataset root")
             if not stat.S_ISREG(st.st_mode):
                 raise Quarantined("missing file")
             self._stats[real] = (st.st_size, str(st.st_mtime_ns))
@@ -358,8 +364,12 @@ def near_duplicate_groups(phashes: list[int | None], max_distance: int | None) -
             order = np.argsort(band, kind="stable")
             starts = np.flatnonzero(np.r_[True, band[order][1:] != band[order][:-1]])
             ends = np.r_[starts[1:], len(order)]
-            shared = ends - starts > 1  # only buckets with two or more members hold candidates
-            for lo, hi in zip(starts[shared], ends[shared], strict=True):
+            sizes = ends - starts
+            # Buckets of two (the common case) in one vectorized step; larger ones pair by pair.
+            a, b2 = order[starts[sizes == 2]], order[starts[sizes == 2] + 1]
+            close = np.bitwise_count(values[a] ^ values[b2]) <= max_distance
+            pairs.append(np.stack([present[a[close]], present[b2[close]]]))
+            for lo, hi in zip(starts[sizes > 2], ends[sizes > 2], strict=True):
                 members = order[lo:hi]  # all pairs of one bucket at once
                 close = np.bitwise_count(values[members][:, None] ^ values[members][None, :]) <= max_distance
                 x, y = np.nonzero(np.triu(close, k=1))

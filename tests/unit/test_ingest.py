@@ -263,3 +263,14 @@ def test_batched_perceptual_hash_equals_imagehash():
     ours = perceptual_hashes(np.stack([phash_thumbnail(img) for img in images]))
     theirs = [int(str(imagehash.phash(img)), 16) for img in images]
     assert ours == theirs
+
+
+def test_a_symlinked_folder_out_of_the_root_is_refused(state, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "x.png").write_bytes(_png(_digit(7)))
+    root = _dataset(tmp_path / "d", {"ok.png": _png(_digit())}, ["ok.png", "linked/x.png", "linked/absent.png"])
+    os.symlink(outside, root / "linked")
+    result = _run(root)
+    assert result.report["quarantine_reasons"] == {"path escapes the dataset root": 2}
+    _accounted(result.report)
