@@ -41,6 +41,7 @@ TEXT_ACTIONS = ("keep", "generalize_date", "redact_text")  # outputs that can st
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 PHONE = re.compile(r"(?<!\w)\+?\d[\d ().-]{7,}\d(?!\w)")
 DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
+NAME_LIKE = re.compile(r"[A-Z][a-z'-]+(?: [A-Z][a-z'-]+){1,3}")
 
 
 def load_key(config: AnonymizeConfig) -> tuple[bytes, str]:
@@ -90,23 +91,77 @@ def redact_text(text: str, identifiers: list[str]) -> tuple[str, int]:
     return text, count
 
 
-def check_policy(columns: list[str], config: AnonymizeConfig) -> None:
+def suggest_policy(values: pd.Series) -> str:
+    """A policy for an undeclared column from a scan of its values (the values are never shown)."""
+    sample = values[values != ""].head(500).astype(str)
+    if sample.empty:
+        return "drop (empty)"
+
+    def share(pattern: re.Pattern) -> float:
+        return float(sample.map(lambda v: bool(pattern.fullmatch(v.strip()))).mean())
+
+    if share(EMAIL) > 0.5:
+        return "drop (e-mail-like)"
+    if pd.to_datetime(sample, errors="coerce", format="mixed").notna().mean() > 0.8:  # before phones:
+        return "generalize_date (date-like)"  # 1980-01-02 also looks like a phone number
+    if share(PHONE) > 0.5:
+        return "drop (phone-like)"
+    if pd.to_numeric(sample, errors="coerce").notna().mean() > 0.8:
+        return "generalize_number (numeric)"
+    if share(NAME_LIKE) > 0.5:
+        return "drop (name-like)"
+    if sample.str.split().str.len().mean() >= 4:
+        return "redact_text (free text)"
+    if sample.nunique() > 0.5 * len(sample):
+        return "pseudonymize (identifier-like)"
+    return "keep (few distinct values; check they are not personal)"
+
+
+def check_policy(items: pd.DataFrame, columns: list[str], config: AnonymizeConfig) -> None:
+    """Fail closed: every column needs a policy, and every policy a column (a typo hides one)."""
     missing = [c for c in columns if c not in config.policy]
     if missing:
-        raise MlpipeError(
-            f"no anonymization policy for column(s): {', '.join(missing)} "
-            f"(set anonymize.policy.<column> to keep, drop, pseudonymize, generalize_date or redact_text)"
-        )
+        hints = ", ".join(f"{c} (suggest {suggest_policy(items[c].astype(str))})" for c in missing)
+        raise MlpipeError(f"no anonymization policy for column(s): {hints}; set anonymize.policy.<column>")
+    unknown = sorted(set(config.policy) - set(columns))
+    if unknown:
+        raise MlpipeError(f"anonymize.policy names column(s) not in the manifest: {', '.join(unknown)}")
 
 
-def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConfig) -> StageResult:
+def generalize_number(values: pd.Series, bins: list[float]) -> tuple[pd.Series, int]:
+    """Numbers to their bin, as "[low, high)"; unparseable or out-of-range values become ""."""
+    numbers = pd.to_numeric(values.where(values != ""), errors="coerce")
+    binned = pd.cut(numbers, bins=bins, right=False)
+    out = binned.astype(str).where(binned.notna(), "")
+    return out, int(((values != "") & binned.isna()).sum())
+
+
+def k_anonymize(frame: pd.DataFrame, quasi: list[str], k: int) -> tuple[pd.DataFrame, int, int | None]:
+    """Suppress rows whose quasi-identifier combination occurs fewer than k times.
+
+    Returns (kept rows, rows suppressed, k achieved: the smallest class left).
+    """
+    if not quasi:
+        return frame, 0, None
+    sizes = frame.groupby(quasi, dropna=False)[quasi[0]].transform("size")
+    kept = frame[sizes >= k]
+    achieved = int(sizes[sizes >= k].min()) if len(kept) else 0
+    return kept, int((sizes < k).sum()), achieved
+
+
+def anonymize(
+    snapshot: StageResult, config: AnonymizeConfig, source: SourceConfig, secret_key: bytes | None = None
+) -> StageResult:
+    """`secret_key`: the key from a Prefect Secret block, resolved by the caller (this library
+    never imports Prefect); without it the key comes from the environment or the local key file."""
     items, removed_duplicates = snapshot_rows(snapshot, source)
     columns = [c for c in items.columns if c not in (source.image_column,) and not c.startswith("__")]
-    check_policy(columns, config)
-    key, key_source = load_key(config)
+    check_policy(items, columns, config)
+    key, key_source = (secret_key, f"prefect-secret:{config.key_secret_block}") if secret_key else load_key(config)
 
     identifier_cols = [c for c in columns if config.policy[c].action in IDENTIFIER_ACTIONS]
-    personal_cols = identifier_cols + [c for c in columns if config.policy[c].action == "generalize_date"]
+    generalized = ("generalize_date", "generalize_number", "truncate")  # raw values must not survive either
+    personal_cols = identifier_cols + [c for c in columns if config.policy[c].action in generalized]
     raw_values = _raw_values(items, personal_cols, source.image_column)
     out = pd.DataFrame({ITEM_ID: items[SHA].str[:16], PIXEL_INDEX: items[PIXEL_INDEX], NEAR_DUP_GROUP: items[NEAR_DUP]})
     counts: dict[str, int] = {}
@@ -119,6 +174,10 @@ def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConf
             out[column] = [pseudonym(v, key) for v in values]
         elif policy.action == "generalize_date":
             out[column], counts[f"{column}.unparseable"] = generalize_date(values, policy.granularity)
+        elif policy.action == "generalize_number":
+            out[column], counts[f"{column}.unbinned"] = generalize_number(values, policy.bins)
+        elif policy.action == "truncate":
+            out[column] = values.str[: policy.keep_chars]
         elif policy.action == "redact_text":
             redacted = [
                 redact_text(text, [items.at[i, c] for c in identifier_cols] + [items.at[i, source.image_column]])
@@ -139,18 +198,24 @@ def anonymize(snapshot: StageResult, config: AnonymizeConfig, source: SourceConf
         raw_values,
     )
     if leaks:
-        raise MlpipeError(
-            f"anonymization left {sum(leaks.values())} raw identifier value(s) in column(s) "
-            f"{', '.join(sorted(leaks))}; refusing to continue (use drop or redact_text for them)"
-        )
+        found = ", ".join(f"{column} ({kind})" for column, kind in sorted(leaks.items()))
+        raise MlpipeError(f"anonymization left personal data in column(s) {found}; refusing to continue "
+                          f"(use drop, pseudonymize or redact_text for them)")  # fmt: skip
+    quasi = [c for c in columns if config.policy[c].quasi_identifier and config.policy[c].action != "drop"]
+    out, suppressed, k_achieved = k_anonymize(out, quasi, config.k)
+    if out.empty:
+        raise MlpipeError(f"k-anonymity (k={config.k}) over {', '.join(quasi)} suppressed every row; generalize more")
     report = {
         "rows": len(out),
+        "quasi_identifiers": quasi,
+        "k": config.k,
+        "k_achieved": k_achieved,
+        "rows_suppressed": suppressed,
         "policy": {c: config.policy[c].model_dump() for c in columns},
-        "unused_policies": sorted(set(config.policy) - set(columns)),
         "counts": counts,
         "key_source": key_source,
         "key_id": key_id(key),
-        "residual_raw_values": 0,
+        "residual_scan": {"raw_values_checked": len(raw_values), "hits": 0},
         "images_reencoded": len(out),
     }
     stage_key = stable_hash(snapshot.key, config, source.image_column, key_id(key), code_version("mlpipe.anonymize"))[:16]
@@ -169,16 +234,22 @@ def _raw_values(items: pd.DataFrame, identifier_cols: list[str], image_column: s
     return {v for v in values if len(v) >= 3}
 
 
-def residual_scan(frame: pd.DataFrame, raw_values: set[str]) -> dict[str, int]:
-    """Count raw values found anywhere in each text column (0 everywhere is the only pass)."""
+def residual_scan(frame: pd.DataFrame, raw_values: set[str]) -> dict[str, str]:
+    """{column: kind of hit} for raw identifier values and e-mail/phone patterns; empty is a pass.
+
+    Names the column and the kind, never the value.
+    """
     hits = {}
     for column in frame.columns:
         if frame[column].dtype.kind in "iuf":
             continue
         blob = "\x00".join(frame[column].astype(str))  # one search per value, not per cell
-        n = sum(1 for v in raw_values if v in blob)
-        if n:
-            hits[column] = n
+        if any(v in blob for v in raw_values):
+            hits[column] = "raw identifier value"
+        elif EMAIL.search(blob):
+            hits[column] = "e-mail pattern"
+        elif PHONE.search(blob.replace("\x00", "\n")):
+            hits[column] = "phone pattern"
     return hits
 
 

@@ -52,18 +52,31 @@ class IngestConfig(_Section):
         return value
 
 
-Action = Literal["keep", "drop", "pseudonymize", "generalize_date", "redact_text"]
+Action = Literal["keep", "drop", "pseudonymize", "generalize_date", "generalize_number", "truncate", "redact_text"]
 
 
 class ColumnPolicy(_Section):
     action: Action = Field(description="What happens to this column's values.")
     granularity: Literal["year", "month"] = Field("year", description="For generalize_date only.")
+    bins: list[float] | None = Field(None, description="For generalize_number: ascending bin edges, e.g. [0, 18, 40, 65, 120].")
+    keep_chars: int | None = Field(None, ge=1, description="For truncate: characters kept, e.g. 3 for a zip prefix.")
+    quasi_identifier: bool = Field(False, description="Counts towards k-anonymity (after generalization).")
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
         # `name: drop` in YAML is the common case; the long form carries options.
         return {"action": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _options_match_action(self) -> ColumnPolicy:
+        if self.action == "generalize_number" and (
+            not self.bins or len(self.bins) < 2 or any(b >= a for a, b in zip(self.bins[1:], self.bins, strict=False))
+        ):
+            raise ValueError("generalize_number needs bins: at least two ascending edges")
+        if self.action == "truncate" and self.keep_chars is None:
+            raise ValueError("truncate needs keep_chars")
+        return self
 
 
 def _sample_policy() -> dict[str, ColumnPolicy]:
@@ -91,6 +104,10 @@ class AnonymizeConfig(_Section):
         "MLPIPE_PSEUDONYM_KEY",
         description="Environment variable holding the HMAC key. Unset: a local key file in the state directory.",
     )
+    key_secret_block: str | None = Field(
+        None, description="Prefect Secret block holding the HMAC key; when set it is required and wins over key_env."
+    )
+    k: int = Field(5, ge=1, description="k-anonymity over the quasi-identifier columns: smaller groups are suppressed.")
 
 
 class LabelConfig(_Section):

@@ -185,3 +185,17 @@ def test_cli_success_prints_the_summary_and_no_traceback(tmp_path):
         "Prefect flow run", "MLflow experiment", "MLflow run", "Tracking URI", "Registered model", "Test metrics",
     ]
     assert "macro_f1=" in tail[-1]
+
+
+def test_pseudonym_key_from_a_prefect_secret_block(harness):
+    from prefect.blocks.system import Secret
+
+    from mlpipe.config import AnonymizeConfig
+    from mlpipe.errors import MlpipeError
+    from tasks.secrets import pseudonym_key
+
+    assert pseudonym_key(AnonymizeConfig()) is None
+    Secret(value="block-held-key").save("mlpipe-test-key", overwrite=True)
+    assert pseudonym_key(AnonymizeConfig(key_secret_block="mlpipe-test-key")) == b"block-held-key"
+    with pytest.raises(MlpipeError, match="Prefect Secret block 'absent-key' not found"):
+        pseudonym_key(AnonymizeConfig(key_secret_block="absent-key"))
