@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import re
 import secrets
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -78,17 +80,61 @@ def generalize_date(values: pd.Series, granularity: str) -> tuple[pd.Series, int
     return out, int(((values != "") & parsed.isna()).sum())
 
 
-def redact_text(text: str, identifiers: list[str]) -> tuple[str, int]:
-    """Replace the row's identifier values and e-mail/phone/date patterns; return (text, count)."""
-    count = 0
+PRESIDIO_ENTITIES = (
+    "EMAIL_ADDRESS", "PHONE_NUMBER", "US_SSN", "CREDIT_CARD", "IP_ADDRESS", "IBAN_CODE", "URL", "DATE_TIME",
+)  # fmt: skip
+# Every one of those patterns needs a digit, an @ or a web address: text without them is skipped.
+_MAY_HOLD_PATTERN_PII = re.compile(r"[0-9@]|www\.|://")
+
+
+@functools.cache
+def presidio_engines():
+    """Presidio's analyzer with its pattern recognizers on a blank spaCy pipeline: no model
+    download, and tldextract pinned to its bundled public-suffix list (no network at first use)."""
+    import spacy
+    import tldextract
+    import tldextract.tldextract as tldextract_module
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import SpacyNlpEngine
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer, DateRecognizer, EmailRecognizer, IbanRecognizer, IpRecognizer, PhoneRecognizer,
+        UrlRecognizer, UsSsnRecognizer,
+    )  # fmt: skip
+    from presidio_anonymizer import AnonymizerEngine
+
+    tldextract_module.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+    nlp = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": "blank"}])
+    nlp.nlp = {"en": spacy.blank("en")}  # tokens only: the recognizers are patterns, not NER
+    registry = RecognizerRegistry(supported_languages=["en"])
+    for recognizer in (EmailRecognizer, PhoneRecognizer, UsSsnRecognizer, CreditCardRecognizer, IpRecognizer,
+                       IbanRecognizer, UrlRecognizer, DateRecognizer):  # fmt: skip
+        registry.add_recognizer(recognizer())
+    return AnalyzerEngine(registry=registry, nlp_engine=nlp, supported_languages=["en"]), AnonymizerEngine()
+
+
+def redact_text(text: str, identifiers: list[str]) -> tuple[str, Counter]:
+    """Redact free text; return it with counts per kind of finding.
+
+    Three layers: the row's own identifier values (exact, whatever they look like); Presidio's
+    pattern recognizers (e-mail, phone, SSN, card with Luhn, IP, IBAN, URL, date); then our own
+    e-mail/date/phone patterns as a floor (Presidio validates, e.g. rejects 555 phone numbers
+    and known-invalid SSNs, but a fake number in a note is still a number to hide).
+    """
+    found: Counter = Counter()
     for value in sorted({v for v in identifiers if len(v) >= 3}, key=len, reverse=True):
         if value in text:
-            count += text.count(value)
+            found["IDENTIFIER"] += text.count(value)
             text = text.replace(value, "[REDACTED]")
-    for pattern, tag in ((EMAIL, "[EMAIL]"), (DATE, "[DATE]"), (PHONE, "[PHONE]")):  # dates before phones
-        text, n = pattern.subn(tag, text)
-        count += n
-    return text, count
+    if _MAY_HOLD_PATTERN_PII.search(text):
+        analyzer, anonymizer = presidio_engines()
+        results = analyzer.analyze(text=text, language="en", entities=list(PRESIDIO_ENTITIES))
+        if results:
+            found.update(r.entity_type for r in results)
+            text = anonymizer.anonymize(text=text, analyzer_results=results).text
+        for pattern, tag in ((EMAIL, "EMAIL_ADDRESS"), (DATE, "DATE_TIME"), (PHONE, "PHONE_NUMBER")):
+            text, n = pattern.subn(f"<{tag}>", text)
+            found[tag] += n
+    return text, found
 
 
 def suggest_policy(values: pd.Series) -> str:
@@ -184,7 +230,8 @@ def anonymize(
                 for i, text in zip(items.index, values, strict=True)
             ]
             out[column] = [text for text, _ in redacted]
-            counts[f"{column}.redactions"] = sum(n for _, n in redacted)
+            for kind, n in sum((found for _, found in redacted), Counter()).items():
+                counts[f"{column}.redacted.{kind}"] = n
         # "drop": the column is simply not carried over
 
     # Hash outputs (item ids, pseudonyms) cannot carry raw text and would only match by chance.
