@@ -56,6 +56,11 @@ def test_residual_scan_stops_a_policy_that_keeps_personal_data(snapshot, sample_
 
 
 def test_pseudonyms_are_keyed_and_deterministic():
+    from mlpipe.anonymize import pseudonyms
+
+    assert pseudonyms(pd.Series(["MRN-1", "", "MRN-2", "MRN-1"]), b"k1") == [
+        pseudonym("MRN-1", b"k1"), "", pseudonym("MRN-2", b"k1"), pseudonym("MRN-1", b"k1"),
+    ]
     assert pseudonym("MRN-1", b"k1") == pseudonym("MRN-1", b"k1")
     assert pseudonym("MRN-1", b"k1") != pseudonym("MRN-1", b"k2")
     assert pseudonym("MRN-1", b"k1") != pseudonym("MRN-2", b"k1")
@@ -168,7 +173,22 @@ def test_generalize_number_truncate_and_k_anonymity(state, tmp_path):
     }
     result = anonymize(ingest(source, IngestConfig()), AnonymizeConfig(policy=policy, k=5), source)
     out = pd.read_parquet(result.file("items.parquet"))
-    assert sorted(set(out["age"])) == ["[0.0, 40.0)", "[40.0, 60.0)"]  # the lone 88 is suppressed
+    assert sorted(set(out["age"])) == ["[0, 40)", "[40, 60)"]  # the lone 88 is suppressed
     assert set(out["zip"]) == {"902"}
     assert result.report["rows_suppressed"] == 1 and result.report["k_achieved"] == 5
     assert result.report["rows"] == 10 and result.report["quasi_identifiers"] == ["age", "zip"]
+
+
+def test_identifier_values_of_any_row_are_redacted_from_free_text():
+    from mlpipe.anonymize import identifier_index
+
+    index = identifier_index(["Ann Lee", "Bob Stone", "MRN-0012345"])
+    text, found = redact_text("Bob Stone asked about Ann Lee (MRN-0012345).", index)
+    assert text == "[REDACTED] asked about [REDACTED] ([REDACTED])." and found["IDENTIFIER"] == 3
+
+
+def test_a_typo_in_a_policy_kind_is_a_config_error():
+    from mlpipe.config import load_config
+
+    with pytest.raises(MlpipeError, match="anonymize.policy.zip.action"):
+        load_config(None, ["anonymize.policy.zip={action: trunc}"])
