@@ -19,6 +19,12 @@ from sklearn.model_selection import ParameterGrid
 from mlpipe.errors import MlpipeError
 
 
+def _at_least_one_or_auto(value: int | str) -> int | str:
+    if isinstance(value, int) and value < 1:
+        raise ValueError("must be at least 1 or 'auto'")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -44,12 +50,7 @@ class IngestConfig(_Section):
     )
     workers: int | Literal["auto"] = Field("auto", description="Decoding processes (threads for remote sources); auto: cores, at most 8.")
 
-    @field_validator("workers")
-    @classmethod
-    def _workers_positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("must be at least 1 or 'auto'")
-        return value
+    _workers_positive = field_validator("workers")(_at_least_one_or_auto)
 
 
 Action = Literal["keep", "drop", "pseudonymize", "generalize_date", "generalize_number", "truncate", "redact_text"]
@@ -174,12 +175,7 @@ class TrainConfig(_Section):
     max_restarts: int = Field(0, ge=0, le=100, description="torchrun restarts of failed workers.")
     seed: int = Field(0)
 
-    @field_validator("nproc")
-    @classmethod
-    def _positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("must be at least 1 or 'auto'")
-        return value
+    _nproc_positive = field_validator("nproc")(_at_least_one_or_auto)
 
 
 TRIAL_SECTIONS = ("resample", "train")
