@@ -128,10 +128,16 @@ class SplitConfig(_Section):
 
 
 class ResampleConfig(_Section):
-    strategy: Literal["none", "random_over", "random_under", "smote", "class_weight"] = Field(
-        "none", description="Applied to the training split only."
+    strategy: Literal[
+        "none", "random_over", "random_under", "smote", "adasyn", "class_weight", "weighted_sampler"
+    ] = Field("none", description="Applied to the training split only.")
+    sampling_strategy: Literal["auto", "minority", "not minority", "not majority", "all"] = Field(
+        "auto", description="imbalanced-learn's sampling_strategy for the samplers."
     )
-    k_neighbors: int = Field(5, ge=1, description="SMOTE neighbours (capped by the rarest class).")
+    k_neighbors: int = Field(5, ge=1, description="SMOTE/ADASYN neighbours; must be below every class's training count.")
+    max_synthetic_values: int = Field(
+        500_000_000, ge=1, description="SMOTE/ADASYN refuse training sets with more items x pixel values than this."
+    )
     seed: int = Field(0)
 
 

@@ -2,74 +2,128 @@
 
 `resample_training_set` takes training images and labels and nothing else: validation and
 test data cannot reach it. Each distinct resample config among the trials is computed once.
-Synthetic SMOTE images are flagged; class weights are computed from the training split only.
+
+SMOTE and ADASYN interpolate between neighbours in raw pixel space. That is sensible for small,
+aligned images (digits, centred scans), where a blend of two nearby examples is still a
+plausible example; for large or unaligned photos it makes ghosted images, so they are refused
+above `resample.max_synthetic_values` and random_over, class_weight or weighted_sampler are
+the better choice. Synthetic items are flagged and exist only in the training set.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
-from imblearn.over_sampling import SMOTE, RandomOverSampler
-from imblearn.under_sampling import RandomUnderSampler
-from sklearn.utils.class_weight import compute_class_weight
+import matplotlib
 
-from mlpipe.config import ResampleConfig, Trial
-from mlpipe.errors import MlpipeError
-from mlpipe.split import class_names, load_split
-from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from imblearn.over_sampling import ADASYN, SMOTE, RandomOverSampler  # noqa: E402
+from imblearn.under_sampling import RandomUnderSampler  # noqa: E402
+from sklearn.utils.class_weight import compute_class_weight  # noqa: E402
+
+from mlpipe.config import ResampleConfig, Trial  # noqa: E402
+from mlpipe.errors import MlpipeError  # noqa: E402
+from mlpipe.split import class_names, load_split  # noqa: E402
+from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json  # noqa: E402
 
 
 def resample_training_set(
-    images: np.ndarray, y: np.ndarray, config: ResampleConfig, num_classes: int
+    images: np.ndarray, y: np.ndarray, config: ResampleConfig, names: list[str]
 ) -> dict[str, np.ndarray]:
-    """images, y, synthetic (bool per item) and class_weight (per class; all ones unless asked)."""
+    """images, y, synthetic (bool per item), class_weight (per class) and sampler_weight (per
+    item; empty unless the weighted sampler is chosen)."""
+    num_classes = len(names)
     weights = np.ones(num_classes, dtype=np.float32)
     synthetic = np.zeros(len(y), dtype=bool)
+    sampler_weight = np.zeros(0, dtype=np.float64)
     if config.strategy in ("random_over", "random_under"):
         sampler_cls = RandomOverSampler if config.strategy == "random_over" else RandomUnderSampler
-        sampler = sampler_cls(random_state=config.seed)
+        sampler = sampler_cls(sampling_strategy=config.sampling_strategy, random_state=config.seed)
         # Sample row positions, not pixels: duplicates are views of real images.
         positions, _ = sampler.fit_resample(np.arange(len(y)).reshape(-1, 1), y)
         positions = positions.ravel()
         images, y, synthetic = images[positions], y[positions], synthetic[positions]
-    elif config.strategy == "smote":
-        smallest = min(Counter(y.tolist()).values())
-        if smallest < 2:
-            raise MlpipeError("resample.strategy smote needs at least 2 training items in every class")
-        sampler = SMOTE(k_neighbors=min(config.k_neighbors, smallest - 1), random_state=config.seed)
-        flat, y_new = sampler.fit_resample(images.reshape(len(y), -1).astype(np.float32), y)
-        # imblearn appends synthetic rows after the originals.
-        synthetic = np.arange(len(y_new)) >= len(y)
-        images = np.clip(np.rint(flat), 0, 255).astype(np.uint8).reshape(-1, *images.shape[1:])
-        y = y_new
+    elif config.strategy in ("smote", "adasyn"):
+        images, y, synthetic = _interpolate(images, y, config, names)
     elif config.strategy == "class_weight":
         present = np.unique(y)
         weights[present] = compute_class_weight("balanced", classes=present, y=y).astype(np.float32)
-    return {"images": images, "y": y, "synthetic": synthetic, "class_weight": weights}
+    elif config.strategy == "weighted_sampler":
+        counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+        sampler_weight = 1.0 / counts[y]  # each class drawn equally often, in expectation
+    return {"images": images, "y": y, "synthetic": synthetic, "class_weight": weights, "sampler_weight": sampler_weight}
+
+
+def _interpolate(images, y, config: ResampleConfig, names: list[str]):
+    values = images.size
+    if values > config.max_synthetic_values:
+        raise MlpipeError(
+            f"resample.strategy {config.strategy} refused: {len(y)} items x {images[0].size} pixel values exceed "
+            f"resample.max_synthetic_values ({config.max_synthetic_values}); use random_over, class_weight or weighted_sampler"
+        )
+    counts = Counter(y.tolist())
+    rarest, smallest = min(counts.items(), key=lambda kv: kv[1])
+    if smallest <= config.k_neighbors:
+        raise MlpipeError(
+            f"resample.k_neighbors={config.k_neighbors} needs more training items than class '{names[rarest]}' has "
+            f"({smallest}); lower k_neighbors or use resample.strategy: random_over"
+        )
+    flat = images.reshape(len(y), -1).astype(np.float32)
+    if config.strategy == "smote":
+        sampler = SMOTE(sampling_strategy=config.sampling_strategy, k_neighbors=config.k_neighbors, random_state=config.seed)
+    else:
+        sampler = ADASYN(sampling_strategy=config.sampling_strategy, n_neighbors=config.k_neighbors, random_state=config.seed)
+    try:
+        flat_new, y_new = sampler.fit_resample(flat, y)
+    except (ValueError, RuntimeError) as exc:  # e.g. ADASYN finding no hard minority neighbours
+        raise MlpipeError(f"resample.strategy {config.strategy} failed: {str(exc).splitlines()[0]}") from None
+    synthetic = np.arange(len(y_new)) >= len(y)  # imblearn appends synthetic rows after the originals
+    new_images = np.clip(np.rint(flat_new), 0, 255).astype(np.uint8).reshape(-1, *images.shape[1:])
+    return new_images, y_new, synthetic
 
 
 def resample(splits: StageResult, trials: list[Trial]) -> StageResult:
     """One training set per distinct `resample` config among the trials."""
     images, y = load_split(splits, "train")
-    num_classes = len(class_names(splits))
-    before = _counts(y, num_classes)
-    sets, report = {}, {"before": before, "strategies": {}}
+    names = class_names(splits)
+    before = _counts(y, len(names))
+    report = {"before": before, "classes": names, "strategies": {}}
     configs = {stable_hash(t.resample)[:12]: t.resample for t in trials}
     key = stable_hash(splits.key, sorted(configs), code_version("mlpipe.resample"))[:16]
     with stage_dir("resample", key) as out:
         for cfg_key, cfg in configs.items():
-            result = resample_training_set(images, y, cfg, num_classes)
+            result = resample_training_set(images, y, cfg, names)
             np.savez(out / f"{cfg_key}.npz", **result)
-            sets[cfg_key] = f"{cfg_key}.npz"
             report["strategies"][cfg_key] = {
                 "config": cfg.model_dump(),
-                "after": _counts(result["y"], num_classes),
+                "after": _counts(result["y"], len(names)),
                 "synthetic": int(result["synthetic"].sum()),
                 "class_weight": [round(float(w), 4) for w in result["class_weight"]],
+                "weighted_sampler": bool(len(result["sampler_weight"])),
             }
+        _chart(report, out / "class_counts.png")
         write_json(out / "report.json", report)
     return StageResult.at("resample", key, report)
+
+
+def _chart(report: dict, path) -> None:
+    """Class counts of the training split before and after each strategy."""
+    names, series = report["classes"], {"before": report["before"]}
+    for entry in report["strategies"].values():
+        series[entry["config"]["strategy"]] = entry["after"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(names) * len(series) / 2, 3.5))
+    width = 0.8 / len(series)
+    for i, (label, counts) in enumerate(series.items()):
+        ax.bar(np.arange(len(names)) + i * width, counts, width, label=label)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+    ax.set_ylabel("training items")
+    ax.set_title("Training class counts before and after resampling")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def training_set_for(resampled: StageResult, trial: Trial) -> str:

@@ -48,3 +48,26 @@ def seed_worker(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None) if info else None
     if transform is not None:
         transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class DistributedWeightedSampler(torch.utils.data.Sampler[int]):
+    """Weighted sampling with replacement for DDP: every rank draws the same epoch-seeded sample
+    of `len(weights)` indices and takes its own 1/world share, so ranks never overlap and the
+    epoch as a whole follows the weights (torch's WeightedRandomSampler knows no ranks)."""
+
+    def __init__(self, weights, num_replicas: int, rank: int, seed: int = 0):
+        self.weights = torch.as_tensor(np.asarray(weights), dtype=torch.double)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = -(-len(self.weights) // num_replicas)  # ceil: every rank the same count
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        total = self.num_samples * self.num_replicas
+        drawn = torch.multinomial(self.weights, total, replacement=True, generator=generator)
+        return iter(drawn[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mlpipe.metrics import classification_metrics
-from mlpipe.train.data import ImageArrayDataset, build_augmentation, seed_worker
+from mlpipe.train.data import DistributedWeightedSampler, ImageArrayDataset, build_augmentation, seed_worker
 from mlpipe.train.ddp import DistContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed
 from mlpipe.train.model import build_model
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
@@ -125,7 +125,10 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
         if ctx.world_size > 1 else model
 
     dataset = ImageArrayDataset(train_images, train_y, build_augmentation(cfg.augment, seed=cfg.seed + 1000 * ctx.rank))
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    if "sampler_weight" in data.files and len(data["sampler_weight"]):  # resample.strategy: weighted_sampler
+        sampler = DistributedWeightedSampler(data["sampler_weight"], ctx.world_size, ctx.rank, seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,

@@ -1,50 +1,86 @@
+import hashlib
 import inspect
 
 import numpy as np
 import pytest
 
 import mlpipe.resample as resample_module
-from mlpipe.config import PipelineConfig, ResampleConfig
+from mlpipe.config import IngestConfig, LabelConfig, PipelineConfig, ResampleConfig, SourceConfig, SplitConfig
+from mlpipe.errors import MlpipeError
 from mlpipe.resample import resample, resample_training_set
+from mlpipe.train.data import DistributedWeightedSampler
+
+NAMES = ["a", "b", "c"]
 
 
-def _data():
+def _data(sizes=(40, 10, 8)):
     rng = np.random.default_rng(0)
-    y = np.array([0] * 40 + [1] * 10 + [2] * 5)
+    y = np.repeat(np.arange(len(sizes)), sizes)
     return rng.integers(0, 255, (len(y), 4, 4, 1)).astype(np.uint8), y
 
 
-@pytest.mark.parametrize("strategy", ["random_over", "smote"])
-def test_oversampling_balances_classes(strategy):
+@pytest.mark.parametrize("strategy", ["random_over", "smote", "adasyn"])
+def test_oversampling_balances_classes_and_flags_synthetic_items(strategy):
     images, y = _data()
-    out = resample_training_set(images, y, ResampleConfig(strategy=strategy), 3)
-    assert np.bincount(out["y"]).tolist() == [40, 40, 40]
+    out = resample_training_set(images, y, ResampleConfig(strategy=strategy), NAMES)
+    counts = np.bincount(out["y"])
+    assert counts[0] == 40 and counts.min() >= 30  # ADASYN balances approximately, by design
     assert out["images"].dtype == np.uint8 and out["images"].shape[1:] == images.shape[1:]
-    if strategy == "smote":
-        assert out["synthetic"].sum() == 65 and not out["synthetic"][: len(y)].any()
-        np.testing.assert_array_equal(out["images"][: len(y)], images)
-    else:
+    if strategy == "random_over":
         assert not out["synthetic"].any()
+    else:
+        assert out["synthetic"].sum() == len(out["y"]) - len(y) and not out["synthetic"][: len(y)].any()
+        np.testing.assert_array_equal(out["images"][: len(y)], images)  # originals untouched, first
 
 
-def test_undersampling_and_class_weight():
+def test_undersampling_class_weight_and_weighted_sampler():
     images, y = _data()
-    under = resample_training_set(images, y, ResampleConfig(strategy="random_under"), 3)
-    assert np.bincount(under["y"]).tolist() == [5, 5, 5]
-    weighted = resample_training_set(images, y, ResampleConfig(strategy="class_weight"), 3)
+    under = resample_training_set(images, y, ResampleConfig(strategy="random_under"), NAMES)
+    assert np.bincount(under["y"]).tolist() == [8, 8, 8]
+    weighted = resample_training_set(images, y, ResampleConfig(strategy="class_weight"), NAMES)
     assert len(weighted["y"]) == len(y)
     assert weighted["class_weight"][2] > weighted["class_weight"][1] > weighted["class_weight"][0]
-    none = resample_training_set(images, y, ResampleConfig(strategy="none"), 3)
-    assert (none["class_weight"] == 1).all() and len(none["y"]) == len(y)
+    sampler = resample_training_set(images, y, ResampleConfig(strategy="weighted_sampler"), NAMES)
+    assert len(sampler["y"]) == len(y) and (sampler["class_weight"] == 1).all()
+    per_class = np.bincount(y, weights=sampler["sampler_weight"])
+    np.testing.assert_allclose(per_class, per_class[0])  # every class carries the same total weight
+    none = resample_training_set(images, y, ResampleConfig(strategy="none"), NAMES)
+    assert (none["class_weight"] == 1).all() and len(none["y"]) == len(y) and len(none["sampler_weight"]) == 0
+
+
+def test_smote_k_neighbors_beyond_the_rarest_class_names_it_and_suggests_random_over():
+    images, y = _data((40, 10, 4))
+    with pytest.raises(MlpipeError, match="class 'c' has \\(4\\); lower k_neighbors or use resample.strategy: random_over"):
+        resample_training_set(images, y, ResampleConfig(strategy="smote", k_neighbors=5), NAMES)
+
+
+def test_interpolation_is_refused_above_the_size_limit():
+    images, y = _data()
+    with pytest.raises(MlpipeError, match="exceed resample.max_synthetic_values"):
+        resample_training_set(images, y, ResampleConfig(strategy="smote", max_synthetic_values=100), NAMES)
+
+
+def test_distributed_weighted_sampler_shards_one_weighted_draw():
+    y = np.repeat([0, 1], [90, 10])
+    weights = 1.0 / np.bincount(y)[y]
+    ranks = [DistributedWeightedSampler(weights, 2, r, seed=3) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(1)
+    a, b = (list(s) for s in ranks)
+    assert len(a) == len(b) == 50
+    drawn = np.array(a + b)
+    assert 0.35 < (y[drawn] == 1).mean() < 0.65  # the rare class now drawn about half the time
+    ranks[0].set_epoch(2)
+    assert list(ranks[0]) != a  # a new draw each epoch
 
 
 def test_resampling_cannot_see_validation_or_test_data(monkeypatch, state):
     # The function takes the training arrays and nothing else ...
-    assert list(inspect.signature(resample_training_set).parameters) == ["images", "y", "config", "num_classes"]
+    assert list(inspect.signature(resample_training_set).parameters) == ["images", "y", "config", "names"]
     # ... and the stage reads the training split only.
     seen = []
     monkeypatch.setattr(resample_module, "load_split", lambda splits, name: seen.append(name) or _data())
-    monkeypatch.setattr(resample_module, "class_names", lambda splits: ["a", "b", "c"])
+    monkeypatch.setattr(resample_module, "class_names", lambda splits: NAMES)
 
     class FakeSplits:
         key = "k"
@@ -53,3 +89,28 @@ def test_resampling_cannot_see_validation_or_test_data(monkeypatch, state):
     result = resample(FakeSplits(), trials)
     assert seen == ["train"]
     assert len(result.report["strategies"]) == 2
+    assert result.file("class_counts.png").stat().st_size > 1000
+
+
+def test_validation_and_test_files_are_byte_identical_after_every_strategy(state, sample_root):
+    from mlpipe.anonymize import anonymize
+    from mlpipe.config import AnonymizeConfig
+    from mlpipe.ingest import ingest
+    from mlpipe.label import label
+    from mlpipe.split import split
+
+    source = SourceConfig(uri=str(sample_root))
+    splits = split(label(anonymize(ingest(source, IngestConfig()), AnonymizeConfig(), source), LabelConfig()), SplitConfig())
+
+    def digest(name):
+        return hashlib.sha256(splits.file(f"{name}.npz").read_bytes()).hexdigest()
+
+    before = {name: digest(name) for name in ("val", "test")}
+    # (ADASYN refuses the well-separated digits: no minority item has a majority neighbour.)
+    strategies = ["none", "random_over", "random_under", "smote", "class_weight", "weighted_sampler"]
+    trials = PipelineConfig().with_overrides({"search.grid": {"resample.strategy": strategies}}).trials()
+    result = resample(splits, trials)
+    assert len(result.report["strategies"]) == len(strategies)
+    assert {name: digest(name) for name in ("val", "test")} == before
+    for entry in result.report["strategies"].values():  # synthetic items exist only in training sets
+        assert entry["synthetic"] == 0 or entry["config"]["strategy"] in ("smote", "adasyn")

@@ -118,3 +118,16 @@ def test_training_is_deterministic_on_cpu(spec_factory, tmp_path):
     worker.main(["--spec", str(_write(spec, tmp_path))])
     first, second = (json.loads((tmp_path / f"t{i}" / "result.json").read_text())["history"] for i in range(2))
     assert first == second
+
+
+def test_worker_uses_the_weighted_sampler_when_resample_asks(spec_factory, tmp_path, monkeypatch):
+    spec = spec_factory([TrainConfig(**{**FAST, "epochs": 2})])
+    data = dict(np.load(spec.trials[0].train_set))
+    data["sampler_weight"] = np.where(data["y"] == 0, 1.0, 5.0)
+    np.savez(spec.trials[0].train_set, **data)
+    built = []
+    original = worker.DistributedWeightedSampler
+    monkeypatch.setattr(worker, "DistributedWeightedSampler", lambda *a, **k: built.append(a) or original(*a, **k))
+    worker.main(["--spec", str(_write(spec, tmp_path))])
+    assert len(built) == 1 and list(built[0][0]) == list(data["sampler_weight"])
+    assert json.loads((tmp_path / "t0" / "result.json").read_text())["epochs_run"] == 2
