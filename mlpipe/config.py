@@ -121,10 +121,21 @@ class LabelConfig(_Section):
 
 
 class SplitConfig(_Section):
+    train_fraction: float = Field(0.7, gt=0, lt=1, description="Share of items for training.")
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of items for validation.")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of items for the test set.")
     group_column: str | None = Field("subject_id", description="Items sharing this (pseudonymized) value stay in one split.")
+    tolerance: float = Field(
+        0.1, gt=0, le=1, description="Largest allowed gap in any class's share between two splits (L-infinity)."
+    )
     seed: int = Field(0, description="Seed of the split; the same seed gives the same split.")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train_fraction + self.val_fraction + self.test_fraction
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1 (train + val + test = {total:g})")
+        return self
 
 
 class ResampleConfig(_Section):

@@ -26,7 +26,10 @@ SPLITS = ("train", "val", "test")
 
 def _holdout(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(rest, held-out) positions: one fold of round(1/fraction) stratified group folds."""
-    folds = StratifiedGroupKFold(n_splits=max(2, round(1 / fraction)), shuffle=True, random_state=seed)
+    # scikit-learn refuses more folds than the largest class has items; tiny data gets fewer,
+    # larger folds (a held-out share above `fraction`) instead of a crash.
+    n_splits = max(2, min(round(1 / fraction), int(np.bincount(y).max())))
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return next(folds.split(np.zeros(len(y)), y, groups))
 
 
@@ -91,6 +94,12 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
 
     items["split"] = assign_splits(items[TARGET].to_numpy(), items["group"].to_numpy(), config)
     check_split(items, "group")
+    gap = proportion_gap(items)
+    if gap > config.tolerance:
+        raise MlpipeError(
+            f"class proportions differ by {gap:.3f} between splits (split.tolerance is {config.tolerance}); "
+            f"too few groups per class to stratify this closely"
+        )
 
     table = items[[ITEM_ID, group_col, "group", LABEL, TARGET, PIXEL_INDEX, "split"]].sort_values(ITEM_ID)
     report = {
@@ -101,17 +110,46 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
             for name in SPLITS
         },
         "group_column": group_col,
+        "proportion_gap_linf": round(gap, 4),
         "seed": config.seed,
     }
     key = stable_hash(labelled.key, config, code_version("mlpipe.split"))[:16]
     with stage_dir("split", key) as out:
         table.to_csv(out / "assignments.csv", index=False)
+        table[[ITEM_ID, "split", LABEL]].reset_index(drop=True).to_parquet(out / "manifest.parquet", index=False)
+        _chart(report, out / "class_counts.png")
         for name in SPLITS:
             part = table[table["split"] == name]
             np.savez(out / f"{name}.npz", pixel_index=part[PIXEL_INDEX].to_numpy(), y=part[TARGET].to_numpy())
         (out / "label_map.json").write_text(labelled.file("label_map.json").read_text())
         write_json(out / "report.json", report)
     return StageResult.at("split", key, report, pixels=labelled.file("pixels"))
+
+
+def proportion_gap(items: pd.DataFrame) -> float:
+    """L-infinity distance between the splits' class proportions (0: identical class mixes)."""
+    shares = pd.crosstab(items["split"], items[LABEL], normalize="index")
+    return float((shares.max(axis=0) - shares.min(axis=0)).max())
+
+
+def _chart(report: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = sorted({c for counts in report["class_counts"].values() for c in counts})
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(classes), 3.5))
+    for i, name in enumerate(SPLITS):
+        counts = report["class_counts"][name]
+        ax.bar(np.arange(len(classes)) + i * 0.27, [counts.get(c, 0) for c in classes], 0.27, label=name)
+    ax.set_xticks(np.arange(len(classes)) + 0.27, classes)
+    ax.set_ylabel("items")
+    ax.set_title(f"Class counts per split (L-inf gap {report['proportion_gap_linf']:.3f})")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same split, same bytes
+    plt.close(fig)
 
 
 def load_split(splits: StageResult, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -11,4 +11,4 @@ from tasks._publish import publish
 @task(name="split", cache_policy=NO_CACHE)
 def split(labelled: StageResult, config: SplitConfig, run: RunRef) -> StageResult:
     """Stratified train/val/test, grouped by the pseudonymized subject."""
-    return publish(run, split_stratified_grouped(labelled, config), files=("assignments.csv",))
+    return publish(run, split_stratified_grouped(labelled, config), files=("manifest.parquet", "class_counts.png"))

@@ -1,6 +1,8 @@
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlpipe.anonymize import anonymize
 from mlpipe.config import AnonymizeConfig, IngestConfig, LabelConfig, SourceConfig, SplitConfig
@@ -47,3 +49,58 @@ def test_class_too_small_to_stratify_is_a_one_line_error(state, tmp_path):
     labelled = label(data, LabelConfig(columns=["label"]))
     with pytest.raises(MlpipeError, match="too few items to stratify: class '2' \\(2 group\\(s\\)\\)"):
         split(labelled, SplitConfig(group_column="subject"))
+
+
+def test_manifest_is_byte_identical_for_the_same_seed_and_has_a_chart(labelled):
+    from mlpipe.store import state_dir
+
+    first = split(labelled, SplitConfig(seed=5))
+    manifest = first.file("manifest.parquet").read_bytes()
+    chart = first.file("class_counts.png").read_bytes()
+    import shutil
+
+    shutil.rmtree(state_dir() / "work" / "split")  # recompute from scratch, not from the same folder
+    again = split(labelled, SplitConfig(seed=5))
+    assert again.file("manifest.parquet").read_bytes() == manifest
+    assert again.file("class_counts.png").read_bytes() == chart
+    assert list(pd.read_parquet(again.file("manifest.parquet")).columns) == ["item_id", "split", "label"]
+    assert again.report["proportion_gap_linf"] < 0.1
+
+
+def test_class_proportions_beyond_tolerance_fail_the_run(labelled):
+    with pytest.raises(MlpipeError, match="class proportions differ by 0.0\\d+ between splits \\(split.tolerance is 0.001\\)"):
+        split(labelled, SplitConfig(tolerance=0.001))
+
+
+def test_fractions_must_sum_to_one():
+    from mlpipe.config import load_config
+
+    with pytest.raises(MlpipeError, match="split fractions must sum to 1 \\(train \\+ val \\+ test = 1.1\\)"):
+        load_config(None, ["split.train_fraction=0.8"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    classes=st.integers(min_value=2, max_value=5),
+    groups_per_class=st.integers(min_value=6, max_value=20),
+    items_per_group=st.integers(min_value=1, max_value=4),
+    mixed=st.booleans(),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_split_invariants_hold_across_random_class_and_group_mixes(classes, groups_per_class, items_per_group, mixed, seed):
+    from mlpipe.split import assign_splits
+
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(classes * groups_per_class), items_per_group)
+    y = groups % classes
+    if mixed:  # some groups hold items of another class too
+        flip = rng.random(len(y)) < 0.1
+        y = np.where(flip, rng.integers(0, classes, len(y)), y)
+    config = SplitConfig(seed=seed)
+    assigned = assign_splits(y, groups, config)
+    assert set(assigned) <= {"train", "val", "test"} and len(assigned) == len(y)
+    frame = pd.DataFrame({"group": groups, "split": assigned})
+    assert frame.groupby("group")["split"].nunique().max() == 1  # no group spans two splits
+    assert (assign_splits(y, groups, config) == assigned).all()  # deterministic per seed
+    for name in ("train", "val", "test"):
+        assert (assigned == name).any()
