@@ -7,8 +7,11 @@ every later stage reads it, so indices cannot drift between training and evaluat
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mlpipe.anonymize import ITEM_ID, NEAR_DUP_GROUP
@@ -62,6 +65,53 @@ def duplicate_conflicts(items: pd.DataFrame, labels: pd.Series, dataset: StageRe
     return items[ITEM_ID].isin(bad)
 
 
+def agreement(votes: pd.DataFrame, classes: list[str]) -> dict:
+    """Krippendorff's alpha (nominal; missing votes allowed) overall and per class (that class
+    against the rest), from the krippendorff package."""
+    import krippendorff
+
+    codes = {name: i for i, name in enumerate(classes)}
+    data = votes.apply(lambda col: col.map(codes)).to_numpy(dtype=float).T  # raters x items, NaN = no vote
+
+    def alpha(matrix: np.ndarray) -> float | None:
+        values = matrix[~np.isnan(matrix)]
+        if len(np.unique(values)) < 2:
+            return None  # alpha is undefined when every vote is the same
+        return round(float(krippendorff.alpha(reliability_data=matrix, level_of_measurement="nominal")), 4)
+
+    per_class = {name: alpha(np.where(np.isnan(data), np.nan, (data == i).astype(float))) for name, i in codes.items()}
+    return {"krippendorff_alpha": alpha(data), "krippendorff_alpha_per_class": per_class}
+
+
+def label_studio_tasks(review: pd.DataFrame) -> list[dict]:
+    """The review queue as a Label Studio import file: anonymized image references only."""
+    return [
+        {"data": {"image": f"images/{item_id}.png", "item_id": item_id}, "meta": {"reason": reason}}
+        for item_id, reason in zip(review[ITEM_ID], review["reason"], strict=True)
+    ]
+
+
+def read_label_studio(path) -> pd.DataFrame:
+    """Labels from a Label Studio export, JSON or JSON-MIN: a table of (item_id, label).
+
+    JSON: each task's last annotation's first choice. JSON-MIN: the flat record's choice field.
+    """
+    tasks = json.loads(Path(path).read_text(encoding="utf-8"))
+    rows = []
+    for task in tasks:
+        if "annotations" in task:  # full JSON export
+            item = task["data"]["item_id"]
+            results = [r for a in task["annotations"] if not a.get("was_cancelled") for r in a.get("result", [])]
+            choices = [c for r in results for c in r.get("value", {}).get("choices", [])]
+            rows.append((item, choices[-1] if choices else ""))
+        else:  # JSON-MIN: the data fields plus one field per control, named after it
+            choice = next((v for k, v in task.items() if k not in ("image", "item_id", "id", "annotator",
+                                                                   "annotation_id", "created_at", "updated_at",
+                                                                   "lead_time")), "")  # fmt: skip
+            rows.append((task["item_id"], choice if isinstance(choice, str) else (choice or [""])[0]))
+    return pd.DataFrame(rows, columns=[ITEM_ID, LABEL])
+
+
 def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     items = pd.read_parquet(dataset.file("items.parquet"))
     missing = [c for c in config.columns if c not in items.columns]
@@ -103,6 +153,7 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
         "review_queue": dict(Counter(review["reason"])),
         "class_counts": {name: int((labelled[LABEL] == name).sum()) for name in class_names},
         "unanimous_fraction": round(float(unanimous.mean()), 4) if multi else None,
+        **(agreement(votes, class_names) if multi else {}),
         "disagreement_fraction": round(float(1 - unanimous[votes.ne("").any(axis=1)].mean()), 4) if multi else None,
         "num_classes": len(class_names),
     }
@@ -110,6 +161,7 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     with stage_dir("label", key) as out:
         labelled.to_parquet(out / "items.parquet", index=False)
         review.to_csv(out / "review_queue.csv", index=False)
+        write_json(out / "review_tasks.json", label_studio_tasks(review))
         write_json(out / "label_map.json", class_map)
         write_json(out / "report.json", report)
     return StageResult.at("label", key, report, pixels=dataset.file("pixels"))

@@ -11,4 +11,4 @@ from tasks._publish import publish
 @task(name="label", cache_policy=NO_CACHE)
 def label(dataset: StageResult, config: LabelConfig, run: RunRef) -> StageResult:
     """Majority vote over annotators; ties and unlabelled items go to the review queue."""
-    return publish(run, label_items(dataset, config), files=("label_map.json", "review_queue.csv"))
+    return publish(run, label_items(dataset, config), files=("label_map.json", "review_queue.csv", "review_tasks.json"))

@@ -79,3 +79,40 @@ def test_exact_duplicates_labelled_differently_go_to_review(state, tmp_path):
     result = label(data, LabelConfig(columns=["grade"]))
     assert result.report["review_queue"] == {"duplicate label conflict": 1}
     assert result.report["labelled"] == 2
+
+
+def test_agreement_is_krippendorffs_alpha_overall_and_per_class(dataset):
+    result = label(dataset, LabelConfig())
+    alpha = result.report["krippendorff_alpha"]
+    assert 0.8 < alpha < 1.0  # ~10% of items with a dissent among 10 classes
+    per_class = result.report["krippendorff_alpha_per_class"]
+    assert set(per_class) == {str(d) for d in range(10)} and all(0.5 < v <= 1.0 for v in per_class.values())
+
+
+def test_agreement_known_answers():
+    from mlpipe.label import agreement
+
+    perfect = pd.DataFrame({"a": ["x", "y", "x", "y"], "b": ["x", "y", "x", "y"]})
+    assert agreement(perfect, ["x", "y"])["krippendorff_alpha"] == 1.0
+    opposed = pd.DataFrame({"a": ["x", "y", "x", "y"], "b": ["y", "x", "y", "x"]})
+    assert agreement(opposed, ["x", "y"])["krippendorff_alpha"] < 0
+
+
+def test_label_studio_round_trip(dataset, tmp_path):
+    from mlpipe.label import read_label_studio
+
+    result = label(dataset, LabelConfig())
+    tasks = json.loads(result.file("review_tasks.json").read_text())
+    review = pd.read_csv(result.file("review_queue.csv"))
+    assert [t["data"]["item_id"] for t in tasks] == review["item_id"].tolist()
+    assert all(t["data"]["image"] == f"images/{t['data']['item_id']}.png" for t in tasks)  # anonymized only
+    # An annotator labels the queue in Label Studio, which exports JSON and JSON-MIN:
+    exported = [{**t, "id": i, "annotations": [{"result": [{"type": "choices", "value": {"choices": [str(i % 10)]}}]}]}
+                for i, t in enumerate(tasks)]  # fmt: skip
+    (tmp_path / "export.json").write_text(json.dumps(exported))
+    minimal = [{**t["data"], "id": i, "choice": str(i % 10)} for i, t in enumerate(tasks)]
+    (tmp_path / "export-min.json").write_text(json.dumps(minimal))
+    for name in ("export.json", "export-min.json"):
+        back = read_label_studio(tmp_path / name)
+        assert back["item_id"].tolist() == review["item_id"].tolist()
+        assert back["label"].tolist() == [str(i % 10) for i in range(len(tasks))]
