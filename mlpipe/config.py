@@ -118,6 +118,12 @@ class LabelConfig(_Section):
         description="Annotator columns combined by majority vote; a single column is a plain label column.",
     )
     classes: list[str] | None = Field(None, description="Allowed labels; any other label stops the run. Empty: open set.")
+    synonyms: dict[str, str] = Field(
+        default_factory=dict, description="Label spellings to map, e.g. {kitty: cat}; case and spaces are folded first."
+    )
+    min_agreement: float = Field(
+        0.5, ge=0, le=1, description="Items whose winning label has a smaller share of the votes go to review."
+    )
 
 
 class SplitConfig(_Section):

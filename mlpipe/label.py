@@ -22,18 +22,23 @@ from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, writ
 LABEL, TARGET = "label", "y"
 
 
-def normalize(value: str) -> str:
-    return " ".join(str(value).split())
+def normalize(value: str, synonyms: dict[str, str] | None = None) -> str:
+    """Case and whitespace folded, then mapped through the synonyms (keys folded the same way)."""
+    folded = " ".join(str(value).split()).casefold()
+    return (synonyms or {}).get(folded, folded)
 
 
-def majority_vote(votes: list[str]) -> tuple[str | None, str | None]:
-    """(label, None) or (None, reason) with reason 'unlabelled' or 'tie'."""
+def majority_vote(votes: list[str], min_agreement: float = 0.0) -> tuple[str | None, str | None]:
+    """(label, None) or (None, reason) with reason 'unlabelled', 'tie' or 'low agreement' (the
+    winner's share of the votes cast is below `min_agreement`)."""
     counts = Counter(v for v in votes if v)
     if not counts:
         return None, "unlabelled"
     ranked = counts.most_common()
     if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
         return None, "tie"
+    if ranked[0][1] / sum(counts.values()) < min_agreement:
+        return None, "low agreement"
     return ranked[0][0], None
 
 
@@ -118,19 +123,21 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     if missing:
         raise MlpipeError(f"label column(s) not found after anonymization: {', '.join(missing)} (label.columns)")
 
-    votes = items[config.columns].astype(str).map(normalize)
-    decided = [majority_vote(list(row)) for row in votes.itertuples(index=False)]
+    synonyms = {normalize(k): normalize(v) for k, v in config.synonyms.items()}
+    votes = items[config.columns].astype(str).map(lambda v: normalize(v, synonyms))
+    decided = [majority_vote(list(row), config.min_agreement) for row in votes.itertuples(index=False)]
     labels = pd.Series([lab for lab, _ in decided], index=items.index, dtype=object)
     review_reason = pd.Series([why for _, why in decided], index=items.index, dtype=object)
 
     found = sorted(set(labels.dropna()))
-    if config.classes is not None:
-        unknown = sorted(set(found) - set(config.classes))
+    allowed = None if config.classes is None else [normalize(c, synonyms) for c in config.classes]
+    if allowed is not None:
+        unknown = sorted(set(found) - set(allowed))
         if unknown:
             raise MlpipeError(f"unknown label(s) not in label.classes: {', '.join(unknown)}")
     if not found:
         raise MlpipeError("no item has a label: every item is unlabelled or tied")
-    class_names = list(config.classes) if config.classes is not None else found
+    class_names = list(dict.fromkeys(allowed)) if allowed is not None else found
     class_map = {name: index for index, name in enumerate(class_names)}
 
     conflicts = near_duplicate_conflicts(items, labels)

@@ -116,3 +116,20 @@ def test_label_studio_round_trip(dataset, tmp_path):
         back = read_label_studio(tmp_path / name)
         assert back["item_id"].tolist() == review["item_id"].tolist()
         assert back["label"].tolist() == [str(i % 10) for i in range(len(tasks))]
+
+
+def test_case_whitespace_and_synonyms_are_normalized():
+    from mlpipe.label import normalize
+
+    synonyms = {normalize("Kitty"): "cat"}
+    assert [normalize(v, synonyms) for v in ["Cat", "  cat ", "KITTY", "Dog  Breed"]] == ["cat", "cat", "cat", "dog breed"]
+    assert majority_vote([normalize(v, synonyms) for v in ["Cat", " cat", "kitty"]]) == ("cat", None)
+    assert majority_vote(["a", "a", "b"], min_agreement=0.9) == (None, "low agreement")
+
+
+def test_min_agreement_sends_weak_majorities_to_review(dataset):
+    strict = label(dataset, LabelConfig(min_agreement=0.9))
+    default = label(dataset, LabelConfig())
+    assert strict.report["review_queue"].get("low agreement", 0) > 50  # the 2-of-3 items
+    assert "low agreement" not in default.report["review_queue"]
+    assert strict.report["labelled"] + sum(strict.report["review_queue"].values()) == strict.report["items"]
