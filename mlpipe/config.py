@@ -124,6 +124,16 @@ class LabelConfig(_Section):
     min_agreement: float = Field(
         0.5, ge=0, le=1, description="Items whose winning label has a smaller share of the votes go to review."
     )
+    tie_policy: Literal["review", "drop", "prefer"] = Field(
+        "review", description="Tied votes: to the review queue, dropped (counted), or the preferred annotator's vote."
+    )
+    prefer_annotator: str | None = Field(None, description="With tie_policy prefer: the label column that breaks ties.")
+
+    @model_validator(mode="after")
+    def _preferred_annotator_is_a_column(self) -> LabelConfig:
+        if self.tie_policy == "prefer" and self.prefer_annotator not in self.columns:
+            raise ValueError("tie_policy prefer needs prefer_annotator set to one of label.columns")
+        return self
 
 
 class SplitConfig(_Section):

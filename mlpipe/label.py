@@ -117,6 +117,24 @@ def read_label_studio(path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[ITEM_ID, LABEL])
 
 
+def apply_tie_policy(votes: pd.DataFrame, labels: pd.Series, reasons: pd.Series, config: LabelConfig):
+    """(labels, reasons, dropped mask) after the configured tie policy. "review" leaves ties in the
+    queue; "drop" removes them from training and queue alike (counted in the report); "prefer"
+    takes the preferred annotator's vote when it is one of the tied labels, else reviews."""
+    tied = reasons.eq("tie")
+    dropped = pd.Series(False, index=labels.index)
+    if config.tie_policy == "drop":
+        dropped = tied
+    elif config.tie_policy == "prefer":
+        for i in labels.index[tied]:
+            counts = Counter(v for v in votes.loc[i] if v)
+            top = {label for label, n in counts.items() if n == max(counts.values())}
+            choice = votes.at[i, config.prefer_annotator]
+            if choice in top:
+                labels[i], reasons[i] = choice, None
+    return labels, reasons, dropped
+
+
 def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     items = pd.read_parquet(dataset.file("items.parquet"))
     missing = [c for c in config.columns if c not in items.columns]
@@ -128,6 +146,7 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     decided = [majority_vote(list(row), config.min_agreement) for row in votes.itertuples(index=False)]
     labels = pd.Series([lab for lab, _ in decided], index=items.index, dtype=object)
     review_reason = pd.Series([why for _, why in decided], index=items.index, dtype=object)
+    labels, review_reason, dropped = apply_tie_policy(votes, labels, review_reason, config)
 
     found = sorted(set(labels.dropna()))
     allowed = None if config.classes is None else [normalize(c, synonyms) for c in config.classes]
@@ -150,7 +169,8 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     labelled = items[labels.notna()].copy()
     labelled[LABEL] = labels[labels.notna()]
     labelled[TARGET] = labelled[LABEL].map(class_map).astype(int)
-    review = pd.DataFrame({ITEM_ID: items.loc[labels.isna(), ITEM_ID], "reason": review_reason[labels.isna()]})
+    queued = labels.isna() & ~dropped
+    review = pd.DataFrame({ITEM_ID: items.loc[queued, ITEM_ID], "reason": review_reason[queued]})
 
     multi = len(config.columns) > 1
     unanimous = votes.nunique(axis=1).eq(1) & votes.ne("").all(axis=1)
@@ -158,6 +178,7 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
         "items": len(items),
         "labelled": len(labelled),
         "review_queue": dict(Counter(review["reason"])),
+        "dropped_ties": int(dropped.sum()),
         "class_counts": {name: int((labelled[LABEL] == name).sum()) for name in class_names},
         "unanimous_fraction": round(float(unanimous.mean()), 4) if multi else None,
         **(agreement(votes, class_names) if multi else {}),

@@ -133,3 +133,26 @@ def test_min_agreement_sends_weak_majorities_to_review(dataset):
     assert strict.report["review_queue"].get("low agreement", 0) > 50  # the 2-of-3 items
     assert "low agreement" not in default.report["review_queue"]
     assert strict.report["labelled"] + sum(strict.report["review_queue"].values()) == strict.report["items"]
+
+
+@pytest.mark.parametrize("policy", ["review", "drop", "prefer"])
+def test_tie_policies(dataset, policy):
+    config = LabelConfig(tie_policy=policy, prefer_annotator="annotator_2" if policy == "prefer" else None)
+    result = label(dataset, config)
+    r = result.report
+    assert r["labelled"] + sum(r["review_queue"].values()) + r["dropped_ties"] == r["items"]  # nothing lost
+    baseline = label(dataset, LabelConfig()).report
+    ties = baseline["review_queue"]["tie"]
+    if policy == "review":
+        assert r["review_queue"]["tie"] == ties and r["dropped_ties"] == 0
+    elif policy == "drop":
+        assert "tie" not in r["review_queue"] and r["dropped_ties"] == ties
+    else:  # the sample's ties are 3-way splits with one vote each: the preferred vote always wins
+        assert "tie" not in r["review_queue"] and r["labelled"] == baseline["labelled"] + ties
+
+
+def test_prefer_needs_an_annotator_column():
+    from mlpipe.config import load_config
+
+    with pytest.raises(MlpipeError, match="tie_policy prefer needs prefer_annotator"):
+        load_config(None, ["label.tie_policy=prefer"])
