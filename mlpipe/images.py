@@ -41,15 +41,8 @@ class Summary(NamedTuple):
 
 
 def decode(data: bytes, image_size: int, channels: int, max_pixels: int) -> Decoded:
-    """Decode one file's bytes. Pillow's decompression-bomb warnings count as errors here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return _decode(data, image_size, channels, max_pixels)
-
-
-def _decode(data: bytes, image_size: int, channels: int, max_pixels: int) -> Decoded:
-    """`decode` without the warnings guard, for loops that set it once (it costs as much as a
-    small PNG's hash)."""
+    """Decode one file's bytes. Callers turn Pillow's DecompressionBombWarning into an error
+    around their loop (`decode_into` does): set per image, it costs as much as a small PNG's hash."""
     if not data:
         raise Quarantined("empty file")
     try:
@@ -108,7 +101,7 @@ def decode_into(pixels_path: str, rows: list[tuple[int, object]], image_size: in
                         data = f.read()
                 else:
                     data = read(item)
-                decoded = _decode(data, image_size, channels, max_pixels)
+                decoded = decode(data, image_size, channels, max_pixels)
             except Quarantined as why:
                 results.append((row, why))
                 continue

@@ -130,10 +130,12 @@ def open_source(source: SourceConfig) -> Source:
     return Source(fs, root, source.uri)
 
 
-def read_manifest(src: Source, source: SourceConfig) -> pd.DataFrame:
-    """The manifest as text columns (CSV, Parquet or JSONL), or an ImageFolder listing."""
+def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]:
+    """(the manifest as text columns, sha256 of what was read): CSV, Parquet or JSONL, or an
+    ImageFolder listing. The file is read once; the digest is of those same bytes."""
     if source.layout == "imagefolder":
-        return _imagefolder_listing(src, source)
+        listing = _imagefolder_listing(src, source)
+        return listing, hashlib.sha256(listing.to_csv(index=False).encode()).hexdigest()
     path = posixpath.join(src.root, source.manifest)
     if not src.fs.isfile(path):
         raise MlpipeError(f"manifest not found: {source.manifest} in the source directory")
@@ -157,7 +159,7 @@ def read_manifest(src: Source, source: SourceConfig) -> pd.DataFrame:
     reserved = {ROW, SHA, PIXEL_INDEX, NEAR_DUP} & set(frame.columns)
     if reserved:
         raise MlpipeError(f"manifest uses reserved column name(s): {', '.join(sorted(reserved))}")
-    return frame.reset_index(drop=True)
+    return frame.reset_index(drop=True), hashlib.sha256(data).hexdigest()
 
 
 def _imagefolder_listing(src: Source, source: SourceConfig) -> pd.DataFrame:
@@ -169,12 +171,6 @@ def _imagefolder_listing(src: Source, source: SourceConfig) -> pd.DataFrame:
         if posixpath.splitext(rel)[1].lower() in IMAGE_SUFFIXES:
             rows.append({source.image_column: rel, IMAGEFOLDER_LABEL: rel.split("/")[0] if "/" in rel else ""})
     return pd.DataFrame(rows, columns=[source.image_column, IMAGEFOLDER_LABEL])
-
-
-def manifest_digest(src: Source, source: SourceConfig, frame: pd.DataFrame) -> str:
-    if source.layout == "imagefolder":
-        return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
-    return hashlib.sha256(src.fs.cat_file(posixpath.join(src.root, source.manifest))).hexdigest()
 
 
 def validate_manifest(frame: pd.DataFrame, source: SourceConfig) -> tuple[dict[int, str], list[dict]]:
@@ -206,8 +202,7 @@ def validate_manifest(frame: pd.DataFrame, source: SourceConfig) -> tuple[dict[i
 
 def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
     src = open_source(source)
-    frame = read_manifest(src, source)
-    digest = manifest_digest(src, source, frame)
+    frame, digest = read_manifest(src, source)
     invalid, validation = validate_manifest(frame, source)
 
     # Check paths first (cheap), then look for an earlier snapshot of the very same files.
@@ -391,8 +386,8 @@ def snapshot_rows(snapshot: StageResult, source: SourceConfig) -> tuple[pd.DataF
     read again from the unchanged source. The snapshot holds no copy of the manifest's personal data.
     """
     src = open_source(source)
-    frame = read_manifest(src, source)
-    if manifest_digest(src, source, frame) != snapshot.report["manifest_sha256"]:
+    frame, digest = read_manifest(src, source)
+    if digest != snapshot.report["manifest_sha256"]:
         raise MlpipeError("the manifest changed since ingest; rerun the pipeline from ingest")
     kept = pd.read_parquet(snapshot.file("items.parquet"))
     rows = pd.concat([frame.iloc[kept[ROW]].reset_index(drop=True), kept], axis=1)
