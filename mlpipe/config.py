@@ -128,6 +128,22 @@ class LabelConfig(_Section):
         "review", description="Tied votes: to the review queue, dropped (counted), or the preferred annotator's vote."
     )
     prefer_annotator: str | None = Field(None, description="With tie_policy prefer: the label column that breaks ties.")
+    consensus: Literal["majority", "dawid_skene"] = Field(
+        "majority",
+        description="How annotator votes become one label: majority vote, or Dawid-Skene EM (weighs each annotator "
+        "by an estimated confusion matrix; min_agreement then applies to the posterior probability).",
+    )
+    reviewed: str | None = Field(
+        None,
+        description="A Label Studio export (JSON or JSON-MIN) of the review queue; its labels replace the votes "
+        "for the items it covers.",
+    )
+    find_label_issues: bool = Field(
+        True,
+        description="Flag likely label errors with cleanlab (out-of-fold probabilities of a cheap model on "
+        "thumbnails) and send them to review.",
+    )
+    issue_folds: int = Field(5, ge=2, le=20, description="Cross-validation folds for the label-error model.")
 
     @model_validator(mode="after")
     def _preferred_annotator_is_a_column(self) -> LabelConfig:

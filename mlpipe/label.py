@@ -7,6 +7,7 @@ every later stage reads it, so indices cannot drift between training and evaluat
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -17,6 +18,7 @@ import pandas as pd
 from mlpipe.anonymize import ITEM_ID, NEAR_DUP_GROUP
 from mlpipe.config import LabelConfig
 from mlpipe.errors import MlpipeError
+from mlpipe.ingest import PIXEL_INDEX
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json
 
 LABEL, TARGET = "label", "y"
@@ -40,6 +42,56 @@ def majority_vote(votes: list[str], min_agreement: float = 0.0) -> tuple[str | N
     if ranked[0][1] / sum(counts.values()) < min_agreement:
         return None, "low agreement"
     return ranked[0][0], None
+
+
+def dawid_skene(votes: np.ndarray, num_classes: int, max_iter: int = 100, tol: float = 1e-5) -> np.ndarray:
+    """Posterior class probabilities per item (items x classes) from annotator votes (items x
+    annotators, class codes, -1 = no vote) by Dawid and Skene's EM (1979): each annotator gets a
+    confusion matrix, so a reliable annotator outweighs a careless one and majority ties resolve.
+
+    Follows crowd-kit's DawidSkene step for step (majority-vote start, error rows clipped at 1e-10,
+    stop when the evidence lower bound per vote gains less than `tol`); a test holds it to
+    crowd-kit's answers. Items without a vote get a uniform row.
+    """
+    eps = 1e-10
+    n_items, n_annotators = votes.shape
+    voted = votes >= 0
+    onehot = np.zeros((n_items, n_annotators, num_classes))  # onehot[i, a, l]: annotator a said l on item i
+    onehot[voted] = np.eye(num_classes)[votes[voted]]
+    counts = onehot.sum(axis=1)
+    n_votes = counts.sum(axis=1, keepdims=True)
+    probas = np.divide(counts, n_votes, out=np.full_like(counts, 1 / num_classes), where=n_votes > 0)
+    has_vote = n_votes[:, 0] > 0
+
+    def m_step(probas):
+        errors = np.einsum("ial,ik->alk", onehot, probas)  # [annotator, observed, true]
+        observed = onehot.any(axis=0)  # labels each annotator used at all
+        errors = np.where(observed[:, :, None], np.clip(errors, eps, None), 0.0)
+        return errors / errors.sum(axis=1, keepdims=True)
+
+    priors, errors = probas[has_vote].mean(axis=0), m_step(probas)
+    loss = -np.inf
+    for _ in range(max_iter):
+        with np.errstate(divide="ignore"):
+            log_errors = np.log(errors)
+        log_errors = np.where(np.isfinite(log_errors), log_errors, 0.0)  # only observed labels are ever read
+        log_priors = np.log(np.clip(priors, eps, None))
+        log_lik = log_priors + np.einsum("ial,alk->ik", onehot, log_errors)
+        probas = np.exp(log_lik - log_lik.max(axis=1, keepdims=True))
+        probas /= probas.sum(axis=1, keepdims=True)
+        probas[~has_vote] = 1 / num_classes
+        priors, errors = probas[has_vote].mean(axis=0), m_step(probas)
+        with np.errstate(divide="ignore"):
+            log_errors = np.where(errors > 0, np.log(np.where(errors > 0, errors, 1)), 0.0)
+        expectation = (n_votes[has_vote] * probas[has_vote] * np.log(np.clip(priors, eps, None))).sum() + np.einsum(
+            "ial,alk,ik->", onehot, log_errors, probas
+        )
+        clipped = np.clip(probas[has_vote], eps, None)
+        new_loss = (expectation - (clipped * np.log(clipped)).sum()) / max(int(voted.sum()), 1)
+        if new_loss - loss < tol:
+            break
+        loss = new_loss
+    return probas
 
 
 def near_duplicate_conflicts(items: pd.DataFrame, labels: pd.Series) -> pd.Series:
@@ -117,22 +169,103 @@ def read_label_studio(path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[ITEM_ID, LABEL])
 
 
-def apply_tie_policy(votes: pd.DataFrame, labels: pd.Series, reasons: pd.Series, config: LabelConfig):
+def consensus(votes: pd.DataFrame, config: LabelConfig) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(labels, review reasons, tied label sets) per item, by majority vote or Dawid-Skene."""
+    if config.consensus == "majority":
+        decided = [majority_vote(list(row), config.min_agreement) for row in votes.itertuples(index=False)]
+        labels = pd.Series([lab for lab, _ in decided], index=votes.index, dtype=object)
+        reasons = pd.Series([why for _, why in decided], index=votes.index, dtype=object)
+        tied = pd.Series([_top(Counter(v for v in row if v)) for row in votes.itertuples(index=False)], index=votes.index)
+        return labels, reasons, tied
+    names = sorted({v for v in votes.to_numpy().ravel() if v})
+    codes = votes.apply(lambda col: col.map({n: i for i, n in enumerate(names)})).fillna(-1).to_numpy(dtype=int)
+    probas = dawid_skene(codes, max(len(names), 1))
+    voted = (codes >= 0).any(axis=1)
+    best = probas.max(axis=1)
+    tied_sets = [{names[k] for k in np.flatnonzero(p >= b - 1e-9)} for p, b in zip(probas, best, strict=True)]
+    labels = pd.Series([names[k] if v else None for k, v in zip(probas.argmax(axis=1), voted, strict=True)],
+                       index=votes.index, dtype=object)  # fmt: skip
+    reasons = pd.Series(None, index=votes.index, dtype=object)
+    reasons[best < config.min_agreement] = "low agreement"
+    reasons[[len(t) > 1 for t in tied_sets]] = "tie"
+    reasons[~voted] = "unlabelled"
+    labels[reasons.notna()] = None
+    return labels, reasons, pd.Series(tied_sets, index=votes.index)
+
+
+def _top(counts: Counter) -> set[str]:
+    return {label for label, n in counts.items() if n == max(counts.values())}
+
+
+def apply_tie_policy(votes: pd.DataFrame, labels: pd.Series, reasons: pd.Series, tied: pd.Series, config: LabelConfig):
     """(labels, reasons, dropped mask) after the configured tie policy. "review" leaves ties in the
     queue; "drop" removes them from training and queue alike (counted in the report); "prefer"
     takes the preferred annotator's vote when it is one of the tied labels, else reviews."""
-    tied = reasons.eq("tie")
+    is_tie = reasons.eq("tie")
     dropped = pd.Series(False, index=labels.index)
     if config.tie_policy == "drop":
-        dropped = tied
+        dropped = is_tie
     elif config.tie_policy == "prefer":
-        for i in labels.index[tied]:
-            counts = Counter(v for v in votes.loc[i] if v)
-            top = {label for label, n in counts.items() if n == max(counts.values())}
+        for i in labels.index[is_tie]:
             choice = votes.at[i, config.prefer_annotator]
-            if choice in top:
+            if choice in tied[i]:
                 labels[i], reasons[i] = choice, None
     return labels, reasons, dropped
+
+
+def apply_reviewed(items: pd.DataFrame, labels: pd.Series, reasons: pd.Series, path: str, synonyms) -> pd.Series:
+    """Reviewers' labels from a Label Studio export replace the consensus for the items they
+    cover (a blank answer leaves the item as it was). Returns the mask of reviewed items."""
+    if not Path(path).is_file():
+        raise MlpipeError(f"label.reviewed: no such file: {path}")
+    try:
+        reviewed = read_label_studio(path)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MlpipeError(f"label.reviewed is not a Label Studio JSON or JSON-MIN export ({type(exc).__name__})") from None
+    reviewed = reviewed[reviewed[LABEL].astype(str).str.strip() != ""]
+    unknown = set(reviewed[ITEM_ID]) - set(items[ITEM_ID])
+    if unknown:
+        raise MlpipeError(
+            f"label.reviewed names {len(unknown)} item(s) that are not in this data set (exported from other data?)"
+        )
+    decided = dict(zip(reviewed[ITEM_ID], reviewed[LABEL].map(lambda v: normalize(v, synonyms)), strict=True))
+    mask = items[ITEM_ID].isin(decided)
+    labels[mask] = items.loc[mask, ITEM_ID].map(decided)
+    reasons[mask] = None
+    return mask
+
+
+def thumbnails(pixels: np.ndarray, index: np.ndarray, side: int = 16, chunk: int = 4096) -> np.ndarray:
+    """Block-mean thumbnails (at most side x side per channel) as float32 features in [0, 1],
+    read from the pixel cache in chunks so memory stays bounded."""
+    _, height, width, channels = pixels.shape
+    fy, fx = -(-height // side), -(-width // side)
+    h, w = height // fy * fy, width // fx * fx  # crop the remainder rows/columns
+    out = [np.zeros((0, h // fy * (w // fx) * channels), dtype=np.float32)]
+    for start in range(0, len(index), chunk):
+        block = np.asarray(pixels[index[start : start + chunk]], dtype=np.float32)[:, :h, :w]
+        small = block.reshape(len(block), h // fy, fy, w // fx, fx, channels).mean(axis=(2, 4))
+        out.append(small.reshape(len(block), -1) / 255.0)
+    return np.concatenate(out)
+
+
+def likely_label_errors(features: np.ndarray, y: np.ndarray, folds: int, seed: int = 0) -> tuple[np.ndarray, str | None]:
+    """cleanlab's `find_label_issues` on out-of-fold probabilities of a logistic regression:
+    (mask of likely label errors, None) or (all-False mask, why it was skipped)."""
+    from cleanlab.filter import find_label_issues
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classes, codes = np.unique(y, return_inverse=True)
+    smallest = int(np.bincount(codes).min()) if len(codes) else 0
+    if len(classes) < 2 or smallest < 2:
+        return np.zeros(len(y), dtype=bool), "skipped: needs two classes with at least two items each"
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    cv = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
+    probs = cross_val_predict(model, features, codes, cv=cv, method="predict_proba")
+    return find_label_issues(labels=codes, pred_probs=probs, filter_by="prune_by_noise_rate"), None
 
 
 def label(dataset: StageResult, config: LabelConfig) -> StageResult:
@@ -143,10 +276,21 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
 
     synonyms = {normalize(k): normalize(v) for k, v in config.synonyms.items()}
     votes = items[config.columns].astype(str).map(lambda v: normalize(v, synonyms))
-    decided = [majority_vote(list(row), config.min_agreement) for row in votes.itertuples(index=False)]
-    labels = pd.Series([lab for lab, _ in decided], index=items.index, dtype=object)
-    review_reason = pd.Series([why for _, why in decided], index=items.index, dtype=object)
-    labels, review_reason, dropped = apply_tie_policy(votes, labels, review_reason, config)
+    labels, review_reason, tied = consensus(votes, config)
+    majority = [majority_vote(list(row))[0] for row in votes.itertuples(index=False)]
+    differs = sum(a is not None and b is not None and a != b for a, b in zip(labels, majority, strict=True))
+    labels, review_reason, dropped = apply_tie_policy(votes, labels, review_reason, tied, config)
+
+    conflicts = near_duplicate_conflicts(items, labels)
+    labels[conflicts] = None
+    review_reason[conflicts] = "near-duplicate label conflict"
+    conflicts = duplicate_conflicts(items, labels, dataset, config)
+    labels[conflicts] = None
+    review_reason[conflicts] = "duplicate label conflict"
+    reviewed = pd.Series(False, index=items.index)
+    if config.reviewed:
+        reviewed = apply_reviewed(items, labels, review_reason, config.reviewed, synonyms)
+        dropped &= ~reviewed
 
     found = sorted(set(labels.dropna()))
     allowed = None if config.classes is None else [normalize(c, synonyms) for c in config.classes]
@@ -159,12 +303,18 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     class_names = list(dict.fromkeys(allowed)) if allowed is not None else found
     class_map = {name: index for index, name in enumerate(class_names)}
 
-    conflicts = near_duplicate_conflicts(items, labels)
-    labels[conflicts] = None
-    review_reason[conflicts] = "near-duplicate label conflict"
-    conflicts = duplicate_conflicts(items, labels, dataset, config)
-    labels[conflicts] = None
-    review_reason[conflicts] = "duplicate label conflict"
+    issues = {"enabled": config.find_label_issues, "flagged": 0, "skipped": None}
+    if config.find_label_issues:
+        candidates = labels.notna() & ~reviewed  # a reviewer's decision is not second-guessed
+        pixels = np.load(dataset.file("pixels"), mmap_mode="r")
+        features = thumbnails(pixels, items.loc[candidates, PIXEL_INDEX].to_numpy())
+        flagged, issues["skipped"] = likely_label_errors(
+            features, labels[candidates].map(class_map).to_numpy(dtype=int), config.issue_folds
+        )
+        suspects = candidates[candidates].index[flagged]
+        labels[suspects] = None
+        review_reason[suspects] = "likely label error"
+        issues["flagged"] = len(suspects)
 
     labelled = items[labels.notna()].copy()
     labelled[LABEL] = labels[labels.notna()]
@@ -180,12 +330,17 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
         "review_queue": dict(Counter(review["reason"])),
         "dropped_ties": int(dropped.sum()),
         "class_counts": {name: int((labelled[LABEL] == name).sum()) for name in class_names},
+        "consensus": config.consensus,
+        "consensus_differs_from_majority": int(differs),
+        "reviewed": int(reviewed.sum()),
+        "label_issues": issues,
         "unanimous_fraction": round(float(unanimous.mean()), 4) if multi else None,
         **(agreement(votes, class_names) if multi else {}),
         "disagreement_fraction": round(float(1 - unanimous[votes.ne("").any(axis=1)].mean()), 4) if multi else None,
         "num_classes": len(class_names),
     }
-    key = stable_hash(dataset.key, config, code_version("mlpipe.label"))[:16]
+    reviewed_digest = hashlib.sha256(Path(config.reviewed).read_bytes()).hexdigest() if config.reviewed else None
+    key = stable_hash(dataset.key, config, reviewed_digest, code_version("mlpipe.label"))[:16]
     with stage_dir("label", key) as out:
         labelled.to_parquet(out / "items.parquet", index=False)
         review.to_csv(out / "review_queue.csv", index=False)

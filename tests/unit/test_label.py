@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -38,7 +39,7 @@ def test_labels_class_map_and_review_queue(dataset):
     items = pd.read_parquet(result.file("items.parquet"))
     review = pd.read_csv(result.file("review_queue.csv"))
     assert len(items) + len(review) == result.report["items"]
-    assert set(review["reason"]) == {"tie", "unlabelled"}
+    assert set(review["reason"]) == {"tie", "unlabelled", "likely label error"}
     assert not set(review["item_id"]) & set(items["item_id"])  # review items never reach training
     assert (items["y"] == items["label"].map(class_map)).all()
     assert 0.05 < result.report["disagreement_fraction"] < 0.15
@@ -137,11 +138,13 @@ def test_min_agreement_sends_weak_majorities_to_review(dataset):
 
 @pytest.mark.parametrize("policy", ["review", "drop", "prefer"])
 def test_tie_policies(dataset, policy):
-    config = LabelConfig(tie_policy=policy, prefer_annotator="annotator_2" if policy == "prefer" else None)
+    config = LabelConfig(
+        tie_policy=policy, prefer_annotator="annotator_2" if policy == "prefer" else None, find_label_issues=False
+    )
     result = label(dataset, config)
     r = result.report
     assert r["labelled"] + sum(r["review_queue"].values()) + r["dropped_ties"] == r["items"]  # nothing lost
-    baseline = label(dataset, LabelConfig()).report
+    baseline = label(dataset, LabelConfig(find_label_issues=False)).report
     ties = baseline["review_queue"]["tie"]
     if policy == "review":
         assert r["review_queue"]["tie"] == ties and r["dropped_ties"] == 0
@@ -156,3 +159,108 @@ def test_prefer_needs_an_annotator_column():
 
     with pytest.raises(MlpipeError, match="tie_policy prefer needs prefer_annotator"):
         load_config(None, ["label.tie_policy=prefer"])
+
+
+def test_dawid_skene_matches_crowd_kit():
+    """Held to crowd-kit 1.4.2's answers (tests/reference/crowdkit_dawid_skene.py regenerates them)."""
+    import numpy as np
+
+    from mlpipe.label import dawid_skene
+
+    case = json.loads((Path(__file__).parent / "data" / "dawid_skene_crowdkit.json").read_text())
+    probas = dawid_skene(np.array(case["votes"]), 3)
+    np.testing.assert_allclose(probas, case["probas"], atol=1e-6)
+    assert probas.argmax(axis=1).tolist() == case["labels"]
+
+
+def test_dawid_skene_resolves_ties_by_annotator_reliability():
+    """Annotator c swaps cat and dog; a, b and d are reliable. Items 6 and 7 are 2-2 ties for
+    majority vote; Dawid-Skene sides with the annotators who agree with the others elsewhere."""
+    votes = pd.DataFrame(
+        [["cat", "cat", "dog", "cat"], ["dog", "dog", "cat", "dog"], ["cat", "cat", "dog", ""],
+         ["dog", "dog", "cat", ""], ["bird", "bird", "bird", "bird"], ["cat", "cat", "dog", "cat"],
+         ["cat", "dog", "dog", "cat"], ["dog", "cat", "cat", "dog"], ["bird", "cat", "bird", ""],
+         ["dog", "dog", "cat", "dog"], ["", "", "", ""]],
+        columns=list("abcd"),
+    )  # fmt: skip
+    from mlpipe.label import consensus
+
+    majority, why, _ = consensus(votes, LabelConfig(columns=list("abcd")))
+    assert why[6] == why[7] == "tie" and majority[6] is None
+    labels, why, _ = consensus(votes, LabelConfig(columns=list("abcd"), consensus="dawid_skene"))
+    # crowd-kit 1.4.2 answers the same (cat, dog, cat, dog, bird, cat, cat, dog, bird, dog)
+    assert labels[:10].tolist() == ["cat", "dog", "cat", "dog", "bird", "cat", "cat", "dog", "bird", "dog"]
+    assert labels[10] is None and why[10] == "unlabelled"
+
+
+def test_dawid_skene_in_the_stage(dataset):
+    result = label(dataset, LabelConfig(consensus="dawid_skene", find_label_issues=False))
+    baseline = label(dataset, LabelConfig(find_label_issues=False)).report
+    r = result.report
+    assert r["consensus"] == "dawid_skene"
+    assert "tie" not in r["review_queue"]  # the sample's 3-way ties resolve by annotator reliability
+    assert r["labelled"] > baseline["labelled"]
+    assert r["labelled"] + sum(r["review_queue"].values()) == r["items"]
+
+
+def test_likely_label_errors_finds_planted_flips(dataset):
+    import numpy as np
+
+    from mlpipe.ingest import PIXEL_INDEX
+    from mlpipe.label import likely_label_errors, thumbnails
+
+    items = pd.read_parquet(label(dataset, LabelConfig(find_label_issues=False)).file("items.parquet"))
+    features = thumbnails(np.load(dataset.file("pixels"), mmap_mode="r"), items[PIXEL_INDEX].to_numpy())
+    y = items["y"].to_numpy().copy()
+    rng = np.random.default_rng(0)
+    flipped = rng.choice(len(y), 30, replace=False)
+    y[flipped] = (y[flipped] + rng.integers(1, 10, 30)) % 10
+    flagged, skipped = likely_label_errors(features, y, folds=5)
+    assert skipped is None
+    assert flagged[flipped].sum() >= 24  # measured 28 of 30
+    assert flagged.sum() - flagged[flipped].sum() < 0.05 * len(y)  # measured 30 of 1058
+
+
+def test_label_issues_go_to_review_not_relabelled(dataset):
+    result = label(dataset, LabelConfig())
+    review = pd.read_csv(result.file("review_queue.csv"))
+    suspects = set(review.loc[review["reason"] == "likely label error", "item_id"])
+    assert len(suspects) == result.report["label_issues"]["flagged"] > 0
+    items = pd.read_parquet(result.file("items.parquet"))
+    assert not suspects & set(items["item_id"])  # excluded from training, not silently relabelled
+    unflagged = pd.read_parquet(label(dataset, LabelConfig(find_label_issues=False)).file("items.parquet"))
+    kept = unflagged[~unflagged["item_id"].isin(suspects)].set_index("item_id")["label"]
+    assert items.set_index("item_id")["label"].sort_index().equals(kept.sort_index())
+
+
+def test_tiny_classes_skip_the_label_error_model():
+    import numpy as np
+
+    from mlpipe.label import likely_label_errors
+
+    flagged, skipped = likely_label_errors(np.zeros((3, 4)), np.array([0, 0, 1]), folds=5)
+    assert not flagged.any() and skipped.startswith("skipped")
+
+
+def test_reviewed_labels_from_label_studio_are_applied(dataset, tmp_path):
+    first = label(dataset, LabelConfig(find_label_issues=False))
+    tasks = json.loads(first.file("review_tasks.json").read_text())
+    answers = {t["data"]["item_id"]: str(i % 10) for i, t in enumerate(tasks) if i % 4}  # one in four left blank
+    exported = [{**t, "id": i, "annotations": [{"result": [{"type": "choices", "value": {
+        "choices": [answers[t["data"]["item_id"]]] if t["data"]["item_id"] in answers else []}}]}]}
+        for i, t in enumerate(tasks)]  # fmt: skip
+    (tmp_path / "export.json").write_text(json.dumps(exported))
+    second = label(dataset, LabelConfig(find_label_issues=False, reviewed=str(tmp_path / "export.json")))
+    assert second.report["reviewed"] == len(answers)
+    assert second.report["labelled"] == first.report["labelled"] + len(answers)
+    items = pd.read_parquet(second.file("items.parquet")).set_index("item_id")
+    assert all(items.at[item, "label"] == lab for item, lab in answers.items())
+    assert second.key != first.key  # the export's content is part of the cache key
+
+
+def test_reviewed_export_from_other_data_is_refused(dataset, tmp_path):
+    (tmp_path / "export.json").write_text(json.dumps([{"item_id": "0123456789abcdef", "choice": "3"}]))
+    with pytest.raises(MlpipeError, match="names 1 item\\(s\\) that are not in this data set"):
+        label(dataset, LabelConfig(reviewed=str(tmp_path / "export.json")))
+    with pytest.raises(MlpipeError, match="label.reviewed: no such file"):
+        label(dataset, LabelConfig(reviewed=str(tmp_path / "missing.json")))
