@@ -6,7 +6,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from mlpipe.config import PipelineConfig
-from tasks import anonymize, evaluate, ingest, label, pipeline_run, resample, search, split, train
+from tasks import anonymize, evaluate, ingest, label, pipeline_run, refit, resample, search, split, train
 
 
 @flow(name="training-pipeline", log_prints=True)
@@ -20,5 +20,6 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noq
         training_sets = resample(splits, trials, run)
         trained = train(splits, training_sets, trials, run)
         best = search(trained, config.search, run)
-        outcome = evaluate(best, splits, config.evaluate, run)
+        final = refit(best, splits, trials, config.search, run)
+        outcome = evaluate(final, splits, config.evaluate, run)
     return {"flow_run_id": str(flow_run.id), **run.model_dump(), **outcome}

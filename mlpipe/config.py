@@ -161,6 +161,12 @@ class SplitConfig(_Section):
         0.1, gt=0, le=1, description="Largest allowed gap in any class's share between two splits (L-infinity)."
     )
     seed: int = Field(0, description="Seed of the split; the same seed gives the same split.")
+    mode: Literal["holdout", "kfold"] = Field(
+        "holdout",
+        description="holdout: one validation split. kfold (small data): train+val form `folds` grouped, stratified "
+        "folds; every trial is cross-validated and the winner is refit on all of them.",
+    )
+    folds: int = Field(5, ge=2, le=20, description="Folds in kfold mode.")
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:
@@ -237,6 +243,11 @@ class SearchConfig(_Section):
     )
     metric: Literal["val_macro_f1", "val_accuracy", "val_balanced_accuracy"] = Field(
         "val_macro_f1", description="Validation metric that picks the winner."
+    )
+    refit: bool = Field(
+        False,
+        description="Retrain the winner on train+val for its best epoch count before the test (always on in "
+        "split.mode kfold, where no single trial model saw all the data).",
     )
 
 

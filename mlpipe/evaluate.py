@@ -50,6 +50,8 @@ def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig) -> 
     per_class = classification_report(y, pred, labels=np.arange(len(names)), target_names=names, output_dict=True, zero_division=0)
     report = {
         "winner": best.report["winner"],
+        "model": "refit on train+val" if best.report.get("refit") else "search winner",
+        "refit": best.report.get("refit"),
         "test_items": len(y),
         "input_shape": [int(images.shape[3]), int(images.shape[1]), int(images.shape[2])],  # C, H, W
         "metrics": metrics,

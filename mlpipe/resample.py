@@ -25,7 +25,7 @@ from sklearn.utils.class_weight import compute_class_weight  # noqa: E402
 
 from mlpipe.config import ResampleConfig, Trial  # noqa: E402
 from mlpipe.errors import MlpipeError  # noqa: E402
-from mlpipe.split import class_names, load_split  # noqa: E402
+from mlpipe.split import class_names, cv_folds, load_parts  # noqa: E402
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json  # noqa: E402
 
 
@@ -85,24 +85,27 @@ def _interpolate(images, y, config: ResampleConfig, names: list[str]):
 
 
 def resample(splits: StageResult, trials: list[Trial]) -> StageResult:
-    """One training set per distinct `resample` config among the trials."""
-    images, y = load_split(splits, "train")
+    """One training set per distinct `resample` config among the trials, and per fold in kfold
+    mode (each fold's training part is resampled on its own: its validation fold stays real)."""
     names = class_names(splits)
-    before = _counts(y, len(names))
-    report = {"before": before, "classes": names, "strategies": {}}
+    report = {"classes": names, "strategies": {}}
     configs = {stable_hash(t.resample)[:12]: t.resample for t in trials}
     key = stable_hash(splits.key, sorted(configs), code_version("mlpipe.resample"))[:16]
     with stage_dir("resample", key) as out:
-        for cfg_key, cfg in configs.items():
-            result = resample_training_set(images, y, cfg, names)
-            np.savez(out / f"{cfg_key}.npz", **result)
-            report["strategies"][cfg_key] = {
-                "config": cfg.model_dump(),
-                "after": _counts(result["y"], len(names)),
-                "synthetic": int(result["synthetic"].sum()),
-                "class_weight": [round(float(w), 4) for w in result["class_weight"]],
-                "weighted_sampler": bool(len(result["sampler_weight"])),
-            }
+        for fold, parts, _ in cv_folds(splits):
+            images, y = load_parts(splits, parts)
+            report.setdefault("before", _counts(y, len(names)))  # the chart shows the first fold
+            for cfg_key, cfg in configs.items():
+                result = resample_training_set(images, y, cfg, names)
+                np.savez(out / f"{cfg_key}{fold}.npz", **result)
+                report["strategies"][cfg_key + fold] = {
+                    "config": cfg.model_dump(),
+                    "fold": fold or None,
+                    "after": _counts(result["y"], len(names)),
+                    "synthetic": int(result["synthetic"].sum()),
+                    "class_weight": [round(float(w), 4) for w in result["class_weight"]],
+                    "weighted_sampler": bool(len(result["sampler_weight"])),
+                }
         _chart(report, out / "class_counts.png")
         write_json(out / "report.json", report)
     return StageResult.at("resample", key, report)
@@ -112,7 +115,8 @@ def _chart(report: dict, path) -> None:
     """Class counts of the training split before and after each strategy."""
     names, series = report["classes"], {"before": report["before"]}
     for entry in report["strategies"].values():
-        series[entry["config"]["strategy"]] = entry["after"]
+        if not entry["fold"] or entry["fold"] == "fold0":
+            series[entry["config"]["strategy"]] = entry["after"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(names) * len(series) / 2, 3.5))
     width = 0.8 / len(series)
     for i, (label, counts) in enumerate(series.items()):
@@ -126,8 +130,8 @@ def _chart(report: dict, path) -> None:
     plt.close(fig)
 
 
-def training_set_for(resampled: StageResult, trial: Trial) -> str:
-    return str(resampled.file(f"{stable_hash(trial.resample)[:12]}.npz"))
+def training_set_for(resampled: StageResult, trial: Trial, fold: str = "") -> str:
+    return str(resampled.file(f"{stable_hash(trial.resample)[:12]}{fold}.npz"))
 
 
 def _counts(y: np.ndarray, num_classes: int) -> list[int]:

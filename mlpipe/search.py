@@ -33,10 +33,13 @@ def search(trained: StageResult, config: SearchConfig) -> StageResult:
         "winner_params": winner["params"],
         "winner_run_id": winner["run_id"],
         "winner_val_metrics": winner["val_metrics"],
+        "winner_best_epoch": winner["best_epoch"],
+        "cross_validated_folds": trained.report.get("folds"),
         "leaderboard": table[["trial", config.metric]].to_dict(orient="records"),
     }
     key = stable_hash(trained.key, config, code_version("mlpipe.search"))[:16]
     with stage_dir("search", key) as out:
         table.to_csv(out / "results.csv", index=False)
         write_json(out / "report.json", report)
-    return StageResult.at("search", key, report, checkpoint=trained.file(winner["checkpoint"]))
+    checkpoint = {"checkpoint": trained.file(winner["checkpoint"])} if winner["checkpoint"] else {}  # kfold: refit
+    return StageResult.at("search", key, report, **checkpoint)

@@ -9,6 +9,7 @@ fail the run rather than let a leaky or class-starved split through.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,36 @@ def assign_splits(y: np.ndarray, groups: np.ndarray, config: SplitConfig) -> np.
     return out
 
 
+def assign_folds(y: np.ndarray, groups: np.ndarray, config: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """kfold mode: (split per item, fold per item). The test split is held out as in holdout mode;
+    the rest forms `config.folds` stratified group folds (-1 for test). Fold 0 doubles as the
+    'val' split, so every holdout consumer still works."""
+    rest, test = _holdout(y, groups, config.test_fraction, config.seed)
+    folds = np.full(len(y), -1)
+    splitter = StratifiedGroupKFold(n_splits=config.folds, shuffle=True, random_state=config.seed + 1)
+    with warnings.catch_warnings():  # "least populated class" is checked below, with a clearer message
+        warnings.simplefilter("ignore", UserWarning)
+        for fold, (_, held) in enumerate(splitter.split(np.zeros(len(rest)), y[rest], groups[rest])):
+            folds[rest[held]] = fold
+    out = np.where(folds == 0, "val", "train").astype(object)
+    out[test] = "test"
+    return out, folds
+
+
+def check_folds(frame: pd.DataFrame, folds: int) -> None:
+    part = frame[frame["fold"] >= 0]
+    owners = part.groupby("group")["fold"].nunique()
+    if (owners > 1).any():
+        raise MlpipeError(f"split leak: {int((owners > 1).sum())} group(s) span more than one fold")
+    for fold in range(folds):
+        absent = sorted(set(part[LABEL]) - set(part.loc[part["fold"] == fold, LABEL]))
+        if absent:
+            raise MlpipeError(
+                f"too few groups for split.folds={folds}: class(es) {', '.join(map(repr, absent))} absent from fold "
+                f"{fold}; lower split.folds or use split.mode holdout"
+            )
+
+
 def combined_groups(subjects: pd.Series, near_dups: pd.Series | None) -> np.ndarray:
     """Items linked by subject or by near-duplicate group form one group: neither may span splits."""
     codes, _ = pd.factorize(subjects)
@@ -62,6 +93,20 @@ def combined_groups(subjects: pd.Series, near_dups: pd.Series | None) -> np.ndar
             if dup:
                 parent[find(code)] = find(first_subject.setdefault(dup, code))
     return np.array([find(c) for c in codes])
+
+
+def leak_report(items: pd.DataFrame, group_col: str) -> dict[str, int]:
+    """How many subjects, near-duplicate groups and identical images (item ids are pixel hashes)
+    appear in more than one split. `check_split` has already failed the run if any is non-zero;
+    the report states it per kind so a reader can see what was checked."""
+    def spanning(column: str) -> int:
+        values = items[column].where(items[column].astype(str) != "")
+        return int(items.groupby(values)["split"].nunique().gt(1).sum())
+
+    report = {"subjects_across_splits": spanning(group_col), "identical_images_across_splits": spanning(ITEM_ID)}
+    if NEAR_DUP_GROUP in items.columns:
+        report["near_duplicate_groups_across_splits"] = spanning(NEAR_DUP_GROUP)
+    return report
 
 
 def check_stratifiable(labels: pd.Series, groups: pd.Series) -> None:
@@ -92,16 +137,21 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
     items["group"] = combined_groups(items[group_col], items.get(NEAR_DUP_GROUP))
     check_stratifiable(items[LABEL], items["group"])
 
-    items["split"] = assign_splits(items[TARGET].to_numpy(), items["group"].to_numpy(), config)
+    y, groups = items[TARGET].to_numpy(), items["group"].to_numpy()
+    if config.mode == "kfold":
+        items["split"], items["fold"] = assign_folds(y, groups, config)
+        check_folds(items, config.folds)
+    else:
+        items["split"], items["fold"] = assign_splits(y, groups, config), -1
     check_split(items, "group")
-    gap = proportion_gap(items)
+    gap = max(proportion_gap(items), proportion_gap(items[items["fold"] >= 0], by="fold"))
     if gap > config.tolerance:
         raise MlpipeError(
             f"class proportions differ by {gap:.3f} between splits (split.tolerance is {config.tolerance}); "
             f"too few groups per class to stratify this closely"
         )
 
-    table = items[[ITEM_ID, group_col, "group", LABEL, TARGET, PIXEL_INDEX, "split"]].sort_values(ITEM_ID)
+    table = items[[ITEM_ID, group_col, "group", LABEL, TARGET, PIXEL_INDEX, "split", "fold"]].sort_values(ITEM_ID)
     report = {
         "sizes": {name: int((items["split"] == name).sum()) for name in SPLITS},
         "groups": {name: int(items.loc[items["split"] == name, "group"].nunique()) for name in SPLITS},
@@ -109,26 +159,35 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
             name: {str(k): int(v) for k, v in items.loc[items["split"] == name, LABEL].value_counts().sort_index().items()}
             for name in SPLITS
         },
+        "mode": config.mode,
+        "folds": [int((items["fold"] == f).sum()) for f in range(config.folds)] if config.mode == "kfold" else None,
         "group_column": group_col,
         "proportion_gap_linf": round(gap, 4),
+        "leaks": leak_report(items, group_col),
         "seed": config.seed,
     }
     key = stable_hash(labelled.key, config, code_version("mlpipe.split"))[:16]
     with stage_dir("split", key) as out:
         table.to_csv(out / "assignments.csv", index=False)
-        table[[ITEM_ID, "split", LABEL]].reset_index(drop=True).to_parquet(out / "manifest.parquet", index=False)
+        columns = [ITEM_ID, "split", LABEL] + (["fold"] if config.mode == "kfold" else [])
+        table[columns].reset_index(drop=True).to_parquet(out / "manifest.parquet", index=False)
         _chart(report, out / "class_counts.png")
         for name in SPLITS:
             part = table[table["split"] == name]
             np.savez(out / f"{name}.npz", pixel_index=part[PIXEL_INDEX].to_numpy(), y=part[TARGET].to_numpy())
+        for fold in range(config.folds if config.mode == "kfold" else 0):
+            part = table[table["fold"] == fold]
+            np.savez(out / f"fold-{fold}.npz", pixel_index=part[PIXEL_INDEX].to_numpy(), y=part[TARGET].to_numpy())
         (out / "label_map.json").write_text(labelled.file("label_map.json").read_text())
         write_json(out / "report.json", report)
     return StageResult.at("split", key, report, pixels=labelled.file("pixels"))
 
 
-def proportion_gap(items: pd.DataFrame) -> float:
-    """L-infinity distance between the splits' class proportions (0: identical class mixes)."""
-    shares = pd.crosstab(items["split"], items[LABEL], normalize="index")
+def proportion_gap(items: pd.DataFrame, by: str = "split") -> float:
+    """L-infinity distance between the splits' (or folds') class proportions (0: identical mixes)."""
+    if items.empty:
+        return 0.0
+    shares = pd.crosstab(items[by], items[LABEL], normalize="index")
     return float((shares.max(axis=0) - shares.min(axis=0)).max())
 
 
@@ -154,9 +213,30 @@ def _chart(report: dict, path) -> None:
 
 def load_split(splits: StageResult, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 NHWC, integer labels) of one split, read from the decode-once pixel cache."""
-    part = np.load(splits.file(f"{name}.npz"))
+    return load_parts(splits, [f"{name}.npz"])
+
+
+def cv_folds(splits: StageResult) -> list[tuple[str, list[str], str]]:
+    """(name, training parts, validation part) per fold of cross-validation: kfold mode gives one
+    per fold (that fold validates, the others train); holdout mode one ('', [train], val)."""
+    count = len(splits.report.get("folds") or [])
+    if not count:
+        return [("", ["train.npz"], "val.npz")]
+    return [(f"fold{k}", [f"fold-{j}.npz" for j in range(count) if j != k], f"fold-{k}.npz") for k in range(count)]
+
+
+def development_parts(splits: StageResult) -> list[str]:
+    """Every split file except test (train and val, or all folds): what a refit trains on."""
+    _, train_parts, val_part = cv_folds(splits)[0]
+    return [*train_parts, val_part]
+
+
+def load_parts(splits: StageResult, parts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 NHWC, labels) of the union of split files, from the pixel cache."""
+    loaded = [np.load(splits.file(p)) for p in parts]
+    index = np.concatenate([p["pixel_index"] for p in loaded])
     pixels = np.load(splits.file("pixels"), mmap_mode="r")
-    return np.ascontiguousarray(pixels[part["pixel_index"]]), part["y"]
+    return np.ascontiguousarray(pixels[index]), np.concatenate([p["y"] for p in loaded])
 
 
 def class_names(splits: StageResult) -> list[str]:

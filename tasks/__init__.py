@@ -4,10 +4,11 @@ from tasks.anonymize import anonymize
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.label import label
+from tasks.refit import refit
 from tasks.resample import resample
 from tasks.run import pipeline_run
 from tasks.search import search
 from tasks.split import split
 from tasks.train import train
 
-__all__ = ["anonymize", "evaluate", "ingest", "label", "pipeline_run", "resample", "search", "split", "train"]
+__all__ = ["anonymize", "evaluate", "ingest", "label", "pipeline_run", "refit", "resample", "search", "split", "train"]

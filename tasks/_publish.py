@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from collections.abc import Callable
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -42,3 +41,14 @@ def trial_progress(total: int) -> Callable[[str], None]:
         update_progress_artifact(artifact, 100.0 * len(finished) / total)
 
     return on_trial_done
+
+
+def publish_trials(run: RunRef, trained: StageResult) -> None:
+    """Each trial's report entry and checkpoint into its own MLflow child run, then close it."""
+    for trial in trained.report["trials"]:
+        child = trial["run_id"]
+        checkpoints = [trained.file(trial["checkpoint"])] if trial["checkpoint"] else []  # kfold: no single model
+        tracking.log_stage(run, "train", trial, checkpoints, run_id=child)
+        if "fold_val_metrics" in trial:  # kfold: the trial's own metrics are the fold means
+            tracking.log_metrics(run, trial["val_metrics"], run_id=child)
+        tracking.end_run(run, child)

@@ -4,9 +4,10 @@ from prefect.cache_policies import NO_CACHE
 from mlpipe import tracking
 from mlpipe.config import Trial
 from mlpipe.store import StageResult
+from mlpipe.train.launch import planned_runs
 from mlpipe.train.launch import train as train_trials
 from mlpipe.tracking import RunRef
-from tasks._publish import publish, trial_progress
+from tasks._publish import publish, publish_trials, trial_progress
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -14,13 +15,11 @@ def train(splits: StageResult, resampled: StageResult, trials: list[Trial], run:
     """Every trial in one torchrun launch (DDP); one nested MLflow run per trial."""
     run_ids = {t.name: tracking.start_child_run(run, t.name, t.flat_params()) for t in trials}
     try:
-        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, trial_progress(len(trials)))
+        progress = trial_progress(planned_runs(splits, trials))
+        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, progress)
     except BaseException:
         for run_id in run_ids.values():
             tracking.end_run(run, run_id, failed=True)
         raise
-    for trial in result.report["trials"]:
-        child = trial["run_id"]
-        tracking.log_stage(run, "train", trial, [result.file(trial["checkpoint"])], run_id=child)
-        tracking.end_run(run, child)
+    publish_trials(run, result)
     return publish(run, result, files=tuple(p.name for p in result.file("").glob("launch-*")))

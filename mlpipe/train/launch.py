@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-from mlpipe.config import TrainConfig, Trial
+import numpy as np
+
+from mlpipe.config import SearchConfig, TrainConfig, Trial
 from mlpipe.errors import MlpipeError
-from mlpipe.resample import training_set_for
-from mlpipe.split import class_names
-from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json
+from mlpipe.resample import resample_training_set, training_set_for
+from mlpipe.split import class_names, cv_folds, development_parts, load_parts
+from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,11 @@ def launch(
         raise MlpipeError(f"training failed (torchrun exit code {code}): {errors[-1].strip()}")
 
 
+def planned_runs(splits: StageResult, trials: list[Trial]) -> int:
+    """Training runs the stage will do: one per trial, times the folds in kfold mode."""
+    return len(trials) * len(cv_folds(splits))
+
+
 def train(
     splits: StageResult,
     resampled: StageResult,
@@ -84,44 +91,94 @@ def train(
     tracking_uri: str | None,
     on_trial_done: Callable[[str], None] | None = None,
 ) -> StageResult:
-    """Train all trials; returns a report with one entry per trial (validation metrics only).
+    """Train all trials; returns a report with one entry per trial (validation metrics only). In
+    kfold mode each trial is trained once per fold and its entry holds the fold means.
 
-    `on_trial_done(name)` is called as each trial finishes, for progress reporting.
+    `on_trial_done(name)` is called as each trial (or fold run) finishes, for progress reporting.
     """
     key = stable_hash(splits.key, resampled.key, [t.model_dump() for t in trials], code_version("mlpipe.train"))[:16]
     num_classes = len(class_names(splits))
-    results: list[dict] = []
+    folds = cv_folds(splits)
     with stage_dir("train", key) as out:
         groups: dict[tuple[bool, int, int], list[Trial]] = {}
         for trial in trials:  # one launch per (device, nproc, restarts) combination; usually one
             groups.setdefault((uses_cuda(trial.train), resolve_nproc(trial.train), trial.train.max_restarts), []).append(trial)
         for n, ((cuda, nproc, restarts), members) in enumerate(groups.items()):
-            spec = WorkerSpec(
-                pixels=str(splits.file("pixels")),
-                val_set=str(splits.file("val.npz")),
-                num_classes=num_classes,
-                tracking_uri=tracking_uri,
-                trials=[_trial_spec(t, resampled, out, run_ids.get(t.name)) for t in members],
-            )
+            specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, out, run_ids.get(t.name))
+                     for t in members for fold, _, val in folds]  # fmt: skip
+            spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
+                              tracking_uri=tracking_uri, trials=specs)  # fmt: skip
             spec_path = write_json(out / f"launch-{n}.json", spec.model_dump())
             launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda, on_trial_done=on_trial_done)
-        for trial in trials:
-            result = TrialResult.model_validate_json((out / trial.name / "result.json").read_text())
-            results.append({
-                "trial": trial.name,
-                "params": trial.params,
-                "run_id": run_ids.get(trial.name),
-                **result.model_dump(exclude={"history", "checkpoint"}),
-                "checkpoint": f"{trial.name}/checkpoint.pt",
-            })
-        report = {"trials": results, "num_classes": num_classes}
+        results = [_trial_entry(t, [fold for fold, _, _ in folds], out, run_ids.get(t.name)) for t in trials]
+        report = {"trials": results, "num_classes": num_classes, "folds": len(folds) if folds[0][0] else None}
         write_json(out / "report.json", report)
     return StageResult.at("train", key, report, pixels=splits.file("pixels"))
 
 
-def _trial_spec(trial: Trial, resampled: StageResult, out: Path, run_id: str | None) -> TrialSpec:
-    trial_dir = out / trial.name
-    trial_dir.mkdir()
+def _trial_entry(trial: Trial, folds: list[str], out: Path, run_id: str | None) -> dict:
+    """A trial's report entry; with several folds, metrics are fold means (and their spread)."""
+    runs = [TrialResult.model_validate_json((out / trial.name / fold / "result.json").read_text()) for fold in folds]
+    entry = {"trial": trial.name, "params": trial.params, "run_id": run_id}
+    if len(runs) == 1:
+        only = runs[0]
+        return {**entry, **only.model_dump(exclude={"history", "checkpoint"}), "checkpoint": f"{trial.name}/checkpoint.pt"}
+    metrics = {k: [r.val_metrics[k] for r in runs] for k in runs[0].val_metrics}
+    return {
+        **entry,
+        "val_metrics": {k: float(np.mean(v)) for k, v in metrics.items()},
+        "val_metrics_std": {k: float(np.std(v)) for k, v in metrics.items()},
+        "fold_val_metrics": [r.val_metrics for r in runs],
+        "best_epoch": int(round(float(np.mean([r.best_epoch for r in runs])))),
+        "epochs_run": sum(r.epochs_run for r in runs),
+        "stopped_early": all(r.stopped_early for r in runs),
+        "world_size": runs[0].world_size, "device": runs[0].device, "amp": runs[0].amp,
+        "train_items": runs[0].train_items,
+        "seconds": round(sum(r.seconds for r in runs), 3),
+        "checkpoint": None,  # no single fold model saw all the data: the winner is refit
+    }  # fmt: skip
+
+
+def _trial_spec(trial: Trial, fold: str, val_set: str, resampled: StageResult, out: Path, run_id: str | None) -> TrialSpec:
+    trial_dir = out / trial.name / fold
+    trial_dir.mkdir(parents=True)
     return TrialSpec(
-        name=trial.name, train=trial.train, train_set=training_set_for(resampled, trial), out_dir=str(trial_dir), run_id=run_id
+        name=f"{trial.name}-{fold}" if fold else trial.name,
+        train=trial.train,
+        train_set=training_set_for(resampled, trial, fold),
+        out_dir=str(trial_dir),
+        run_id=run_id,
+        val_set=val_set,
+        metric_prefix=f"{fold}/" if fold else "",
     )
+
+
+def needs_refit(splits: StageResult, search: SearchConfig) -> bool:
+    return search.refit or splits.report.get("mode") == "kfold"
+
+
+def refit(
+    best: StageResult, splits: StageResult, trials: list[Trial], run_id: str | None, tracking_uri: str | None
+) -> StageResult:
+    """The winning trial retrained on train+val (all folds) for its best epoch count, no
+    validation left to stop on; its checkpoint replaces the search winner's for the test."""
+    trial = next(t for t in trials if t.name == best.report["winner"])
+    epochs = best.report["winner_best_epoch"] + 1
+    cfg = trial.train.model_copy(update={"epochs": epochs})
+    key = stable_hash(best.key, splits.key, cfg.model_dump(), code_version("mlpipe.train"))[:16]
+    images, y = load_parts(splits, development_parts(splits))
+    data = resample_training_set(images, y, trial.resample, class_names(splits))
+    with stage_dir("refit", key) as out:
+        np.savez(out / "train.npz", **data)
+        spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=len(class_names(splits)),
+                          tracking_uri=tracking_uri,
+                          trials=[TrialSpec(name=f"{trial.name}-refit", train=cfg, train_set=str(out / "train.npz"),
+                                            out_dir=str(out), run_id=run_id)])  # fmt: skip
+        spec_path = write_json(out / "launch.json", spec.model_dump())
+        launch(spec_path, resolve_nproc(cfg), cfg.max_restarts, out / "launch.log", cpu=not uses_cuda(cfg))
+        result = TrialResult.model_validate_json((out / "result.json").read_text())
+        report = {**best.report, "refit": {"trial": trial.name, "epochs": epochs, "train_items": result.train_items,
+                                           "synthetic": int(data["synthetic"].sum()), "seconds": result.seconds,
+                                           "run_id": run_id}}  # fmt: skip
+        write_json(out / "report.json", report)
+    return StageResult.at("refit", key, report, checkpoint=final_path("refit", key) / "checkpoint.pt")

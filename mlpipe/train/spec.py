@@ -19,13 +19,15 @@ class TrialSpec(BaseModel):
     train_set: str  # npz: images, y, synthetic, class_weight (from resample)
     out_dir: str  # rank 0 writes checkpoint.pt and result.json here
     run_id: str | None = None  # MLflow child run that rank 0 logs metrics into
+    val_set: str | None = None  # this trial's validation part (a cross-validation fold); None: the launch's
+    metric_prefix: str = ""  # e.g. "fold2/": fold runs of one trial share its MLflow run
 
 
 class WorkerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pixels: str  # the decode-once uint8 cache from ingest
-    val_set: str  # npz: pixel_index, y
+    val_set: str | None  # npz: pixel_index, y. None (a refit on train+val): fixed epochs, the last weights kept
     num_classes: int
     tracking_uri: str | None = None
     trials: list[TrialSpec]

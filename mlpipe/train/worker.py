@@ -108,9 +108,11 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
 
     data = np.load(trial.train_set)
     train_images, train_y = data["images"], data["y"]
-    val_part = np.load(spec.val_set)
-    val_images = np.ascontiguousarray(np.load(spec.pixels, mmap_mode="r")[val_part["pixel_index"]])
-    val_y = val_part["y"]
+    val_path = trial.val_set or spec.val_set
+    if val_path is not None:
+        val_part = np.load(val_path)
+        val_images = np.ascontiguousarray(np.load(spec.pixels, mmap_mode="r")[val_part["pixel_index"]])
+        val_y = val_part["y"]
     channels = train_images.shape[3]
 
     # Normalization statistics from the training split only.
@@ -154,14 +156,19 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
         sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
         train_loss = train_one_epoch(net, loader, optimizer, loss_fn, scaler, amp_dtype, norm, ctx)
         scheduler.step()
-        metrics = {"train_loss": train_loss, **validate(model, val_images, val_y, cfg.batch_size, amp_dtype, norm, ctx)}
+        metrics = {"train_loss": train_loss}
+        if val_path is not None:
+            metrics.update(validate(model, val_images, val_y, cfg.batch_size, amp_dtype, norm, ctx))
         history.append({"epoch": epoch, **metrics})
         if ctx.is_main:
-            print(f"{trial.name} epoch {epoch:3d} loss {train_loss:.4f} val_macro_f1 {metrics['val_macro_f1']:.4f}", flush=True)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_macro_f1"))
+            print(f"{trial.name} epoch {epoch:3d} {shown}", flush=True)
             if tracker is not None:
-                tracker(metrics, epoch)
-        if metrics["val_macro_f1"] > best_score:
-            best_score, best_epoch = metrics["val_macro_f1"], epoch
+                tracker({trial.metric_prefix + k: v for k, v in metrics.items()}, epoch)
+        # Without validation (a refit) every epoch counts as the best: the last weights are kept.
+        score = metrics.get("val_macro_f1", float(epoch))
+        if score > best_score:
+            best_score, best_epoch = score, epoch
             best_state = copy.deepcopy(model.state_dict())
             if ctx.is_main:
                 save_checkpoint(ckpt_path, {
@@ -173,7 +180,7 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
                     "mean": mean.cpu(),
                     "std": std.cpu(),
                     "epoch": epoch,
-                    "val_macro_f1": best_score,
+                    "val_macro_f1": metrics.get("val_macro_f1"),
                 })
         elif epoch - best_epoch >= cfg.patience:
             break
@@ -181,8 +188,9 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
     model.load_state_dict(best_state)  # early stopping restores the best weights, not the last
     best = history[best_epoch]
     if ctx.is_main:
-        print(f"[{trial.name}] done: best epoch {best_epoch} of {len(history)}, "
-              f"val_macro_f1 {best['val_macro_f1']:.4f}, {time.perf_counter() - started:.1f}s", flush=True)
+        score = f"val_macro_f1 {best['val_macro_f1']:.4f}" if "val_macro_f1" in best else "no validation (refit)"
+        print(f"[{trial.name}] done: best epoch {best_epoch} of {len(history)}, {score}, "
+              f"{time.perf_counter() - started:.1f}s", flush=True)
     return TrialResult(
         name=trial.name,
         best_epoch=best_epoch,

@@ -51,14 +51,14 @@ def finished(harness, env):
     config = PipelineConfig().with_overrides({"train.nproc": 2, "train.epochs": 10})
     reads = []
     mp = pytest.MonkeyPatch()
-    original = mlpipe.split.load_split
+    original = mlpipe.split.load_parts
 
-    def spy(splits, name):
-        reads.append(name)
-        return original(splits, name)
+    def spy(splits, parts):
+        reads.extend(parts)
+        return original(splits, parts)
 
-    mp.setattr(mlpipe.evaluate, "load_split", spy)
-    mp.setattr(mlpipe.resample, "load_split", spy)
+    mp.setattr(mlpipe.split, "load_parts", spy)
+    mp.setattr(mlpipe.resample, "load_parts", spy)
     state = training_pipeline(config, return_state=True)
     mp.undo()
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -95,7 +95,7 @@ def test_one_child_run_per_trial_and_a_registered_model(finished):
 
 
 def test_trials_see_train_and_val_only_and_the_test_set_is_read_once(finished):
-    assert finished["reads"] == ["train", "test"]  # resample: train; evaluate: test, once
+    assert finished["reads"] == ["train.npz", "test.npz"]  # resample: train; evaluate: test, once
 
 
 def test_run_is_reproducible_from_its_mlflow_record(finished, tmp_path):
@@ -134,6 +134,31 @@ def test_no_personal_value_reaches_mlflow_logs_or_file_names(finished):
 
     leaks = {where: v for where, text in haystacks.items() for v in secrets if v in text}
     assert leaks == {}
+
+
+def test_kfold_cross_validates_every_trial_and_refits_the_winner(harness, env, tmp_path):
+    from flows.training_pipeline import training_pipeline
+
+    config = PipelineConfig().with_overrides({
+        "experiment": "kfold", "split.mode": "kfold", "split.folds": 3, "train.epochs": 3,
+        "search.grid": {"train.lr": [0.002, 0.006]},
+    })  # fmt: skip
+    state = training_pipeline(config, return_state=True)
+    assert state.is_completed()
+    summary, client = state.result(), MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(summary["run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"trial-000", "trial-001", "refit"}
+    for name in ("trial-000", "trial-001"):  # per-fold curves under fold prefixes, the fold mean as the trial's
+        metrics = by_name[name].data.metrics
+        assert {"fold0/val_macro_f1", "fold1/val_macro_f1", "fold2/val_macro_f1", "val_macro_f1"} <= set(metrics)
+        folds = [metrics[f"fold{k}/val_macro_f1"] for k in range(3)]
+        history = client.get_metric_history(by_name[name].info.run_id, "fold0/val_macro_f1")
+        assert len(history) == 3 and min(folds) <= metrics["val_macro_f1"] <= max(folds)
+    evaluated = json.loads(Path(client.download_artifacts(summary["run_id"], "evaluate/report.json", str(tmp_path))).read_text())
+    assert evaluated["model"] == "refit on train+val"
+    assert evaluated["refit"]["trial"] == by_name["refit"].data.params["trial"]
 
 
 def test_a_failing_stage_fails_the_mlflow_run_instead_of_leaving_it_running(harness, env):

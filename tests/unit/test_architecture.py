@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["ingest", "anonymize", "label", "split", "resample", "train", "search", "evaluate"]
+STAGES = ["ingest", "anonymize", "label", "split", "resample", "train", "search", "refit", "evaluate"]
 
 
 def _imports(path: Path) -> set[str]:

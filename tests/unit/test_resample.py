@@ -79,15 +79,20 @@ def test_resampling_cannot_see_validation_or_test_data(monkeypatch, state):
     assert list(inspect.signature(resample_training_set).parameters) == ["images", "y", "config", "names"]
     # ... and the stage reads the training split only.
     seen = []
-    monkeypatch.setattr(resample_module, "load_split", lambda splits, name: seen.append(name) or _data())
+    monkeypatch.setattr(resample_module, "load_parts", lambda splits, parts: seen.append(parts) or _data())
     monkeypatch.setattr(resample_module, "class_names", lambda splits: NAMES)
 
     class FakeSplits:
         key = "k"
+        report = {"mode": "holdout", "folds": None}
 
     trials = PipelineConfig().with_overrides({"search.grid": {"resample.strategy": ["none", "smote"]}}).trials()
     result = resample(FakeSplits(), trials)
-    assert seen == ["train"]
+    assert seen == [["train.npz"]]
+    FakeSplits.report = {"mode": "kfold", "folds": [10, 10, 10]}  # each fold's training part: the other folds
+    seen.clear()
+    resample(FakeSplits(), trials)
+    assert seen == [["fold-1.npz", "fold-2.npz"], ["fold-0.npz", "fold-2.npz"], ["fold-0.npz", "fold-1.npz"]]
     assert len(result.report["strategies"]) == 2
     assert result.file("class_counts.png").stat().st_size > 1000
 
