@@ -119,3 +119,31 @@ def test_validation_and_test_files_are_byte_identical_after_every_strategy(state
     assert {name: digest(name) for name in ("val", "test")} == before
     for entry in result.report["strategies"].values():  # synthetic items exist only in training sets
         assert entry["synthetic"] == 0 or entry["config"]["strategy"] in ("smote", "adasyn")
+
+
+def test_resampling_improves_minority_class_recall_on_the_skewed_sample(state, sample_root):
+    """Fixed seeds, 6 epochs, one process: the three rarest classes' validation recall with no
+    resampling vs random_over and smote (measured: none 0.17, random_over 0.82, smote 0.87)."""
+    from sklearn.metrics import recall_score
+
+    from mlpipe.anonymize import anonymize
+    from mlpipe.config import AnonymizeConfig, IngestConfig, LabelConfig, SourceConfig, SplitConfig
+    from mlpipe.evaluate import predict_proba
+    from mlpipe.ingest import ingest
+    from mlpipe.label import label
+    from mlpipe.split import load_split, split
+    from mlpipe.train.launch import train
+    from mlpipe.train.model import load_checkpoint
+
+    source = SourceConfig(uri=str(sample_root))
+    splits = split(label(anonymize(ingest(source, IngestConfig()), AnonymizeConfig(), source), LabelConfig()), SplitConfig())
+    rarest = np.argsort(np.bincount(load_split(splits, "train")[1]))[:3]
+    grid = {"resample.strategy": ["none", "random_over", "smote"]}
+    trials = PipelineConfig().with_overrides({"train.epochs": 6, "train.nproc": 1, "search.grid": grid}).trials()
+    trained = train(splits, resample(splits, trials), trials, {}, None)
+    images, y = load_split(splits, "val")
+    recall = {}
+    for entry in trained.report["trials"]:
+        pred = predict_proba(load_checkpoint(trained.file(entry["checkpoint"])), images).argmax(axis=1)
+        recall[entry["params"]["resample.strategy"]] = recall_score(y, pred, labels=rarest, average="macro")
+    assert max(recall["random_over"], recall["smote"]) > recall["none"] + 0.2, recall
