@@ -265,7 +265,9 @@ def likely_label_errors(features: np.ndarray, y: np.ndarray, folds: int, seed: i
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     cv = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
     probs = cross_val_predict(model, features, codes, cv=cv, method="predict_proba")
-    return find_label_issues(labels=codes, pred_probs=probs, filter_by="prune_by_noise_rate"), None
+    # n_jobs=1: cleanlab's process pool would fork the caller (a Prefect task, whose SIGTERM
+    # handler then prints a traceback when the pool is shut down); the filter itself is cheap.
+    return find_label_issues(labels=codes, pred_probs=probs, filter_by="prune_by_noise_rate", n_jobs=1), None
 
 
 def label(dataset: StageResult, config: LabelConfig) -> StageResult:

@@ -12,7 +12,10 @@ the better choice. Synthetic items are flagged and exist only in the training se
 
 from __future__ import annotations
 
+import functools
+import json
 from collections import Counter
+from pathlib import Path
 
 import matplotlib
 
@@ -25,8 +28,8 @@ from sklearn.utils.class_weight import compute_class_weight  # noqa: E402
 
 from mlpipe.config import ResampleConfig, Trial  # noqa: E402
 from mlpipe.errors import MlpipeError  # noqa: E402
-from mlpipe.split import class_names, cv_folds, load_parts  # noqa: E402
-from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json  # noqa: E402
+from mlpipe.split import class_names, cv_folds, load_labels, load_parts  # noqa: E402
+from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json  # noqa: E402
 
 
 def resample_training_set(
@@ -86,29 +89,53 @@ def _interpolate(images, y, config: ResampleConfig, names: list[str]):
 
 def resample(splits: StageResult, trials: list[Trial]) -> StageResult:
     """One training set per distinct `resample` config among the trials, and per fold in kfold
-    mode (each fold's training part is resampled on its own: its validation fold stays real)."""
+    mode (each fold's training part is resampled on its own: its validation fold stays real).
+
+    Each config's sets are cached on (split fingerprint, that config, code version): a rerun
+    that adds a strategy to the grid computes only the new one."""
     names = class_names(splits)
-    report = {"classes": names, "strategies": {}}
+    _, first_parts, _ = cv_folds(splits)[0]
+    before = _counts(load_labels(splits, first_parts), len(names))
+    report = {"classes": names, "before": before, "strategies": {}, "reused": []}
+    files: dict[str, Path] = {}
     configs = {stable_hash(t.resample)[:12]: t.resample for t in trials}
+    load = functools.lru_cache(maxsize=1)(lambda parts: load_parts(splits, list(parts)))  # one fold in memory
+    for cfg_key, cfg in configs.items():
+        folder, entries, reused = _training_sets(splits, cfg, names, load)
+        for fold, entry in entries.items():
+            report["strategies"][cfg_key + fold] = entry
+            files[f"{cfg_key}{fold}.npz"] = folder / f"train{fold}.npz"
+        if reused:
+            report["reused"].append(cfg_key)
     key = stable_hash(splits.key, sorted(configs), code_version("mlpipe.resample"))[:16]
     with stage_dir("resample", key) as out:
-        for fold, parts, _ in cv_folds(splits):
-            images, y = load_parts(splits, parts)
-            report.setdefault("before", _counts(y, len(names)))  # the chart shows the first fold
-            for cfg_key, cfg in configs.items():
-                result = resample_training_set(images, y, cfg, names)
-                np.savez(out / f"{cfg_key}{fold}.npz", **result)
-                report["strategies"][cfg_key + fold] = {
-                    "config": cfg.model_dump(),
-                    "fold": fold or None,
-                    "after": _counts(result["y"], len(names)),
-                    "synthetic": int(result["synthetic"].sum()),
-                    "class_weight": [round(float(w), 4) for w in result["class_weight"]],
-                    "weighted_sampler": bool(len(result["sampler_weight"])),
-                }
         _chart(report, out / "class_counts.png")
         write_json(out / "report.json", report)
-    return StageResult.at("resample", key, report)
+    return StageResult.at("resample", key, report, **files)
+
+
+def _training_sets(splits: StageResult, cfg: ResampleConfig, names: list[str], load) -> tuple[Path, dict[str, dict], bool]:
+    """(folder, report entry per fold, reused?) for one resample config; `load(parts)` reads a fold."""
+    set_key = stable_hash(splits.key, cfg, code_version("mlpipe.resample"))[:16]
+    folder = final_path("resample-sets", set_key)
+    if (folder / "entries.json").exists():
+        return folder, json.loads((folder / "entries.json").read_text()), True
+    entries = {}
+    with stage_dir("resample-sets", set_key) as out:
+        for fold, parts, _ in cv_folds(splits):
+            images, y = load(tuple(parts))
+            result = resample_training_set(images, y, cfg, names)
+            np.savez(out / f"train{fold}.npz", **result)
+            entries[fold] = {
+                "config": cfg.model_dump(),
+                "fold": fold or None,
+                "after": _counts(result["y"], len(names)),
+                "synthetic": int(result["synthetic"].sum()),
+                "class_weight": [round(float(w), 4) for w in result["class_weight"]],
+                "weighted_sampler": bool(len(result["sampler_weight"])),
+            }
+        write_json(out / "entries.json", entries)
+    return folder, entries, False
 
 
 def _chart(report: dict, path) -> None:

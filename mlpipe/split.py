@@ -231,6 +231,11 @@ def development_parts(splits: StageResult) -> list[str]:
     return [*train_parts, val_part]
 
 
+def load_labels(splits: StageResult, parts: list[str]) -> np.ndarray:
+    """The labels alone of the union of split files (no pixels read)."""
+    return np.concatenate([np.load(splits.file(p))["y"] for p in parts])
+
+
 def load_parts(splits: StageResult, parts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 NHWC, labels) of the union of split files, from the pixel cache."""
     loaded = [np.load(splits.file(p)) for p in parts]

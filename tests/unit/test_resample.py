@@ -7,7 +7,7 @@ import pytest
 import mlpipe.resample as resample_module
 from mlpipe.config import IngestConfig, LabelConfig, PipelineConfig, ResampleConfig, SourceConfig, SplitConfig
 from mlpipe.errors import MlpipeError
-from mlpipe.resample import resample, resample_training_set
+from mlpipe.resample import resample, resample_training_set, training_set_for
 from mlpipe.train.data import DistributedWeightedSampler
 
 NAMES = ["a", "b", "c"]
@@ -80,6 +80,7 @@ def test_resampling_cannot_see_validation_or_test_data(monkeypatch, state):
     # ... and the stage reads the training split only.
     seen = []
     monkeypatch.setattr(resample_module, "load_parts", lambda splits, parts: seen.append(parts) or _data())
+    monkeypatch.setattr(resample_module, "load_labels", lambda splits, parts: seen.append(parts) or _data()[1])
     monkeypatch.setattr(resample_module, "class_names", lambda splits: NAMES)
 
     class FakeSplits:
@@ -88,13 +89,35 @@ def test_resampling_cannot_see_validation_or_test_data(monkeypatch, state):
 
     trials = PipelineConfig().with_overrides({"search.grid": {"resample.strategy": ["none", "smote"]}}).trials()
     result = resample(FakeSplits(), trials)
-    assert seen == [["train.npz"]]
+    assert seen == [["train.npz"]] * 2  # class counts before, then the pixels once for every config
+    FakeSplits.key = "k2"
     FakeSplits.report = {"mode": "kfold", "folds": [10, 10, 10]}  # each fold's training part: the other folds
     seen.clear()
     resample(FakeSplits(), trials)
-    assert seen == [["fold-1.npz", "fold-2.npz"], ["fold-0.npz", "fold-2.npz"], ["fold-0.npz", "fold-1.npz"]]
+    folds = [["fold-1.npz", "fold-2.npz"], ["fold-0.npz", "fold-2.npz"], ["fold-0.npz", "fold-1.npz"]]
+    assert seen == [folds[0]] + folds * 2
     assert len(result.report["strategies"]) == 2
     assert result.file("class_counts.png").stat().st_size > 1000
+
+
+def test_each_resample_config_is_cached_on_its_own(monkeypatch, state):
+    monkeypatch.setattr(resample_module, "load_parts", lambda splits, parts: _data())
+    monkeypatch.setattr(resample_module, "load_labels", lambda splits, parts: _data()[1])
+    monkeypatch.setattr(resample_module, "class_names", lambda splits: NAMES)
+
+    class FakeSplits:
+        key, report = "k", {"mode": "holdout", "folds": None}
+
+    def grid(*strategies):
+        return PipelineConfig().with_overrides({"search.grid": {"resample.strategy": list(strategies)}}).trials()
+
+    first = resample(FakeSplits(), grid("none", "smote"))
+    second = resample(FakeSplits(), grid("none", "smote", "random_over"))  # one strategy added to the grid
+    assert first.report["reused"] == [] and len(second.report["reused"]) == 2
+    smote = grid("smote")[0]
+    assert training_set_for(first, smote) == training_set_for(second, smote)
+    FakeSplits.key = "changed split"
+    assert resample(FakeSplits(), grid("none", "smote")).report["reused"] == []
 
 
 def test_validation_and_test_files_are_byte_identical_after_every_strategy(state, sample_root):
