@@ -211,13 +211,33 @@ def default_augmentation() -> dict[str, Any]:
 
 
 class TrainConfig(_Section):
-    model: Literal["small_cnn"] = Field("small_cnn", description="Architecture.")
+    model: Literal["small_cnn", "resnet18", "resnet34", "resnet50", "convnext_tiny", "efficientnet_b0"] = Field(
+        "small_cnn", description="Architecture: a small CNN for tiny images, or a torchvision model."
+    )
+    pretrained: str | None = Field(
+        None, description="Local file with weights (a state dict) to start from; never downloaded."
+    )
+    freeze: Literal["none", "backbone"] = Field("none", description="backbone: train only the classifier head.")
     epochs: int = Field(20, ge=1, le=1000)
     batch_size: int = Field(64, ge=1, le=65536, description="Per-process batch size.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw")
     lr: float = Field(3e-3, gt=0, le=10)
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loss: Literal["cross_entropy", "focal"] = Field("cross_entropy", description="focal: (1-p)^gamma-weighted cross-entropy.")
+    focal_gamma: float = Field(2.0, ge=0, le=10)
+    scheduler: Literal["cosine", "onecycle", "step", "constant"] = Field(
+        "cosine", description="Learning-rate schedule, stepped per batch, after the warmup."
+    )
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warmup (epochs; fractions allowed).")
+    step_epochs: int = Field(10, ge=1, description="step schedule: multiply the rate by step_gamma every this many epochs.")
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value; null: no clipping.")
+    sync_batchnorm: bool = Field(False, description="SyncBatchNorm across GPUs (CUDA, more than one process).")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "off", description="torch.compile mode; compiling costs start-up time (minutes for max-autotune)."
+    )
+    nccl_timeout_s: int = Field(600, ge=10, le=86400, description="Collective timeout: a hung rank fails the job after this.")
     patience: int = Field(5, ge=1, description="Early stopping: epochs without validation macro-F1 gain.")
     augment: dict[str, Any] | None = Field(
         default_factory=default_augmentation,

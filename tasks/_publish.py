@@ -31,16 +31,10 @@ def _markdown(result: StageResult) -> str:
     return "\n".join(lines)
 
 
-def trial_progress(total: int) -> Callable[[str], None]:
-    """A Prefect progress artifact for the train task, advanced as each trial finishes."""
-    artifact = create_progress_artifact(0.0, key="train-progress", description="trials finished (%)")
-    finished: list[str] = []
-
-    def on_trial_done(name: str) -> None:
-        finished.append(name)
-        update_progress_artifact(artifact, 100.0 * len(finished) / total)
-
-    return on_trial_done
+def training_progress() -> Callable[[float], None]:
+    """A Prefect progress artifact for the train task, updated after every epoch."""
+    artifact = create_progress_artifact(0.0, key="train-progress", description="planned training epochs done (%)")
+    return lambda fraction: update_progress_artifact(artifact, round(100.0 * fraction, 1))
 
 
 def publish_trials(run: RunRef, trained: StageResult) -> None:

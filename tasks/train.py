@@ -4,10 +4,9 @@ from prefect.cache_policies import NO_CACHE
 from mlpipe import tracking
 from mlpipe.config import Trial
 from mlpipe.store import StageResult
-from mlpipe.train.launch import planned_runs
 from mlpipe.train.launch import train as train_trials
 from mlpipe.tracking import RunRef
-from tasks._publish import publish, publish_trials, trial_progress
+from tasks._publish import publish, publish_trials, training_progress
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -15,8 +14,7 @@ def train(splits: StageResult, resampled: StageResult, trials: list[Trial], run:
     """Every trial in one torchrun launch (DDP); one nested MLflow run per trial."""
     run_ids = {t.name: tracking.start_child_run(run, t.name, t.flat_params()) for t in trials}
     try:
-        progress = trial_progress(planned_runs(splits, trials))
-        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, progress)
+        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, training_progress())
     except BaseException:
         for run_id in run_ids.values():
             tracking.end_run(run, run_id, failed=True)

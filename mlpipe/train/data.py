@@ -11,43 +11,54 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
 import albumentations as A  # noqa: E402
 
 
-def build_augmentation(policy: dict[str, Any] | None, seed: int) -> A.Compose | None:
+def build_augmentation(policy: dict[str, Any] | None) -> A.Compose | None:
     """The policy is albumentations' own dict serialization (`A.to_dict`), so any transform works."""
-    if not policy:
-        return None
-    transform = A.from_dict(policy)
-    transform.set_random_seed(seed)
-    return transform
+    return A.from_dict(policy) if policy else None
 
 
 class ImageArrayDataset(Dataset):
-    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: A.Compose | None = None):
-        self.images, self.targets, self.transform = images, targets, transform
+    """uint8 HWC images. Keys are `epoch * len + index` (see `EpochKeyedSampler`): each item's
+    augmentation is seeded from (seed, epoch, index), so an epoch's augmentations are the same
+    whatever the number of DataLoader workers or ranks, and a resumed epoch repeats exactly."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, transform: A.Compose | None = None, seed: int = 0):
+        self.images, self.targets, self.transform, self.seed = images, targets, transform, seed
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, int]:
+        index = key % len(self.targets)
         image = self.images[index]
         if self.transform is not None:
+            self.transform.set_random_seed((self.seed * 1_000_003 + key * 2_654_435_761) % 2**32)
             image = self.transform(image=image)["image"]
             if image.ndim == 2:  # cv2 drops a single channel axis
                 image = image[:, :, None]
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), int(self.targets[index])
 
 
-def seed_worker(worker_id: int) -> None:
-    """Give each DataLoader worker its own augmentation stream, derived from torch's per-worker seed."""
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info else None
-    if transform is not None:
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+class EpochKeyedSampler(torch.utils.data.Sampler[int]):
+    """Wraps a (distributed) sampler and tags each index with the epoch: yields epoch * n + index."""
+
+    def __init__(self, sampler, n: int):
+        self.sampler, self.n, self.epoch = sampler, n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return (self.epoch * self.n + int(i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class DistributedWeightedSampler(torch.utils.data.Sampler[int]):

@@ -34,9 +34,17 @@ def init_distributed(device: str, timeout_s: int = 600) -> DistContext:
     else:
         dev = torch.device("cpu")
     if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        timeout = datetime.timedelta(seconds=timeout_s)  # explicit: a hung peer fails, not hangs
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # After an elastic restart the rendezvous store still holds the dead round's addresses;
+        # a per-round prefix keeps the new ranks from dialling them.
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),  # explicit: a hung peer fails, not hangs
+            store=dist.PrefixStore(f"mlpipe/round-{restart}", store),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
             device_id=dev if use_cuda else None,
         )
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)

@@ -6,10 +6,15 @@ logs per-epoch metrics into them. The worker reads only training and validation 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -53,34 +58,114 @@ def torchrun_command(spec_path: Path, nproc: int, max_restarts: int) -> list[str
 
 def launch(
     spec_path: Path, nproc: int, max_restarts: int, log_path: Path, cpu: bool,
-    on_trial_done: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> None:  # fmt: skip
-    """Run torchrun, stream rank 0's progress to the log, fail with the last error line."""
+    """Run torchrun, stream rank 0's progress to the log, fail with the last error line.
+
+    torchrun runs in a process group of its own. Whatever ends this call early (an exception,
+    Prefect's cancellation signal, Ctrl-C, SIGTERM) takes the whole group down with it, and a
+    parent killed outright takes torchrun down through the kernel's parent-death signal, so no
+    worker outlives its run.
+    """
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
     if cpu:  # share the cores instead of oversubscribing them nproc times
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     tail: deque[str] = deque(maxlen=40)
-    with open(log_path, "w", encoding="utf-8") as sink:
+    with open(log_path, "w", encoding="utf-8") as sink, _sigterm_raises():
         proc = subprocess.Popen(
             torchrun_command(spec_path, nproc, max_restarts),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
-        for line in proc.stdout:
-            sink.write(line)
-            tail.append(line.rstrip())
-            if line.startswith("[trial-"):
-                log.info(line.rstrip())
-                if on_trial_done is not None:
-                    on_trial_done(line[1 : line.index("]")])
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                sink.write(line)
+                sink.flush()  # the log is live: `tail -f` shows each epoch as it ends
+                tail.append(line.rstrip())
+                if line.startswith("[trial-"):
+                    log.info(line.rstrip())
+                    if progress is not None:
+                        progress.run_done(line)
+                elif progress is not None and " epoch " in line and " img/s" in line:
+                    progress.epoch(line)
+            code = proc.wait()
+        except BaseException:
+            stop_process_group(proc)
+            raise
     if code != 0:
         errors = [t for t in tail if "Error" in t or "error" in t] or list(tail) or ["no output"]
         raise MlpipeError(f"training failed (torchrun exit code {code}): {errors[-1].strip()}")
 
 
-def planned_runs(splits: StageResult, trials: list[Trial]) -> int:
-    """Training runs the stage will do: one per trial, times the folds in kfold mode."""
-    return len(trials) * len(cv_folds(splits))
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to torchrun's whole group (torchrun stops its workers), SIGKILL after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # workers that ignored SIGTERM
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: receive SIGTERM if the launching process dies (Linux prctl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """A plain process dies on SIGTERM without unwinding; while training, SIGTERM raises instead
+    so the workers are stopped first. (Prefect installs its own handler; that one is kept.)"""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL, None
+    ):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Progress:
+    """Epochs done out of epochs planned (all trials, all folds), from the worker's output lines:
+    a terminal bar (only on a terminal) and `on_progress(fraction)` for the Prefect artifact.
+    An early-stopped run counts its skipped epochs as done."""
+
+    DONE = re.compile(r"^\[(?P<name>[^\]]+)\] done: best epoch \d+ of (?P<ran>\d+)")
+
+    def __init__(self, planned: dict[str, int], on_progress: Callable[[float], None] | None):
+        from tqdm import tqdm
+
+        self.planned, self.on_progress, self.done = planned, on_progress, 0
+        self.bar = tqdm(total=sum(planned.values()), unit="epoch", desc="train", disable=None)
+
+    def epoch(self, line: str) -> None:
+        self._advance(1)
+
+    def run_done(self, line: str) -> None:
+        match = self.DONE.match(line)
+        if match:
+            self._advance(self.planned.get(match["name"], 0) - int(match["ran"]))
+
+    def _advance(self, epochs: int) -> None:
+        self.done += max(epochs, 0)
+        self.bar.update(max(epochs, 0))
+        if self.on_progress is not None:
+            self.on_progress(min(1.0, self.done / max(1, sum(self.planned.values()))))
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def train(
@@ -89,17 +174,19 @@ def train(
     trials: list[Trial],
     run_ids: dict[str, str],
     tracking_uri: str | None,
-    on_trial_done: Callable[[str], None] | None = None,
+    on_progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """Train all trials; returns a report with one entry per trial (validation metrics only). In
     kfold mode each trial is trained once per fold and its entry holds the fold means.
 
-    `on_trial_done(name)` is called as each trial (or fold run) finishes, for progress reporting.
+    `on_progress(fraction)` is called after every epoch with the share of planned epochs done.
     """
     key = stable_hash(splits.key, resampled.key, [t.model_dump() for t in trials], code_version("mlpipe.train"))[:16]
     num_classes = len(class_names(splits))
     folds = cv_folds(splits)
-    with stage_dir("train", key) as out:
+    planned = {f"{t.name}-{fold}" if fold else t.name: t.train.epochs for t in trials for fold, _, _ in folds}
+    progress = Progress(planned, on_progress)
+    with stage_dir("train", key) as out, contextlib.closing(progress):
         groups: dict[tuple[bool, int, int], list[Trial]] = {}
         for trial in trials:  # one launch per (device, nproc, restarts) combination; usually one
             groups.setdefault((uses_cuda(trial.train), resolve_nproc(trial.train), trial.train.max_restarts), []).append(trial)
@@ -109,7 +196,7 @@ def train(
             spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
                               tracking_uri=tracking_uri, trials=specs)  # fmt: skip
             spec_path = write_json(out / f"launch-{n}.json", spec.model_dump())
-            launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda, on_trial_done=on_trial_done)
+            launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda, progress=progress)
         results = [_trial_entry(t, [fold for fold, _, _ in folds], out, run_ids.get(t.name)) for t in trials]
         report = {"trials": results, "num_classes": num_classes, "folds": len(folds) if folds[0][0] else None}
         write_json(out / "report.json", report)

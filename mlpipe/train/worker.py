@@ -6,13 +6,20 @@ benchmarks on any machine with torch, albumentations and scikit-learn.
 One launch serves all trials: process start-up and rendezvous cost seconds, and the process
 group can be reused. Launch commands (the train task builds the first):
 
-    # one machine, CPU processes or one process per GPU
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m mlpipe.train.worker --spec spec.json
-    # one GPU, no torchrun at all
-    python -m mlpipe.train.worker --spec spec.json
-    # several nodes (run on each; node 0's address as the endpoint)
-    python -m torch.distributed.run --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \
+    # one machine, N CPU processes or one process per GPU (standalone: a free port per job)
+    python -m torch.distributed.run --standalone --nproc-per-node N --max-restarts 2 \
+        -m mlpipe.train.worker --spec spec.json
+    # one GPU
+    python -m torch.distributed.run --standalone --nproc-per-node 1 -m mlpipe.train.worker --spec spec.json
+    # several nodes (run on each; node 0's address as the endpoint; out_dir on a shared filesystem)
+    python -m torch.distributed.run --nnodes 2 --nproc-per-node 8 --max-restarts 2 --rdzv-backend c10d \
         --rdzv-endpoint HOST:29400 --rdzv-id JOB -m mlpipe.train.worker --spec spec.json
+
+Failures: if one rank dies, torchrun stops the others and (with --max-restarts) starts them
+all again; the worker then skips finished trials (their result.json) and resumes the current
+one from its `last.pt` (model, optimizer, scheduler, scaler, RNG, epoch, history), continuing
+exactly, and logs to MLflow only the epochs MLflow has not seen. A hung collective fails after
+`train.nccl_timeout_s`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import os
+import random
 import time
 from pathlib import Path
 
@@ -31,9 +39,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mlpipe.metrics import classification_metrics
-from mlpipe.train.data import DistributedWeightedSampler, ImageArrayDataset, build_augmentation, seed_worker
+from mlpipe.train.data import DistributedWeightedSampler, EpochKeyedSampler, ImageArrayDataset, build_augmentation
 from mlpipe.train.ddp import DistContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed
-from mlpipe.train.model import build_model
+from mlpipe.train.model import build_model, freeze_backbone, load_pretrained
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
 
 
@@ -51,24 +59,68 @@ def normalize_on_device(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     return ((batch.float() / 255.0 - mean) / std).contiguous(memory_format=fmt)
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, scaler, amp_dtype, norm, ctx: DistContext) -> float:
+def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx: DistContext,
+                    grad_clip: float | None = None) -> dict[str, float]:  # fmt: skip
+    """One pass over this rank's shard; loss and accuracy all-reduced over ranks, img/s global."""
     model.train()
     # Summed on the device: a per-step .item() would stall the GPU on every batch.
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    correct = torch.zeros((), dtype=torch.float64, device=ctx.device)
     count = 0
+    started = time.perf_counter()
     for images, targets in loader:
         images = normalize_on_device(images.to(ctx.device, non_blocking=True), *norm)
         targets = targets.to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = loss_fn(model(images), targets)
+            logits = model(images)
+            loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         total += loss.detach().double() * len(targets)
+        correct += (logits.detach().argmax(dim=1) == targets).sum().double()
         count += len(targets)
-    total, count = all_reduce_sum([total.item(), count], ctx.device)
-    return total / max(count, 1)
+    total, correct, count = all_reduce_sum([total.item(), correct.item(), count], ctx.device)
+    seconds = time.perf_counter() - started
+    return {"train_loss": total / max(count, 1), "train_accuracy": correct / max(count, 1), "img_per_s": count / seconds}
+
+
+def focal_loss(weight: torch.Tensor, gamma: float, label_smoothing: float):
+    """Softmax focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma, so easy,
+    well-classified items count less; class weights and label smoothing apply as in CrossEntropyLoss."""
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
+        p_true = torch.softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
+        return ((1 - p_true) ** gamma * ce * weight[targets]).sum() / weight[targets].sum()
+
+    return loss
+
+
+def build_scheduler(optimizer, cfg, steps_per_epoch: int):
+    """torch's schedulers, stepped per batch: a linear warmup, then cosine, step or constant;
+    one-cycle uses the warmup share as its rising phase."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "onecycle":
+        pct = warmup / total if warmup else 0.3
+        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=max(pct, 1 / total))
+    if cfg.scheduler == "cosine":
+        main = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    elif cfg.scheduler == "step":
+        main = sched.StepLR(optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.step_gamma)
+    else:
+        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if not warmup:
+        return main
+    ramp = sched.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warmup)
+    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 @torch.no_grad()
@@ -89,8 +141,9 @@ def validate(model, val_images, val_y, batch_size, amp_dtype, norm, ctx: DistCon
     proba = predict(model, val_images[positions], batch_size, amp_dtype, norm, ctx.device)
     gathered = all_gather_objects((positions, proba))
     order = np.concatenate([p for p, _ in gathered])
-    full = np.concatenate([q for _, q in gathered if len(q)])[np.argsort(order)]
-    return classification_metrics(val_y, full.astype(np.float64), prefix="val")
+    full = np.concatenate([q for _, q in gathered if len(q)])[np.argsort(order)].astype(np.float64)
+    val_loss = float(-np.log(np.clip(full[np.arange(len(val_y)), val_y], 1e-12, None)).mean())
+    return {"val_loss": val_loss, **classification_metrics(val_y, full, prefix="val")}
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -101,6 +154,9 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> TrialResult:
+    """Train one trial. With a `last.pt` in its folder (a restart after a failure) it resumes
+    from there and continues exactly: shuffles, augmentations and dropout follow from (seed,
+    epoch), so the resumed epochs draw what an uninterrupted run would."""
     cfg = trial.train
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -122,15 +178,27 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
     norm = (mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1), fmt)
     amp_dtype = resolve_amp(cfg.amp, ctx.device)
 
-    model = build_model(cfg.model, channels, spec.num_classes).to(ctx.device, memory_format=fmt)
+    model = build_model(cfg.model, channels, spec.num_classes)
+    if cfg.pretrained:
+        loaded = load_pretrained(model, cfg.pretrained)
+        if ctx.is_main:
+            print(f"{trial.name} pretrained weights: {loaded}", flush=True)
+    if cfg.freeze == "backbone":
+        freeze_backbone(model, cfg.model)
+    if cfg.sync_batchnorm and ctx.world_size > 1 and ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device, memory_format=fmt)
     net = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
         if ctx.world_size > 1 else model
+    if cfg.compile != "off":
+        net = torch.compile(net, mode=cfg.compile)
 
-    dataset = ImageArrayDataset(train_images, train_y, build_augmentation(cfg.augment, seed=cfg.seed + 1000 * ctx.rank))
+    dataset = ImageArrayDataset(train_images, train_y, build_augmentation(cfg.augment), seed=cfg.seed)
     if "sampler_weight" in data.files and len(data["sampler_weight"]):  # resample.strategy: weighted_sampler
-        sampler = DistributedWeightedSampler(data["sampler_weight"], ctx.world_size, ctx.rank, seed=cfg.seed)
+        shard = DistributedWeightedSampler(data["sampler_weight"], ctx.world_size, ctx.rank, seed=cfg.seed)
     else:
-        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+        shard = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    sampler = EpochKeyedSampler(shard, len(dataset))
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -139,50 +207,68 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
         pin_memory=ctx.device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
         prefetch_factor=4 if cfg.num_workers > 0 else None,
-        worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(cfg.seed + ctx.rank),
+        generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds never draw from the global RNG
     )
-    optimizer = _optimizer(cfg, net.parameters())
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    loss_fn = nn.CrossEntropyLoss(
-        weight=torch.as_tensor(data["class_weight"], device=ctx.device), label_smoothing=cfg.label_smoothing
-    )
+    optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    weight = torch.as_tensor(data["class_weight"], device=ctx.device)
+    loss_fn = focal_loss(weight, cfg.focal_gamma, cfg.label_smoothing) if cfg.loss == "focal" \
+        else nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     # GradScaler only with fp16 autocast; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
 
-    ckpt_path = Path(trial.out_dir) / "checkpoint.pt"
-    best_score, best_epoch, best_state, history = -1.0, -1, None, []
-    for epoch in range(cfg.epochs):
+    out = Path(trial.out_dir)
+    ckpt_path, last_path = out / "checkpoint.pt", out / "last.pt"
+    best_score, best_epoch, best_state, history, first_epoch = -1.0, -1, None, [], 0
+    if last_path.exists():
+        state = torch.load(last_path, map_location=ctx.device, weights_only=True)
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        best_score, best_epoch, best_state = state["best_score"], state["best_epoch"], state["best_state"]
+        history, first_epoch = list(state["history"]), state["epoch"] + 1
+        if ctx.is_main:
+            print(f"{trial.name} resumed after epoch {state['epoch']}", flush=True)
+            if tracker is not None:
+                tracker.catch_up(history, trial.metric_prefix)  # epochs saved but not yet logged
+
+    for epoch in range(first_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout; augmentation is seeded per item
         sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
-        train_loss = train_one_epoch(net, loader, optimizer, loss_fn, scaler, amp_dtype, norm, ctx)
-        scheduler.step()
-        metrics = {"train_loss": train_loss}
+        metrics = train_one_epoch(net, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx, cfg.grad_clip)
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        if ctx.device.type == "cuda":
+            metrics["gpu_mem_mib"] = max(all_gather_objects(torch.cuda.max_memory_allocated(ctx.device) / 2**20))
         if val_path is not None:
             metrics.update(validate(model, val_images, val_y, cfg.batch_size, amp_dtype, norm, ctx))
         history.append({"epoch": epoch, **metrics})
-        if ctx.is_main:
-            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_macro_f1"))
-            print(f"{trial.name} epoch {epoch:3d} {shown}", flush=True)
-            if tracker is not None:
-                tracker({trial.metric_prefix + k: v for k, v in metrics.items()}, epoch)
         # Without validation (a refit) every epoch counts as the best: the last weights are kept.
         score = metrics.get("val_macro_f1", float(epoch))
-        if score > best_score:
+        improved = score > best_score
+        if improved:
             best_score, best_epoch = score, epoch
             best_state = copy.deepcopy(model.state_dict())
-            if ctx.is_main:
+        if ctx.is_main:
+            if improved:
                 save_checkpoint(ckpt_path, {
-                    "model_state": best_state,
-                    "model": cfg.model,
-                    "in_channels": channels,
-                    "num_classes": spec.num_classes,
-                    "image_size": int(train_images.shape[1]),
-                    "mean": mean.cpu(),
-                    "std": std.cpu(),
-                    "epoch": epoch,
-                    "val_macro_f1": metrics.get("val_macro_f1"),
-                })
-        elif epoch - best_epoch >= cfg.patience:
+                    "model_state": best_state, "model": cfg.model, "in_channels": channels,
+                    "num_classes": spec.num_classes, "image_size": int(train_images.shape[1]),
+                    "mean": mean.cpu(), "std": std.cpu(), "epoch": epoch, "val_macro_f1": metrics.get("val_macro_f1"),
+                })  # fmt: skip
+            # Saved before the metrics are logged: a crash in between is caught up on resume.
+            save_checkpoint(last_path, {
+                "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
+                "history": history,
+            })  # fmt: skip
+            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_macro_f1"))
+            print(f"{trial.name} epoch {epoch:3d}/{cfg.epochs} {shown} {metrics['img_per_s']:.0f} img/s", flush=True)
+            if tracker is not None:
+                tracker({trial.metric_prefix + k: v for k, v in metrics.items()}, epoch)
+        if not improved and epoch - best_epoch >= cfg.patience:
             break
 
     model.load_state_dict(best_state)  # early stopping restores the best weights, not the last
@@ -205,6 +291,25 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
         train_items=len(train_y),
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate(state["python"])
 
 
 def _optimizer(cfg, params):
@@ -231,14 +336,23 @@ def main(argv: list[str] | None = None) -> None:
     devices = {t.train.device for t in spec.trials}
     if len(devices) != 1:
         raise SystemExit("all trials of one launch must share train.device")
-    ctx = init_distributed(devices.pop())
+    ctx = init_distributed(devices.pop(), timeout_s=max(t.train.nccl_timeout_s for t in spec.trials))
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
     try:
         for trial in spec.trials:
-            result = run_trial(trial, spec, ctx, _metric_logger(spec, trial, ctx))
+            path = Path(trial.out_dir) / "result.json"
+            if path.exists():  # finished before a restart: torchrun re-runs the whole spec
+                continue
+            tracker = _metric_logger(spec, trial, ctx)
+            if tracker is not None:
+                tracker.start_system_metrics()
+            try:
+                result = run_trial(trial, spec, ctx, tracker)
+            finally:
+                if tracker is not None:
+                    tracker.stop_system_metrics()
             if ctx.is_main:
-                path = Path(trial.out_dir) / "result.json"
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(result.model_dump_json(indent=2))
                 os.replace(tmp, path)

@@ -22,6 +22,10 @@ def _easy_arrays(n, seed):
     return images, y
 
 
+def _without_timing(history):
+    return [{k: v for k, v in epoch.items() if k != "img_per_s"} for epoch in history]
+
+
 @pytest.fixture
 def spec_factory(tmp_path):
     def make(trains: list[TrainConfig], train_set: str | None = None) -> WorkerSpec:
@@ -116,7 +120,8 @@ def test_training_is_deterministic_on_cpu(spec_factory, tmp_path):
     cfg = TrainConfig(**{**FAST, "augment": TrainConfig().augment, "epochs": 3})
     spec = spec_factory([cfg, cfg])  # the same trial twice, in one process
     worker.main(["--spec", str(_write(spec, tmp_path))])
-    first, second = (json.loads((tmp_path / f"t{i}" / "result.json").read_text())["history"] for i in range(2))
+    first, second = (_without_timing(json.loads((tmp_path / f"t{i}" / "result.json").read_text())["history"])
+                     for i in range(2))  # fmt: skip
     assert first == second
 
 
@@ -131,3 +136,267 @@ def test_worker_uses_the_weighted_sampler_when_resample_asks(spec_factory, tmp_p
     worker.main(["--spec", str(_write(spec, tmp_path))])
     assert len(built) == 1 and list(built[0][0]) == list(data["sampler_weight"])
     assert json.loads((tmp_path / "t0" / "result.json").read_text())["epochs_run"] == 2
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "convnext_tiny", "efficientnet_b0"])
+def test_torchvision_architectures_take_grayscale_tiny_images(name):
+    from mlpipe.train.model import build_model
+
+    model = build_model(name, in_channels=1, num_classes=4).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 4)
+
+
+def test_pretrained_weights_from_a_local_file_and_a_frozen_backbone(tmp_path):
+    import torchvision
+
+    from mlpipe.train.model import build_model, freeze_backbone, load_pretrained
+
+    donor = torchvision.models.resnet18(num_classes=1000)  # e.g. torchvision's ImageNet file, saved locally
+    torch.save(donor.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model("resnet18", in_channels=3, num_classes=5)
+    loaded = load_pretrained(model, str(tmp_path / "resnet18.pth"))
+    assert loaded["skipped"] == 2 and loaded["loaded"] == len(donor.state_dict()) - 2  # fc.weight/bias: 1000 classes
+    assert torch.equal(model.body.conv1.weight, donor.conv1.weight)
+    trainable = freeze_backbone(model, "resnet18")
+    assert trainable == 512 * 5 + 5
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["body.fc.weight", "body.fc.bias"]
+
+
+def test_pretrained_file_holding_code_is_refused(tmp_path):
+    import pickle
+
+    from mlpipe.train.model import build_model, load_pretrained
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        load_pretrained(build_model("resnet18", 3, 2), str(tmp_path / "evil.pth"))
+
+
+# --- optimization -------------------------------------------------------------------------------
+
+
+def _lrs(cfg: TrainConfig, steps_per_epoch: int = 10) -> list[float]:
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr)
+    scheduler = worker.build_scheduler(optimizer, cfg, steps_per_epoch)
+    out = []
+    for _ in range(cfg.epochs * steps_per_epoch):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_schedules_with_warmup():
+    cosine = _lrs(TrainConfig(lr=1.0, epochs=10, warmup_epochs=2))
+    assert cosine[0] == pytest.approx(0.01) and max(cosine) == pytest.approx(1.0, abs=0.01)
+    assert cosine.index(max(cosine)) == 20 and cosine[-1] < 0.01  # linear ramp over 2 epochs, then cosine to ~0
+    step = _lrs(TrainConfig(lr=1.0, epochs=10, scheduler="step", step_epochs=4, step_gamma=0.5))
+    assert step[0] == step[39] == 1.0 and step[40] == 0.5 and step[80] == 0.25
+    onecycle = _lrs(TrainConfig(lr=1.0, epochs=10, scheduler="onecycle", warmup_epochs=3))
+    assert onecycle.index(max(onecycle)) == 29 and onecycle[0] < 0.1 and onecycle[-1] < 1e-3
+    constant = _lrs(TrainConfig(lr=0.5, epochs=2, scheduler="constant"))
+    assert set(constant) == {0.5}
+
+
+def test_focal_loss_is_cross_entropy_at_gamma_zero_and_down_weights_easy_items():
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.2, 0.1, 0.0], [0.0, 3.0, 0.0]])
+    targets = torch.tensor([0, 0, 1])
+    weight = torch.ones(3)
+    ce = torch.nn.functional.cross_entropy(logits, targets)
+    assert worker.focal_loss(weight, 0.0, 0.0)(logits, targets) == pytest.approx(ce.item())
+    assert worker.focal_loss(weight, 2.0, 0.0)(logits, targets) < ce
+
+
+def test_history_holds_the_per_epoch_metrics(spec_factory, tmp_path):
+    cfg = TrainConfig(**{**FAST, "epochs": 2, "grad_clip": 1.0, "loss": "focal", "warmup_epochs": 0.5})
+    spec = spec_factory([cfg])
+    worker.main(["--spec", str(_write(spec, tmp_path))])
+    history = json.loads((tmp_path / "t0" / "result.json").read_text())["history"]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "lr", "img_per_s"} <= set(history[0])
+    assert history[0]["img_per_s"] > 0 and history[1]["lr"] < cfg.lr
+
+
+# --- checkpoints, resume and failure ------------------------------------------------------------
+
+
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(spec_factory, tmp_path, monkeypatch):
+    cfg = TrainConfig(**{**FAST, "epochs": 5, "augment": TrainConfig().augment, "patience": 10})
+    spec = spec_factory([cfg, cfg])
+    spec.trials[1].name = "trial-001"
+    worker.main(["--spec", str(_write(spec, tmp_path))])
+    uninterrupted = json.loads((tmp_path / "t0" / "result.json").read_text())
+    (tmp_path / "t1" / "result.json").unlink()
+    (tmp_path / "t1" / "last.pt").unlink()
+    original = worker.validate
+    calls = []
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "validate", crash_in_epoch_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        worker.main(["--spec", str(_write(spec, tmp_path))])
+    assert torch.load(tmp_path / "t1" / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(worker, "validate", original)
+    worker.main(["--spec", str(_write(spec, tmp_path))])
+    resumed = json.loads((tmp_path / "t1" / "result.json").read_text())
+    assert _without_timing(resumed["history"]) == _without_timing(uninterrupted["history"])
+    first = torch.load(tmp_path / "t0" / "checkpoint.pt", weights_only=True)["model_state"]
+    second = torch.load(tmp_path / "t1" / "checkpoint.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    state = torch.load(tmp_path / "t1" / "last.pt", weights_only=True)
+    assert {"model_state", "optimizer", "scheduler", "scaler", "rng", "epoch"} <= set(state)
+
+
+def _worker_pids(marker: str) -> list[int]:
+    """Live processes whose command line names `marker` (the spec path)."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    for pid in _worker_pids(marker):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"\0RANK={rank}\0".encode() in b"\0" + f.read():
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_restarts_and_matches_an_uninterrupted_run(tmp_path, monkeypatch, state):
+    """Two gloo ranks; rank 1 is SIGKILLed during epoch 2 of 5; torchrun restarts both, the
+    trial resumes from its checkpoint, and the result equals an uninterrupted run. The MLflow
+    run ends with exactly one value per step."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from mlpipe import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    n = 12_000  # about 2 s an epoch here: time to land the kill inside epoch 2
+    images, y = _easy_arrays(n, 0)
+    val_images, val_y = _easy_arrays(60, 1)
+    np.save(tmp_path / "pixels.npy", np.concatenate([images, val_images]))
+    np.savez(tmp_path / "val.npz", pixel_index=np.arange(n, n + 60), y=val_y)
+    np.savez(tmp_path / "train.npz", images=images, y=y, synthetic=np.zeros(n, bool), class_weight=np.ones(3, np.float32))
+    cfg = TrainConfig(**{**FAST, "epochs": 5, "batch_size": 32, "patience": 10, "augment": TrainConfig().augment})
+    parent = tracking.start_run("elastic", "parent", {}, {})
+
+    def run(name: str, kill: bool) -> dict:
+        (tmp_path / name).mkdir()
+        run_id = tracking.start_child_run(parent, name, {})
+        spec = WorkerSpec(pixels=str(tmp_path / "pixels.npy"), val_set=str(tmp_path / "val.npz"), num_classes=3,
+                          tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
+                          trials=[TrialSpec(name="trial-000", train=cfg, train_set=str(tmp_path / "train.npz"),
+                                            out_dir=str(tmp_path / name), run_id=run_id)])  # fmt: skip
+        spec_path = tmp_path / f"{name}.json"
+        spec_path.write_text(spec.model_dump_json())
+        log_path = tmp_path / f"{name}.log"
+        killer, killed_pids = None, []
+        if kill:
+            def kill_rank_one_in_epoch_two():
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    if log_path.exists() and "epoch   1/5" in log_path.read_text():
+                        pid = _rank_pid(str(spec_path), 1)
+                        if pid:
+                            os.kill(pid, signal.SIGKILL)
+                            killed_pids.append(pid)
+                            return
+                    time.sleep(0.05)
+
+            killer = threading.Thread(target=kill_rank_one_in_epoch_two)
+            killer.start()
+        launch(spec_path, nproc=2, max_restarts=1, log_path=log_path, cpu=True)
+        if killer:
+            killer.join()
+            assert killed_pids, "rank 1 was never killed"
+            assert "epoch   4/5" not in log_path.read_text().split("resumed after epoch")[0]  # killed mid-run
+        tracking.end_run(parent, run_id)
+        return {"run_id": run_id, "log": log_path.read_text(),
+                "result": json.loads((tmp_path / name / "result.json").read_text())}  # fmt: skip
+
+    clean = run("clean", kill=False)
+    killed = run("killed", kill=True)
+    assert "resumed after epoch" in killed["log"]  # it did restart, from the checkpoint
+    assert _without_timing(killed["result"]["history"]) == _without_timing(clean["result"]["history"])
+    assert killed["result"]["val_metrics"] == clean["result"]["val_metrics"]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert client.get_run(killed["run_id"]).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed["run_id"], "val_macro_f1")]
+    assert sorted(steps) == [0, 1, 2, 3, 4]  # one value per step, none repeated after the resume
+
+
+@pytest.mark.slow
+def test_no_worker_outlives_a_failed_run(spec_factory, tmp_path):
+    spec = spec_factory([TrainConfig(**FAST)], train_set=str(tmp_path / "missing.npz"))
+    path = _write(spec, tmp_path)
+    with pytest.raises(MlpipeError):
+        launch(path, nproc=2, max_restarts=0, log_path=tmp_path / "log", cpu=True)
+    assert _worker_pids(str(path)) == []
+
+
+@pytest.mark.slow
+def test_no_worker_outlives_a_cancelled_run(spec_factory, tmp_path):
+    """SIGTERM to the launching process (what cancelling a flow run sends): the whole torchrun
+    process group is gone within 30 s."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = spec_factory([TrainConfig(**{**FAST, "epochs": 1000, "patience": 1000})])
+    path = _write(spec, tmp_path)
+    code = ("from pathlib import Path; from mlpipe.train.launch import launch; "
+            f"launch(Path({str(path)!r}), 2, 0, Path({str(tmp_path / 'log')!r}), cpu=True)")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 120
+    while len(_worker_pids(str(path))) < 3 and time.monotonic() < deadline:  # torchrun + 2 workers
+        time.sleep(0.2)
+    assert len(_worker_pids(str(path))) >= 3, "workers never started"
+    time.sleep(3)
+    parent.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    parent.wait(timeout=60)
+    while _worker_pids(str(path)) and time.monotonic() - stopped < 30:
+        time.sleep(0.2)
+    assert _worker_pids(str(path)) == [], "workers outlived the cancelled run"
+
+
+def test_augmentation_does_not_depend_on_the_number_of_loader_workers(spec_factory, tmp_path):
+    """Each item's augmentation is seeded from (seed, epoch, index), not from a worker's stream."""
+    base = {**FAST, "epochs": 2, "augment": TrainConfig().augment}
+    spec = spec_factory([TrainConfig(**base), TrainConfig(**{**base, "num_workers": 2})])
+    worker.main(["--spec", str(_write(spec, tmp_path))])
+    first, second = (_without_timing(json.loads((tmp_path / f"t{i}" / "result.json").read_text())["history"])
+                     for i in range(2))  # fmt: skip
+    assert first == second
