@@ -12,7 +12,6 @@ the better choice. Synthetic items are flagged and exist only in the training se
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -28,35 +27,58 @@ from sklearn.utils.class_weight import compute_class_weight  # noqa: E402
 
 from mlpipe.config import ResampleConfig, Trial  # noqa: E402
 from mlpipe.errors import MlpipeError  # noqa: E402
-from mlpipe.split import class_names, cv_folds, load_labels, load_parts  # noqa: E402
+from mlpipe.split import class_names, cv_folds, load_index, load_labels  # noqa: E402
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json  # noqa: E402
 
 
-def resample_training_set(
-    images: np.ndarray, y: np.ndarray, config: ResampleConfig, names: list[str]
-) -> dict[str, np.ndarray]:
-    """images, y, synthetic (bool per item), class_weight (per class) and sampler_weight (per
-    item; empty unless the weighted sampler is chosen)."""
+class Rows:
+    """Rows of the decode-once pixel cache, read only when asked: strategies that pick or weight
+    items never touch pixels, and the trainer reads its items straight from the cache."""
+
+    def __init__(self, pixels: np.ndarray, index: np.ndarray):
+        self.pixels, self.index = pixels, index
+        self.shape = (len(index), *pixels.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.pixels[self.index], dtype=dtype)
+
+
+def resample_training_set(images, y: np.ndarray, config: ResampleConfig, names: list[str]) -> dict[str, np.ndarray]:
+    """positions (of the given training items, originals or their duplicates), synthetic_images
+    (SMOTE/ADASYN only), y, synthetic (bool per item: the synthetic ones come last),
+    class_weight (per class) and sampler_weight (per item; empty unless the weighted sampler)."""
     num_classes = len(names)
     weights = np.ones(num_classes, dtype=np.float32)
-    synthetic = np.zeros(len(y), dtype=bool)
+    positions = np.arange(len(y))
+    extra = np.zeros((0, *images.shape[1:]), dtype=np.uint8)
     sampler_weight = np.zeros(0, dtype=np.float64)
     if config.strategy in ("random_over", "random_under"):
         sampler_cls = RandomOverSampler if config.strategy == "random_over" else RandomUnderSampler
         sampler = sampler_cls(sampling_strategy=config.sampling_strategy, random_state=config.seed)
-        # Sample row positions, not pixels: duplicates are views of real images.
-        positions, _ = sampler.fit_resample(np.arange(len(y)).reshape(-1, 1), y)
-        positions = positions.ravel()
-        images, y, synthetic = images[positions], y[positions], synthetic[positions]
+        # Sample row positions, not pixels: duplicates are references to real images.
+        positions = sampler.fit_resample(positions.reshape(-1, 1), y)[0].ravel()
+        y = y[positions]
     elif config.strategy in ("smote", "adasyn"):
-        images, y, synthetic = _interpolate(images, y, config, names)
+        extra, y = _interpolate(np.asarray(images), y, config, names)
     elif config.strategy == "class_weight":
         present = np.unique(y)
         weights[present] = compute_class_weight("balanced", classes=present, y=y).astype(np.float32)
     elif config.strategy == "weighted_sampler":
         counts = np.bincount(y, minlength=num_classes).astype(np.float64)
         sampler_weight = 1.0 / counts[y]  # each class drawn equally often, in expectation
-    return {"images": images, "y": y, "synthetic": synthetic, "class_weight": weights, "sampler_weight": sampler_weight}
+    synthetic = np.arange(len(y)) >= len(positions)
+    return {"positions": positions, "synthetic_images": extra, "y": y, "synthetic": synthetic,
+            "class_weight": weights, "sampler_weight": sampler_weight}  # fmt: skip
+
+
+def training_set(pixels: np.ndarray, index: np.ndarray, y: np.ndarray, config: ResampleConfig, names: list[str]) -> dict:
+    """What the trainer reads (one npz): cache rows (`pixel_index`) for real items, pixels only
+    for synthetic ones."""
+    result = resample_training_set(Rows(pixels, index), y, config, names)
+    return {"pixel_index": index[result.pop("positions")], **result}
 
 
 def _interpolate(images, y, config: ResampleConfig, names: list[str]):
@@ -82,9 +104,9 @@ def _interpolate(images, y, config: ResampleConfig, names: list[str]):
         flat_new, y_new = sampler.fit_resample(flat, y)
     except (ValueError, RuntimeError) as exc:  # e.g. ADASYN finding no hard minority neighbours
         raise MlpipeError(f"resample.strategy {config.strategy} failed: {str(exc).splitlines()[0]}") from None
-    synthetic = np.arange(len(y_new)) >= len(y)  # imblearn appends synthetic rows after the originals
-    new_images = np.clip(np.rint(flat_new), 0, 255).astype(np.uint8).reshape(-1, *images.shape[1:])
-    return new_images, y_new, synthetic
+    # imblearn returns the originals unchanged, then the synthetic rows: keep only the new ones.
+    new_images = np.clip(np.rint(flat_new[len(y) :]), 0, 255).astype(np.uint8).reshape(-1, *images.shape[1:])
+    return new_images, y_new
 
 
 def resample(splits: StageResult, trials: list[Trial]) -> StageResult:
@@ -99,9 +121,9 @@ def resample(splits: StageResult, trials: list[Trial]) -> StageResult:
     report = {"classes": names, "before": before, "strategies": {}, "reused": []}
     files: dict[str, Path] = {}
     configs = {stable_hash(t.resample)[:12]: t.resample for t in trials}
-    load = functools.lru_cache(maxsize=1)(lambda parts: load_parts(splits, list(parts)))  # one fold in memory
+    pixels = np.load(splits.file("pixels"), mmap_mode="r")
     for cfg_key, cfg in configs.items():
-        folder, entries, reused = _training_sets(splits, cfg, names, load)
+        folder, entries, reused = _training_sets(splits, cfg, names, pixels)
         for fold, entry in entries.items():
             report["strategies"][cfg_key + fold] = entry
             files[f"{cfg_key}{fold}.npz"] = folder / f"train{fold}.npz"
@@ -114,8 +136,8 @@ def resample(splits: StageResult, trials: list[Trial]) -> StageResult:
     return StageResult.at("resample", key, report, **files)
 
 
-def _training_sets(splits: StageResult, cfg: ResampleConfig, names: list[str], load) -> tuple[Path, dict[str, dict], bool]:
-    """(folder, report entry per fold, reused?) for one resample config; `load(parts)` reads a fold."""
+def _training_sets(splits: StageResult, cfg: ResampleConfig, names: list[str], pixels) -> tuple[Path, dict[str, dict], bool]:
+    """(folder, report entry per fold, reused?) for one resample config."""
     set_key = stable_hash(splits.key, cfg, code_version("mlpipe.resample"))[:16]
     folder = final_path("resample-sets", set_key)
     if (folder / "entries.json").exists():
@@ -123,8 +145,8 @@ def _training_sets(splits: StageResult, cfg: ResampleConfig, names: list[str], l
     entries = {}
     with stage_dir("resample-sets", set_key) as out:
         for fold, parts, _ in cv_folds(splits):
-            images, y = load(tuple(parts))
-            result = resample_training_set(images, y, cfg, names)
+            index, y = load_index(splits, parts)
+            result = training_set(pixels, index, y, cfg, names)
             np.savez(out / f"train{fold}.npz", **result)
             entries[fold] = {
                 "config": cfg.model_dump(),

@@ -236,12 +236,17 @@ def load_labels(splits: StageResult, parts: list[str]) -> np.ndarray:
     return np.concatenate([np.load(splits.file(p))["y"] for p in parts])
 
 
+def load_index(splits: StageResult, parts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel-cache rows, labels) of the union of split files; no pixels read."""
+    loaded = [np.load(splits.file(p)) for p in parts]
+    return np.concatenate([p["pixel_index"] for p in loaded]), np.concatenate([p["y"] for p in loaded])
+
+
 def load_parts(splits: StageResult, parts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 NHWC, labels) of the union of split files, from the pixel cache."""
-    loaded = [np.load(splits.file(p)) for p in parts]
-    index = np.concatenate([p["pixel_index"] for p in loaded])
+    index, y = load_index(splits, parts)
     pixels = np.load(splits.file("pixels"), mmap_mode="r")
-    return np.ascontiguousarray(pixels[index]), np.concatenate([p["y"] for p in loaded])
+    return np.ascontiguousarray(pixels[index]), y
 
 
 def class_names(splits: StageResult) -> list[str]:

@@ -22,6 +22,29 @@ def build_augmentation(policy: dict[str, Any] | None) -> A.Compose | None:
     return A.from_dict(policy) if policy else None
 
 
+class CachedImages:
+    """A training set as the trainer sees it: real items are rows of the decode-once pixel cache
+    (a memory map, read per item), synthetic items (SMOTE/ADASYN) follow from their own array."""
+
+    def __init__(self, pixels: np.ndarray, pixel_index: np.ndarray, synthetic_images: np.ndarray):
+        self.pixels, self.pixel_index, self.synthetic_images = pixels, pixel_index, synthetic_images
+        self.shape = (len(pixel_index) + len(synthetic_images), *pixels.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        real = len(self.pixel_index)
+        return self.pixels[self.pixel_index[i]] if i < real else self.synthetic_images[i - real]
+
+    def channel_stats(self, limit: int = 20_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std in [0, 1], from up to `limit` items (all of them when fewer)."""
+        take = np.arange(len(self)) if len(self) <= limit else \
+            np.sort(np.random.default_rng(seed).choice(len(self), limit, replace=False))
+        sample = np.stack([self[int(i)] for i in take]).astype(np.float64) / 255.0
+        return sample.mean(axis=(0, 1, 2)), sample.std(axis=(0, 1, 2))
+
+
 class ImageArrayDataset(Dataset):
     """uint8 HWC images. Keys are `epoch * len + index` (see `EpochKeyedSampler`): each item's
     augmentation is seeded from (seed, epoch, index), so an epoch's augmentations are the same
@@ -41,7 +64,7 @@ class ImageArrayDataset(Dataset):
             image = self.transform(image=image)["image"]
             if image.ndim == 2:  # cv2 drops a single channel axis
                 image = image[:, :, None]
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), int(self.targets[index])
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1), int(self.targets[index])  # a copy: cache rows are read-only
 
 
 class EpochKeyedSampler(torch.utils.data.Sampler[int]):

@@ -25,8 +25,8 @@ import numpy as np
 
 from mlpipe.config import SearchConfig, TrainConfig, Trial
 from mlpipe.errors import MlpipeError
-from mlpipe.resample import resample_training_set, training_set_for
-from mlpipe.split import class_names, cv_folds, development_parts, load_parts
+from mlpipe.resample import training_set, training_set_for
+from mlpipe.split import class_names, cv_folds, development_parts, load_index
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
 
@@ -253,8 +253,9 @@ def refit(
     epochs = best.report["winner_best_epoch"] + 1
     cfg = trial.train.model_copy(update={"epochs": epochs})
     key = stable_hash(best.key, splits.key, cfg.model_dump(), code_version("mlpipe.train"))[:16]
-    images, y = load_parts(splits, development_parts(splits))
-    data = resample_training_set(images, y, trial.resample, class_names(splits))
+    index, y = load_index(splits, development_parts(splits))
+    pixels = np.load(splits.file("pixels"), mmap_mode="r")
+    data = training_set(pixels, index, y, trial.resample, class_names(splits))
     with stage_dir("refit", key) as out:
         np.savez(out / "train.npz", **data)
         spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=len(class_names(splits)),

@@ -39,7 +39,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mlpipe.metrics import classification_metrics
-from mlpipe.train.data import DistributedWeightedSampler, EpochKeyedSampler, ImageArrayDataset, build_augmentation
+from mlpipe.train.data import (
+    CachedImages,
+    DistributedWeightedSampler,
+    EpochKeyedSampler,
+    ImageArrayDataset,
+    build_augmentation,
+)
 from mlpipe.train.ddp import DistContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed
 from mlpipe.train.model import build_model, freeze_backbone, load_pretrained
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
@@ -163,17 +169,20 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
     np.random.seed(cfg.seed)
 
     data = np.load(trial.train_set)
-    train_images, train_y = data["images"], data["y"]
+    pixels = np.load(spec.pixels, mmap_mode="r")
+    train_images = CachedImages(pixels, data["pixel_index"], data["synthetic_images"])
+    train_y = data["y"]
     val_path = trial.val_set or spec.val_set
     if val_path is not None:
         val_part = np.load(val_path)
-        val_images = np.ascontiguousarray(np.load(spec.pixels, mmap_mode="r")[val_part["pixel_index"]])
+        val_images = np.ascontiguousarray(pixels[val_part["pixel_index"]])
         val_y = val_part["y"]
     channels = train_images.shape[3]
 
     # Normalization statistics from the training split only.
-    mean = torch.tensor(train_images.mean(axis=(0, 1, 2)) / 255.0, dtype=torch.float32, device=ctx.device)
-    std = torch.tensor(train_images.std(axis=(0, 1, 2)) / 255.0 + 1e-6, dtype=torch.float32, device=ctx.device)
+    channel_mean, channel_std = train_images.channel_stats(seed=cfg.seed)
+    mean = torch.tensor(channel_mean, dtype=torch.float32, device=ctx.device)
+    std = torch.tensor(channel_std + 1e-6, dtype=torch.float32, device=ctx.device)
     fmt = torch.channels_last if ctx.device.type == "cuda" else torch.contiguous_format
     norm = (mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1), fmt)
     amp_dtype = resolve_amp(cfg.amp, ctx.device)

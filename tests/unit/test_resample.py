@@ -19,18 +19,32 @@ def _data(sizes=(40, 10, 8)):
     return rng.integers(0, 255, (len(y), 4, 4, 1)).astype(np.uint8), y
 
 
+def _index():
+    """The `_data()` items as rows 0..n-1 of a pixel cache (see `_pixels`)."""
+    return np.arange(len(_data()[1])), _data()[1]
+
+
+def _pixels(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "pixels.npy", _data()[0])
+    return folder / "pixels.npy"
+
+
 @pytest.mark.parametrize("strategy", ["random_over", "smote", "adasyn"])
 def test_oversampling_balances_classes_and_flags_synthetic_items(strategy):
     images, y = _data()
     out = resample_training_set(images, y, ResampleConfig(strategy=strategy), NAMES)
     counts = np.bincount(out["y"])
     assert counts[0] == 40 and counts.min() >= 30  # ADASYN balances approximately, by design
-    assert out["images"].dtype == np.uint8 and out["images"].shape[1:] == images.shape[1:]
-    if strategy == "random_over":
-        assert not out["synthetic"].any()
-    else:
-        assert out["synthetic"].sum() == len(out["y"]) - len(y) and not out["synthetic"][: len(y)].any()
-        np.testing.assert_array_equal(out["images"][: len(y)], images)  # originals untouched, first
+    extra = out["synthetic_images"]
+    assert extra.dtype == np.uint8 and extra.shape[1:] == images.shape[1:]
+    assert len(out["positions"]) + len(extra) == len(out["y"]) == len(out["synthetic"])
+    if strategy == "random_over":  # duplicates are references to real items, no pixels copied
+        assert not out["synthetic"].any() and len(extra) == 0
+        np.testing.assert_array_equal(out["y"], y[out["positions"]])
+    else:  # originals untouched and first, synthetic items after them
+        assert out["synthetic"].sum() == len(extra) == len(out["y"]) - len(y) and not out["synthetic"][: len(y)].any()
+        np.testing.assert_array_equal(out["positions"], np.arange(len(y)))
 
 
 def test_undersampling_class_weight_and_weighted_sampler():
@@ -79,34 +93,43 @@ def test_resampling_cannot_see_validation_or_test_data(monkeypatch, state):
     assert list(inspect.signature(resample_training_set).parameters) == ["images", "y", "config", "names"]
     # ... and the stage reads the training split only.
     seen = []
-    monkeypatch.setattr(resample_module, "load_parts", lambda splits, parts: seen.append(parts) or _data())
+    monkeypatch.setattr(resample_module, "load_index", lambda splits, parts: seen.append(parts) or _index())
     monkeypatch.setattr(resample_module, "load_labels", lambda splits, parts: seen.append(parts) or _data()[1])
     monkeypatch.setattr(resample_module, "class_names", lambda splits: NAMES)
+    pixels = _pixels(state)
 
     class FakeSplits:
         key = "k"
         report = {"mode": "holdout", "folds": None}
 
+        def file(self, name):
+            assert name == "pixels"
+            return pixels
+
     trials = PipelineConfig().with_overrides({"search.grid": {"resample.strategy": ["none", "smote"]}}).trials()
     result = resample(FakeSplits(), trials)
-    assert seen == [["train.npz"]] * 2  # class counts before, then the pixels once for every config
+    assert seen == [["train.npz"]] * 3  # class counts before, then each config's items
     FakeSplits.key = "k2"
     FakeSplits.report = {"mode": "kfold", "folds": [10, 10, 10]}  # each fold's training part: the other folds
     seen.clear()
     resample(FakeSplits(), trials)
     folds = [["fold-1.npz", "fold-2.npz"], ["fold-0.npz", "fold-2.npz"], ["fold-0.npz", "fold-1.npz"]]
-    assert seen == [folds[0]] + folds * 2
+    assert seen == [folds[0]] + folds * 2  # only ever training parts
     assert len(result.report["strategies"]) == 2
     assert result.file("class_counts.png").stat().st_size > 1000
 
 
 def test_each_resample_config_is_cached_on_its_own(monkeypatch, state):
-    monkeypatch.setattr(resample_module, "load_parts", lambda splits, parts: _data())
+    monkeypatch.setattr(resample_module, "load_index", lambda splits, parts: _index())
     monkeypatch.setattr(resample_module, "load_labels", lambda splits, parts: _data()[1])
     monkeypatch.setattr(resample_module, "class_names", lambda splits: NAMES)
+    pixels = _pixels(state)
 
     class FakeSplits:
         key, report = "k", {"mode": "holdout", "folds": None}
+
+        def file(self, name):
+            return pixels
 
     def grid(*strategies):
         return PipelineConfig().with_overrides({"search.grid": {"resample.strategy": list(strategies)}}).trials()

@@ -34,8 +34,8 @@ def spec_factory(tmp_path):
         pixels = np.concatenate([images, val_images])
         np.save(tmp_path / "pixels.npy", pixels)
         np.savez(tmp_path / "val.npz", pixel_index=np.arange(120, 150), y=val_y)
-        np.savez(tmp_path / "train.npz", images=images, y=y, synthetic=np.zeros(120, bool),
-                 class_weight=np.ones(3, np.float32))  # fmt: skip
+        np.savez(tmp_path / "train.npz", pixel_index=np.arange(120), synthetic_images=np.zeros((0, 8, 8, 1), np.uint8),
+                 y=y, synthetic=np.zeros(120, bool), class_weight=np.ones(3, np.float32))  # fmt: skip
         trials = []
         for i, cfg in enumerate(trains):
             (tmp_path / f"t{i}").mkdir()
@@ -307,7 +307,8 @@ def test_sigkill_of_one_rank_restarts_and_matches_an_uninterrupted_run(tmp_path,
     val_images, val_y = _easy_arrays(60, 1)
     np.save(tmp_path / "pixels.npy", np.concatenate([images, val_images]))
     np.savez(tmp_path / "val.npz", pixel_index=np.arange(n, n + 60), y=val_y)
-    np.savez(tmp_path / "train.npz", images=images, y=y, synthetic=np.zeros(n, bool), class_weight=np.ones(3, np.float32))
+    np.savez(tmp_path / "train.npz", pixel_index=np.arange(n), synthetic_images=np.zeros((0, 8, 8, 1), np.uint8), y=y,
+             synthetic=np.zeros(n, bool), class_weight=np.ones(3, np.float32))  # fmt: skip
     cfg = TrainConfig(**{**FAST, "epochs": 5, "batch_size": 32, "patience": 10, "augment": TrainConfig().augment})
     parent = tracking.start_run("elastic", "parent", {}, {})
 
