@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="override one config value, e.g. --set train.lr=0.01 (repeatable)")  # fmt: skip
     sample = sub.add_parser("sample-data", help="write the embedded dataset as a manifest plus image files")
     sample.add_argument("dir", type=Path)
+    promote = sub.add_parser("promote", help="move the @champion alias to a model version (a rollback), recorded")
+    promote.add_argument("--version", required=True, help="registered model version to make champion")
+    promote.add_argument("--model", default="mlpipe-classifier", help="registered model name")
+    promote.add_argument("--reason", default="manual promote (mlpipe promote)", help="recorded on the version")
     return parser
 
 
@@ -44,11 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sample-data":
             return _sample_data(args.dir)
+        if args.command == "promote":
+            return _promote(args.model, args.version, args.reason)
         config = load_config(args.config, args.sets)
     except MlpipeError as err:
         print(f"mlpipe: error: {err}", file=sys.stderr)
         return 2
     return _run(config)
+
+
+def _promote(model: str, version: str, reason: str) -> int:
+    from mlpipe import tracking
+
+    previous = tracking.promote(model, version, reason)
+    print(f"{model}: champion is now version {version} (was {previous or 'none'})")
+    return 0
 
 
 def _sample_data(target: Path) -> int:
@@ -100,7 +114,9 @@ def _print_summary(summary: dict) -> None:
     print(f"MLflow run:        {summary['run_id']}")
     print(f"Tracking URI:      {summary['tracking_uri']}")
     print(f"Registered model:  {summary['registered_model']} version {summary['version']}")
-    print("Test metrics:      " + "  ".join(f"{k.removeprefix('test_')}={v:.4f}" for k, v in metrics.items()))
+    headline = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "log_loss", "ece")
+    print("Test metrics:      " + "  ".join(f"{k}={metrics[f'test_{k}']:.4f}" for k in headline if f"test_{k}" in metrics))
+    print(f"Registry gate:     {summary['gate']}")
 
 
 if __name__ == "__main__":

@@ -273,6 +273,16 @@ class SearchConfig(_Section):
 
 class EvaluateConfig(_Section):
     registered_model_name: str = Field("mlpipe-classifier", min_length=1, description="MLflow Model Registry name.")
+    gate_metric: Literal["macro_f1", "balanced_accuracy", "accuracy"] = Field(
+        "macro_f1", description="Test metric the registry gate compares challenger and champion on."
+    )
+    min_improvement: float = Field(0.0, ge=0, le=1, description="Least gain over the champion for a promotion.")
+    max_recall_drop: float = Field(0.05, ge=0, le=1, description="Largest allowed drop of any class's recall.")
+    thresholds: dict[Literal["macro_f1", "balanced_accuracy", "accuracy"], float] = Field(
+        default_factory=lambda: {"macro_f1": 0.5}, description="Absolute floors every promoted model must meet."
+    )
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples for CIs and the gate.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
 
 
 class PipelineConfig(_Section):

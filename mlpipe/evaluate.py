@@ -14,7 +14,8 @@ import torch  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix  # noqa: E402
 
 from mlpipe.config import EvaluateConfig  # noqa: E402
-from mlpipe.metrics import classification_metrics  # noqa: E402
+from mlpipe.gate import decide  # noqa: E402
+from mlpipe.metrics import bootstrap_ci, classification_metrics, evaluation_metrics  # noqa: E402
 from mlpipe.split import class_names, load_split  # noqa: E402
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json  # noqa: E402
 from mlpipe.train.model import ServingModel, load_checkpoint  # noqa: E402
@@ -31,23 +32,136 @@ def predict_proba(model: ServingModel, images: np.ndarray, batch_size: int = 512
 
 
 def confusion_figure(y: np.ndarray, pred: np.ndarray, names: list[str]):
-    matrix = confusion_matrix(y, pred, labels=np.arange(len(names)))
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.6 * len(names)))
-    ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, colorbar=False, cmap="Blues")
-    ax.set_title("Test confusion matrix (counts)")
+    """Counts and row-normalized (recall per class), side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 1.2 * len(names), 1 + 0.6 * len(names)))
+    for ax, normalize, title in ((axes[0], None, "counts"), (axes[1], "true", "normalized by true class")):
+        matrix = confusion_matrix(y, pred, labels=np.arange(len(names)), normalize=normalize)
+        ConfusionMatrixDisplay(matrix, display_labels=names).plot(
+            ax=ax, colorbar=False, cmap="Blues", values_format=".2f" if normalize else "d"
+        )
+        ax.set_title(f"Test confusion matrix ({title})")
     fig.tight_layout()
     return fig
 
 
-def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig) -> tuple[StageResult, ServingModel]:
+def curves_figure(y: np.ndarray, proba: np.ndarray, names: list[str]):
+    """One-vs-rest ROC and precision-recall curves per class."""
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for k, name in enumerate(names):
+        if (y == k).any():
+            RocCurveDisplay.from_predictions(y == k, proba[:, k], name=name, ax=roc, plot_chance_level=k == 0)
+            PrecisionRecallDisplay.from_predictions(y == k, proba[:, k], name=name, ax=pr)
+    roc.set_title("ROC, one vs rest")
+    pr.set_title("Precision-recall, one vs rest")
+    for ax in (roc, pr):
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(y: np.ndarray, proba: np.ndarray, ece: float, bins: int = 15):
+    confidence, correct = proba.max(axis=1), proba.argmax(axis=1) == y
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    accuracy = np.divide(np.bincount(which, correct, bins), count, out=np.zeros(bins), where=count > 0)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    centers = (np.arange(bins) + 0.5) / bins
+    ax.bar(centers[count > 0], accuracy[count > 0], width=1 / bins, edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_xlabel("confidence (top class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (ECE {ece:.3f})")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_figure(images: np.ndarray, y: np.ndarray, proba: np.ndarray, names: list[str], limit: int = 24):
+    """The most confident mistakes: anonymized pixels only, labelled true -> predicted."""
+    pred = proba.argmax(axis=1)
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-proba[wrong, pred[wrong]], kind="stable")][:limit]
+    cols = 6
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), wrong, strict=False):
+        image = images[i]
+        ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray" if image.shape[2] == 1 else None)
+        ax.set_title(f"{names[y[i]]} -> {names[pred[i]]}\n{proba[i, pred[i]]:.2f}", fontsize=7)
+    fig.suptitle(f"Misclassified test items ({int((pred != y).sum())}, most confident first)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def model_card(report: dict, best: StageResult, splits: StageResult, links: dict[str, str]) -> str:
+    """evaluate/model_card.md: what a reviewer needs before trusting or promoting the model."""
+    metrics, intervals, gate = report["metrics"], report["confidence_intervals_95"], report["gate"]
+
+    def figure(name: str) -> str:
+        value = f"{metrics[name]:.4f}"
+        return value + (f" (95% CI {intervals[name][0]:.4f}-{intervals[name][1]:.4f})" if name in intervals else "")
+
+    sizes = splits.report["sizes"]
+    lines = [
+        f"# Model card: {report['registered_model_name']}",
+        "",
+        "## Provenance",
+        *(f"- {k}: {v}" for k, v in links.items()),
+        f"- data fingerprint (split stage key): {splits.key}",
+        f"- split: {splits.report.get('mode', 'holdout')}, seed {splits.report['seed']}, grouped by "
+        f"{splits.report['group_column']}; sizes train {sizes['train']}, val {sizes['val']}, test {sizes['test']}",
+        "",
+        "## Classes",
+        ", ".join(f"{i}: {name}" for i, name in enumerate(report["class_names"])),
+        "",
+        "## Training",
+        f"- winning trial: {report['winner']} ({report['model']})",
+        f"- winning grid values: {best.report.get('winner_params')}",
+        f"- resampling: {best.report.get('winner_params', {}).get('resample.strategy', 'as configured')} "
+        "(training split only)",
+        "",
+        "## Test metrics (the test set read once)",
+        *(f"- {name.removeprefix('test_')}: {figure(name)}" for name in metrics),
+        f"- majority-class baseline macro-F1: {report['majority_class_macro_f1']:.4f}",
+        "",
+        "## Registry gate",
+        f"- decision: {gate['decision']} (champion before: {gate.get('champion_version')})",
+        *(f"- {name}: {'passed' if c['passed'] else 'FAILED'} ({c['value']})" for name, c in gate["checks"].items()),
+        "",
+        "## Known limits",
+        "- Metrics hold for data like the test split: same sources, same label process, same class mix.",
+        f"- {report['test_items']} test items: per-class figures of rare classes have wide intervals.",
+        "- Labels come from annotator consensus; items in the review queue were not used.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    best: StageResult, splits: StageResult, config: EvaluateConfig, champion: dict | None = None,
+    links: dict[str, str] | None = None,
+) -> tuple[StageResult, ServingModel]:  # fmt: skip
+    """The winner on the test set, once; the current champion (if any, and if its class map
+    matches) on the same items, and the registry gate's decision."""
     model = load_checkpoint(best.file("checkpoint"))
     names = class_names(splits)
     images, y = load_split(splits, "test")  # the one read of the test set
     proba = predict_proba(model, images)
     pred = proba.argmax(axis=1)
 
-    metrics = classification_metrics(y, proba, prefix="test")
+    metrics = evaluation_metrics(y, proba)
+    intervals = bootstrap_ci(y, pred, len(names), config.bootstrap_resamples, config.seed)
     per_class = classification_report(y, pred, labels=np.arange(len(names)), target_names=names, output_dict=True, zero_division=0)
+    champion_pred, note = None, None
+    if champion is not None and champion["class_names"] != names:
+        note = f"champion version {champion['version']} skipped: its class map differs from this run's"
+    elif champion is not None:
+        champion_pred = predict_proba(load_checkpoint(champion["checkpoint"]), images).argmax(axis=1)
+    gate = decide(y, pred, champion_pred, names, config, note)
+    gate["champion_version"] = champion["version"] if champion else None
     report = {
         "winner": best.report["winner"],
         "model": "refit on train+val" if best.report.get("refit") else "search winner",
@@ -55,18 +169,33 @@ def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig) -> 
         "test_items": len(y),
         "input_shape": [int(images.shape[3]), int(images.shape[1]), int(images.shape[2])],  # C, H, W
         "metrics": metrics,
+        "confidence_intervals_95": intervals,
+        "bootstrap": {"resamples": config.bootstrap_resamples, "seed": config.seed},
         "majority_class_macro_f1": _majority_macro_f1(y, len(names)),
         "per_class": per_class,
+        "class_names": names,
+        "gate": gate,
         "registered_model_name": config.registered_model_name,
     }
-    key = stable_hash(best.key, splits.key, config, code_version("mlpipe.evaluate"))[:16]
+    key = stable_hash(best.key, splits.key, config, champion and champion["version"], code_version("mlpipe.evaluate"))[:16]
     with stage_dir("evaluate", key) as out:
-        fig = confusion_figure(y, pred, names)
-        fig.savefig(out / "confusion_matrix.png", dpi=120)
-        plt.close(fig)
+        figures = {
+            "confusion_matrix.png": confusion_figure(y, pred, names),
+            "roc_pr_curves.png": curves_figure(y, proba, names),
+            "reliability.png": reliability_figure(y, proba, metrics["test_ece"]),
+            "misclassified.png": misclassified_figure(images, y, proba, names),
+        }
+        for name, fig in figures.items():
+            fig.savefig(out / name, dpi=110, metadata={"Software": None})
+            plt.close(fig)
         pd.DataFrame({"y": y, "pred": pred, "confidence": proba.max(axis=1)}).to_csv(out / "predictions.csv", index=False)
+        write_json(out / "gate.json", gate)
+        (out / "model_card.md").write_text(model_card(report, best, splits, links or {}), encoding="utf-8")
         write_json(out / "report.json", report)
-    return StageResult.at("evaluate", key, report), model
+    return StageResult.at("evaluate", key, report, checkpoint=best.file("checkpoint")), model
+
+
+FIGURES = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png")
 
 
 def _majority_macro_f1(y: np.ndarray, num_classes: int) -> float:

@@ -13,6 +13,7 @@ flow created. The layout of a pipeline run:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from mlpipe.errors import MlpipeError
 from mlpipe.store import state_dir
 
 for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
@@ -30,6 +32,7 @@ for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_se
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 
@@ -178,8 +181,11 @@ def log_dataset(ref: RunRef, name: str, digest: str, source_uri: str) -> None:
     )
 
 
-def log_model(ref: RunRef, model: Any, registered_name: str, input_shape: list[int]) -> dict[str, str]:
-    """Log a torch module as a safe `pt2` export (no pickle) and register it. Returns uri and version."""
+def log_model(
+    ref: RunRef, model: Any, registered_name: str, input_shape: list[int], checkpoint: Path, class_names: list[str]
+) -> dict[str, str]:  # fmt: skip
+    """Log a torch module as a safe `pt2` export (no pickle) and register it, with its training
+    checkpoint (for later champion comparisons) and class map. Returns uri and version."""
     # A batch of 2 in the example keeps the export's batch dimension dynamic (1 would pin it).
     input_example = np.zeros((2, *input_shape), dtype=np.float32)
     mlflow.set_tracking_uri(ref.tracking_uri)
@@ -194,5 +200,55 @@ def log_model(ref: RunRef, model: Any, registered_name: str, input_shape: list[i
         pip_requirements=["torch"],
     )
     version = str(info.registered_model_version)
+    client = _client(ref.tracking_uri)
+    client.log_artifact(ref.run_id, str(checkpoint), CHECKPOINT_DIR)
+    client.set_model_version_tag(registered_name, version, "mlpipe.class_names", json.dumps(class_names))
     set_tags(ref, {"mlpipe.model_uri": info.model_uri, "mlpipe.registered_model": f"{registered_name}/{version}"})
     return {"model_uri": info.model_uri, "registered_model": registered_name, "version": version}
+
+
+CHECKPOINT_DIR = "model_checkpoint"
+
+
+def champion(ref: RunRef, registered_name: str, workdir: Path) -> dict | None:
+    """The current `@champion`: version, its checkpoint (downloaded into `workdir`) and class map."""
+    client = _client(ref.tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(registered_name, "champion")
+    except MlflowException:
+        return None  # no registered model, or no champion yet
+    path = client.download_artifacts(version.run_id, f"{CHECKPOINT_DIR}/checkpoint.pt", str(workdir))
+    names = json.loads(version.tags.get("mlpipe.class_names", "null"))
+    return {"version": str(version.version), "checkpoint": path, "class_names": names}
+
+
+def record_gate(ref: RunRef, registered_name: str, version: str, gate: dict) -> None:
+    """The gate's decision onto the new version (tags) and the aliases: `champion` on promotion,
+    `challenger` otherwise."""
+    client = _client(ref.tracking_uri)
+    tags = {"mlpipe.gate.decision": gate["decision"], "mlpipe.gate.reasons": "; ".join(gate["reasons"])[:5000],
+            "mlpipe.gate.previous_champion": str(gate.get("champion_version"))}  # fmt: skip
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    alias = "champion" if gate["decision"] == "promote" else "challenger"
+    client.set_registered_model_alias(registered_name, alias, version)
+    set_tags(ref, {"mlpipe.gate.decision": gate["decision"]})
+
+
+def promote(registered_name: str, version: str, reason: str, uri: str | None = None) -> str | None:
+    """Move `champion` to `version` by hand (a rollback), recorded on the version. Returns the
+    previous champion's version."""
+    client = _client(uri or tracking_uri())
+    try:
+        client.get_model_version(registered_name, version)
+    except MlflowException as err:
+        raise MlpipeError(f"cannot promote {registered_name} version {version}: {str(err).splitlines()[0]}") from None
+    try:
+        previous = str(client.get_model_version_by_alias(registered_name, "champion").version)
+    except MlflowException:
+        previous = None
+    client.set_registered_model_alias(registered_name, "champion", version)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set_model_version_tag(registered_name, version, "mlpipe.gate.decision", "manual promote")
+    client.set_model_version_tag(registered_name, version, "mlpipe.gate.reasons", f"{reason} at {stamp}; previous champion {previous}")
+    return previous

@@ -1,8 +1,13 @@
+import tempfile
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from mlpipe import tracking
 from mlpipe.config import EvaluateConfig
+from mlpipe.evaluate import FIGURES
 from mlpipe.evaluate import evaluate as evaluate_on_test
 from mlpipe.store import StageResult
 from mlpipe.tracking import RunRef
@@ -11,10 +16,15 @@ from tasks._publish import publish
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig, run: RunRef) -> dict:
-    """The winner on the test set, once; log and register the model. Returns the headline figures."""
-    result, model = evaluate_on_test(best, splits, config)
+    """The winner (and the current champion) on the test set, once; register; the registry gate."""
+    with tempfile.TemporaryDirectory() as scratch:
+        champion = tracking.champion(run, config.registered_model_name, Path(scratch))
+        links = {"MLflow run": f"{run.tracking_uri} run {run.run_id}", "Prefect flow run": str(flow_run.id)}
+        result, model = evaluate_on_test(best, splits, config, champion, links)
     tracking.log_metrics(run, result.report["metrics"])
-    publish(run, result, files=("confusion_matrix.png", "predictions.csv"))
-    registered = tracking.log_model(run, model, config.registered_model_name, result.report["input_shape"])
-    return {"metrics": result.report["metrics"], **registered}
-
+    publish(run, result, files=(*FIGURES, "predictions.csv", "gate.json", "model_card.md"))
+    report = result.report
+    registered = tracking.log_model(run, model, config.registered_model_name, report["input_shape"],
+                                    result.file("checkpoint"), report["class_names"])  # fmt: skip
+    tracking.record_gate(run, config.registered_model_name, registered["version"], report["gate"])
+    return {"metrics": report["metrics"], "gate": report["gate"]["decision"], **registered}

@@ -79,7 +79,10 @@ def test_every_stage_report_is_in_the_parent_run(finished):
     client, run_id = finished["client"], finished["state"].result()["run_id"]
     for stage in STAGES:
         assert f"{stage}/report.json" in {a.path for a in client.list_artifacts(run_id, stage)}, stage
-    assert "evaluate/confusion_matrix.png" in {a.path for a in client.list_artifacts(run_id, "evaluate")}
+    evaluated = {a.path for a in client.list_artifacts(run_id, "evaluate")}
+    for name in ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png", "gate.json",
+                 "model_card.md"):  # fmt: skip
+        assert f"evaluate/{name}" in evaluated
 
 
 def test_one_child_run_per_trial_and_a_registered_model(finished):
@@ -92,6 +95,25 @@ def test_one_child_run_per_trial_and_a_registered_model(finished):
     assert {c.data.params["resample.strategy"] for c in children} == {"none", "random_over"}
     versions = client.search_model_versions(f"name = '{finished['config'].evaluate.registered_model_name}'")
     assert summary["version"] in {str(v.version) for v in versions}
+
+
+def test_registry_gate_tags_the_version_and_promote_rolls_back(finished, tmp_path, capsys):
+    from flows.cli import main
+
+    client, summary = finished["client"], finished["state"].result()
+    name = finished["config"].evaluate.registered_model_name
+    version = client.get_model_version(name, summary["version"])
+    gate = json.loads(Path(client.download_artifacts(summary["run_id"], "evaluate/gate.json", str(tmp_path))).read_text())
+    assert version.tags["mlpipe.gate.decision"] == gate["decision"] == summary["gate"]
+    assert json.loads(version.tags["mlpipe.class_names"]) == [str(d) for d in range(10)]
+    alias = "champion" if gate["decision"] == "promote" else "challenger"
+    assert str(client.get_model_version_by_alias(name, alias).version) == summary["version"]
+    assert main(["promote", "--version", summary["version"], "--model", name]) == 0  # a rollback, by hand
+    assert str(client.get_model_version_by_alias(name, "champion").version) == summary["version"]
+    tags = client.get_model_version(name, summary["version"]).tags
+    assert tags["mlpipe.gate.decision"] == "manual promote" and "previous champion" in tags["mlpipe.gate.reasons"]
+    assert main(["promote", "--version", "999", "--model", name]) == 2
+    assert "cannot promote" in capsys.readouterr().err
 
 
 def test_trials_see_train_and_val_only_and_the_test_set_is_read_once(finished):
@@ -205,11 +227,12 @@ def test_cli_success_prints_the_summary_and_no_traceback(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Traceback" not in done.stdout + done.stderr
     assert "Error" not in done.stdout + done.stderr
-    tail = done.stdout.strip().splitlines()[-6:]
+    tail = done.stdout.strip().splitlines()[-7:]
     assert [line.split(":")[0] for line in tail] == [
         "Prefect flow run", "MLflow experiment", "MLflow run", "Tracking URI", "Registered model", "Test metrics",
+        "Registry gate",
     ]
-    assert "macro_f1=" in tail[-1]
+    assert "macro_f1=" in tail[-2] and tail[-1].split()[-1] in ("promote", "reject")
 
 
 def test_pseudonym_key_from_a_prefect_secret_block(harness):

@@ -87,3 +87,20 @@ def test_cross_validation_then_refit_on_all_folds(labelled):
     assert final.report["refit"]["epochs"] == best.report["winner_best_epoch"] + 1
     outcome, _ = evaluate(final, splits, config.evaluate)
     assert outcome.report["model"] == "refit on train+val" and outcome.report["test_items"] == splits.report["sizes"]["test"]
+    # The registry gate inside evaluate: the same model as champion gains nothing; a champion
+    # with another class map is reported and skipped, never compared.
+    from mlpipe.split import class_names
+
+    checkpoint = str(final.file("checkpoint"))
+    same = evaluate(final, splits, config.evaluate, {"version": "7", "checkpoint": checkpoint,
+                                                     "class_names": class_names(splits)})[0].report["gate"]  # fmt: skip
+    assert same["decision"] == "reject" and "paired bootstrap 95% CI excludes 0" in same["reasons"]
+    assert same["champion_version"] == "7"
+    other = evaluate(final, splits, config.evaluate, {"version": "8", "checkpoint": checkpoint,
+                                                      "class_names": ["x", "y"]})[0].report["gate"]  # fmt: skip
+    assert other["champion"] is None and any("class map differs" in r for r in other["reasons"])
+    assert set(outcome.report["confidence_intervals_95"]) == {"test_accuracy", "test_balanced_accuracy", "test_macro_f1"}
+    for name in ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png", "gate.json"):
+        assert outcome.file(name).stat().st_size > 0
+    card = outcome.file("model_card.md").read_text()
+    assert "## Registry gate" in card and "macro_f1: " in card and "95% CI" in card and splits.key in card
