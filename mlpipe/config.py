@@ -264,6 +264,9 @@ class SearchConfig(_Section):
     metric: Literal["val_macro_f1", "val_accuracy", "val_balanced_accuracy"] = Field(
         "val_macro_f1", description="Validation metric that picks the winner."
     )
+    tie_break: Literal["val_macro_f1", "val_accuracy", "val_balanced_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="Secondary validation metric for trials tied on `metric` (val_loss: lower wins)."
+    )
     refit: bool = Field(
         False,
         description="Retrain the winner on train+val for its best epoch count before the test (always on in "

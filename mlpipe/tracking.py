@@ -120,6 +120,13 @@ def log_metrics(ref: RunRef, metrics: dict[str, float], step: int = 0, run_id: s
     metric_logger(run_id or ref.run_id, ref.tracking_uri)(metrics, step)
 
 
+def log_history(ref: RunRef, history: list[dict[str, float]], run_id: str) -> None:
+    """Per-epoch metrics of a reused trial, one batch per epoch."""
+    log = metric_logger(run_id, ref.tracking_uri)
+    for entry in history:
+        log({k: v for k, v in entry.items() if k != "epoch"}, int(entry["epoch"]))
+
+
 def metric_logger(run_id: str, uri: str | None) -> EpochLogger:
     """A callable for the training worker's rank 0: one batched request per epoch."""
     return EpochLogger(run_id, uri)

@@ -45,4 +45,6 @@ def publish_trials(run: RunRef, trained: StageResult) -> None:
         tracking.log_stage(run, "train", trial, checkpoints, run_id=child)
         if "fold_val_metrics" in trial:  # kfold: the trial's own metrics are the fold means
             tracking.log_metrics(run, trial["val_metrics"], run_id=child)
+        if trial["history"]:  # reused from an earlier run: its curves into this run's child
+            tracking.log_history(run, trial["history"], run_id=child)
         tracking.end_run(run, child)

@@ -14,4 +14,4 @@ def search(trained: StageResult, config: SearchConfig, run: RunRef) -> StageResu
     """Rank the trials on validation data and pick the winner."""
     result = select_winner(trained, config)
     tracking.log_metrics(run, {f"best_{k}": v for k, v in result.report["winner_val_metrics"].items()})
-    return publish(run, result, files=("results.csv",))
+    return publish(run, result, files=("results.csv", "grid.png"))

@@ -168,6 +168,15 @@ class Progress:
         self.bar.close()
 
 
+def trial_dir(splits: StageResult, resampled: StageResult, trial: Trial, fold: str) -> Path:
+    """Where one trial (one fold of it) trains, keyed by (split fingerprint, its training set,
+    its config, code version): a rerun finds finished trials there and the unfinished one's
+    `last.pt`, so killing a search and running it again repeats no finished trial."""
+    key = stable_hash(splits.key, training_set_for(resampled, trial, fold), trial.train, fold,
+                      code_version("mlpipe.train"))[:16]  # fmt: skip
+    return final_path("trials", key)
+
+
 def train(
     splits: StageResult,
     resampled: StageResult,
@@ -178,38 +187,50 @@ def train(
 ) -> StageResult:
     """Train all trials; returns a report with one entry per trial (validation metrics only). In
     kfold mode each trial is trained once per fold and its entry holds the fold means.
+    Finished trials (same data, config and code) are reused, not retrained.
 
     `on_progress(fraction)` is called after every epoch with the share of planned epochs done.
     """
     key = stable_hash(splits.key, resampled.key, [t.model_dump() for t in trials], code_version("mlpipe.train"))[:16]
     num_classes = len(class_names(splits))
     folds = cv_folds(splits)
-    planned = {f"{t.name}-{fold}" if fold else t.name: t.train.epochs for t in trials for fold, _, _ in folds}
+    dirs = {(t.name, fold): trial_dir(splits, resampled, t, fold) for t in trials for fold, _, _ in folds}
+    todo = {k for k, d in dirs.items() if not (d / "result.json").exists()}
+    planned = {f"{t.name}-{fold}" if fold else t.name: t.train.epochs
+               for t in trials for fold, _, _ in folds if (t.name, fold) in todo}  # fmt: skip
     progress = Progress(planned, on_progress)
     with stage_dir("train", key) as out, contextlib.closing(progress):
         groups: dict[tuple[bool, int, int], list[Trial]] = {}
         for trial in trials:  # one launch per (device, nproc, restarts) combination; usually one
             groups.setdefault((uses_cuda(trial.train), resolve_nproc(trial.train), trial.train.max_restarts), []).append(trial)
         for n, ((cuda, nproc, restarts), members) in enumerate(groups.items()):
-            specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, out, run_ids.get(t.name))
-                     for t in members for fold, _, val in folds]  # fmt: skip
+            specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, dirs[t.name, fold], run_ids.get(t.name))
+                     for t in members for fold, _, val in folds if (t.name, fold) in todo]  # fmt: skip
+            if not specs:
+                continue
             spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
                               tracking_uri=tracking_uri, trials=specs)  # fmt: skip
             spec_path = write_json(out / f"launch-{n}.json", spec.model_dump())
             launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda, progress=progress)
-        results = [_trial_entry(t, [fold for fold, _, _ in folds], out, run_ids.get(t.name)) for t in trials]
-        report = {"trials": results, "num_classes": num_classes, "folds": len(folds) if folds[0][0] else None}
+        results = [_trial_entry(t, {fold: dirs[t.name, fold] for fold, _, _ in folds}, run_ids.get(t.name),
+                                cached=not any((t.name, fold) in todo for fold, _, _ in folds))
+                   for t in trials]  # fmt: skip
+        report = {"trials": results, "num_classes": num_classes, "folds": len(folds) if folds[0][0] else None,
+                  "reused_trials": sum(r["cached"] for r in results)}  # fmt: skip
         write_json(out / "report.json", report)
     return StageResult.at("train", key, report, pixels=splits.file("pixels"))
 
 
-def _trial_entry(trial: Trial, folds: list[str], out: Path, run_id: str | None) -> dict:
-    """A trial's report entry; with several folds, metrics are fold means (and their spread)."""
-    runs = [TrialResult.model_validate_json((out / trial.name / fold / "result.json").read_text()) for fold in folds]
-    entry = {"trial": trial.name, "params": trial.params, "run_id": run_id}
+def _trial_entry(trial: Trial, folds: dict[str, Path], run_id: str | None, cached: bool) -> dict:
+    """A trial's report entry; with several folds, metrics are fold means (and their spread).
+    A reused trial carries its history, so its new MLflow run still gets the per-epoch curves."""
+    runs = [TrialResult.model_validate_json((folder / "result.json").read_text()) for folder in folds.values()]
+    entry = {"trial": trial.name, "params": trial.params, "run_id": run_id, "cached": cached}
     if len(runs) == 1:
         only = runs[0]
-        return {**entry, **only.model_dump(exclude={"history", "checkpoint"}), "checkpoint": f"{trial.name}/checkpoint.pt"}
+        return {**entry, **only.model_dump(exclude={"history", "checkpoint"}),
+                "checkpoint": str(next(iter(folds.values())) / "checkpoint.pt"),
+                "history": only.history if cached else None}  # fmt: skip
     metrics = {k: [r.val_metrics[k] for r in runs] for k in runs[0].val_metrics}
     return {
         **entry,
@@ -223,17 +244,17 @@ def _trial_entry(trial: Trial, folds: list[str], out: Path, run_id: str | None) 
         "train_items": runs[0].train_items,
         "seconds": round(sum(r.seconds for r in runs), 3),
         "checkpoint": None,  # no single fold model saw all the data: the winner is refit
+        "history": None,
     }  # fmt: skip
 
 
-def _trial_spec(trial: Trial, fold: str, val_set: str, resampled: StageResult, out: Path, run_id: str | None) -> TrialSpec:
-    trial_dir = out / trial.name / fold
-    trial_dir.mkdir(parents=True)
+def _trial_spec(trial: Trial, fold: str, val_set: str, resampled: StageResult, folder: Path, run_id: str | None) -> TrialSpec:
+    folder.mkdir(parents=True, exist_ok=True)
     return TrialSpec(
         name=f"{trial.name}-{fold}" if fold else trial.name,
         train=trial.train,
         train_set=training_set_for(resampled, trial, fold),
-        out_dir=str(trial_dir),
+        out_dir=str(folder),
         run_id=run_id,
         val_set=val_set,
         metric_prefix=f"{fold}/" if fold else "",

@@ -1,0 +1,77 @@
+"""Search: trials cached and resumable; ranking on validation data only."""
+
+import json
+
+import pytest
+
+from mlpipe.anonymize import anonymize
+from mlpipe.config import AnonymizeConfig, IngestConfig, LabelConfig, PipelineConfig, SourceConfig
+from mlpipe.ingest import ingest
+from mlpipe.label import label
+from mlpipe.resample import resample
+from mlpipe.split import split
+from mlpipe.train.launch import train, trial_dir
+
+
+@pytest.fixture
+def prepared(state, sample_root):
+    source = SourceConfig(uri=str(sample_root))
+    labelled = label(anonymize(ingest(source, IngestConfig()), AnonymizeConfig(), source), LabelConfig(find_label_issues=False))
+    config = PipelineConfig().with_overrides({"train.epochs": 2, "train.nproc": 1})
+    splits = split(labelled, config.split)
+    trials = config.trials()[:2]
+    return splits, resample(splits, trials), trials
+
+
+def test_a_rerun_after_a_kill_repeats_no_finished_trial(prepared):
+    splits, resampled, trials = prepared
+    first = train(splits, resampled, trials, {}, None)
+    assert first.report["reused_trials"] == 0
+    done, killed = (trial_dir(splits, resampled, t, "") for t in trials)
+    finished_at = (done / "result.json").stat().st_mtime_ns
+    (killed / "result.json").unlink()  # as if the flow died while the second trial trained
+    second = train(splits, resampled, trials, {}, None)
+    launched = json.loads(second.file("launch-0.json").read_text())["trials"]
+    assert [t["name"] for t in launched] == [trials[1].name]  # only the unfinished trial ran again
+    assert (done / "result.json").stat().st_mtime_ns == finished_at
+    assert "resumed after epoch 1" in second.file("launch-0.log").read_text()  # from its last.pt
+    assert second.report["reused_trials"] == 1
+    by_name = {t["trial"]: t for t in second.report["trials"]}
+    assert by_name[trials[0].name]["cached"] and by_name[trials[0].name]["history"]  # curves for the new MLflow run
+    assert by_name[trials[0].name]["val_metrics"] == first.report["trials"][0]["val_metrics"]
+    third = train(splits, resampled, trials, {}, None)
+    assert third.report["reused_trials"] == 2 and not third.file("launch-0.json").exists()
+
+
+def test_a_changed_trial_config_is_a_new_trial(prepared):
+    splits, resampled, trials = prepared
+    changed = trials[0].model_copy(update={"train": trials[0].train.model_copy(update={"lr": 0.123})})
+    assert trial_dir(splits, resampled, trials[0], "") != trial_dir(splits, resampled, changed, "")
+
+
+def _entry(name, params, f1, acc, loss=0.5):
+    return {"trial": name, "params": params, "val_metrics": {"val_macro_f1": f1, "val_accuracy": acc, "val_loss": loss},
+            "best_epoch": 1, "epochs_run": 2, "seconds": 1.0}  # fmt: skip
+
+
+def test_ties_break_on_the_declared_secondary_metric():
+    from mlpipe.search import leaderboard
+
+    trials = [_entry("t0", {}, 0.9, 0.80, 0.3), _entry("t1", {}, 0.9, 0.85, 0.4), _entry("t2", {}, 0.8, 0.99, 0.1)]
+    assert leaderboard(trials, "val_macro_f1", "val_accuracy")["trial"].tolist() == ["t1", "t0", "t2"]
+    assert leaderboard(trials, "val_macro_f1", "val_loss")["trial"].tolist() == ["t0", "t1", "t2"]  # lower loss wins
+
+
+@pytest.mark.parametrize("axes", [1, 2, 3])
+def test_grid_figure_for_one_two_and_more_axes(axes, tmp_path):
+    import itertools
+
+    from mlpipe.search import grid_figure, leaderboard
+
+    values = {"train.lr": [0.1, 0.01], "resample.strategy": ["none", "smote"], "train.batch_size": [16, 32]}
+    keys = list(values)[:axes]
+    trials = [_entry(f"t{i}", dict(zip(keys, combo, strict=True)), 0.5 + 0.01 * i, 0.5)
+              for i, combo in enumerate(itertools.product(*(values[k] for k in keys)))]  # fmt: skip
+    fig = grid_figure(leaderboard(trials, "val_macro_f1"), "val_macro_f1")
+    fig.savefig(tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 5000
