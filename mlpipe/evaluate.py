@@ -4,6 +4,9 @@ and the flow calls it once, after the winner is fixed on validation data.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on servers and CI
@@ -189,13 +192,45 @@ def evaluate(
             fig.savefig(out / name, dpi=110, metadata={"Software": None})
             plt.close(fig)
         pd.DataFrame({"y": y, "pred": pred, "confidence": proba.max(axis=1)}).to_csv(out / "predictions.csv", index=False)
+        report["onnx"] = onnx_parity(model, images, out / "model.onnx")
         write_json(out / "gate.json", gate)
         (out / "model_card.md").write_text(model_card(report, best, splits, links or {}), encoding="utf-8")
         write_json(out / "report.json", report)
     return StageResult.at("evaluate", key, report, checkpoint=best.file("checkpoint")), model
 
 
+def onnx_parity(model: ServingModel, images: np.ndarray, path, tolerance: float = 1e-4) -> dict:
+    """Export the serving model to ONNX (dynamic batch) and compare onnxruntime's probabilities
+    with torch's on up to 32 test inputs. An export failure is recorded, not raised: ONNX is a
+    deployment extra, the registered model is the torch export."""
+    batch = torch.from_numpy(images[:32]).permute(0, 3, 1, 2).float()
+    try:
+        import onnx
+        import onnxruntime
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+            program = torch.onnx.export(model, (batch,), input_names=["pixels"], output_names=["probabilities"],
+                                        dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True)  # fmt: skip
+        program.save(str(path))
+        opset = int(onnx.load(str(path)).opset_import[0].version)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"pixels": batch.numpy()})[0]
+    except Exception as exc:  # noqa: BLE001 - recorded in the report
+        return {"exported": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    diff = float(np.abs(got - expected).max())
+    return {"exported": True, "inputs": len(batch), "max_abs_diff": diff, "tolerance": tolerance,
+            "passed": diff <= tolerance, "opset": opset}  # fmt: skip
+
+
 FIGURES = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png")
+
+
+def artifact_files(report: dict) -> tuple[str, ...]:
+    """The evaluate stage's files for MLflow: figures, predictions, gate, card, and the ONNX model if exported."""
+    onnx_file = ("model.onnx",) if report["onnx"].get("exported") else ()
+    return (*FIGURES, "predictions.csv", "gate.json", "model_card.md", *onnx_file)
 
 
 def _majority_macro_f1(y: np.ndarray, num_classes: int) -> float:

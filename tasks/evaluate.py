@@ -7,7 +7,7 @@ from prefect.runtime import flow_run
 
 from mlpipe import tracking
 from mlpipe.config import EvaluateConfig
-from mlpipe.evaluate import FIGURES
+from mlpipe.evaluate import artifact_files
 from mlpipe.evaluate import evaluate as evaluate_on_test
 from mlpipe.store import StageResult
 from mlpipe.tracking import RunRef
@@ -22,8 +22,8 @@ def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig, run
         links = {"MLflow run": f"{run.tracking_uri} run {run.run_id}", "Prefect flow run": str(flow_run.id)}
         result, model = evaluate_on_test(best, splits, config, champion, links)
     tracking.log_metrics(run, result.report["metrics"])
-    publish(run, result, files=(*FIGURES, "predictions.csv", "gate.json", "model_card.md"))
     report = result.report
+    publish(run, result, files=artifact_files(report))
     registered = tracking.log_model(run, model, config.registered_model_name, report["input_shape"],
                                     result.file("checkpoint"), report["class_names"])  # fmt: skip
     tracking.record_gate(run, config.registered_model_name, registered["version"], report["gate"])

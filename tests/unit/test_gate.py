@@ -88,3 +88,19 @@ def test_metrics_intervals_and_calibration():
     sure = np.tile([0.6, 0.4], (10, 1))
     assert expected_calibration_error(y, sure) == pytest.approx(0.0)
     assert expected_calibration_error(y, np.tile([0.9, 0.1], (10, 1))) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_onnx_export_matches_torch_within_1e_4(arch, tmp_path):
+    import torch
+
+    from mlpipe.evaluate import onnx_parity
+    from mlpipe.train.model import ServingModel, build_model
+
+    torch.manual_seed(0)
+    model = ServingModel(build_model(arch, 1, 10), torch.tensor([0.3]), torch.tensor([0.2])).eval()
+    images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 1), dtype=np.uint8)
+    result = onnx_parity(model, images, tmp_path / "model.onnx")
+    assert result["exported"], result
+    assert result["inputs"] == 32 and result["passed"] and result["max_abs_diff"] <= 1e-4
+    assert (tmp_path / "model.onnx").stat().st_size > 1000
