@@ -21,7 +21,7 @@ from mlpipe.gate import decide  # noqa: E402
 from mlpipe.metrics import bootstrap_ci, classification_metrics, evaluation_metrics  # noqa: E402
 from mlpipe.split import class_names, load_split  # noqa: E402
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json  # noqa: E402
-from mlpipe.train.model import ServingModel, load_checkpoint  # noqa: E402
+from mlpipe.train.model import ServingModel, checkpoint_arch, load_checkpoint  # noqa: E402
 
 
 @torch.no_grad()
@@ -187,6 +187,7 @@ def evaluate(
             "roc_pr_curves.png": curves_figure(y, proba, names),
             "reliability.png": reliability_figure(y, proba, metrics["test_ece"]),
             "misclassified.png": misclassified_figure(images, y, proba, names),
+            "gradcam.png": gradcam_figure(model, checkpoint_arch(best.file("checkpoint")), images, y, names),
         }
         for name, fig in figures.items():
             fig.savefig(out / name, dpi=110, metadata={"Software": None})
@@ -197,6 +198,36 @@ def evaluate(
         (out / "model_card.md").write_text(model_card(report, best, splits, links or {}), encoding="utf-8")
         write_json(out / "report.json", report)
     return StageResult.at("evaluate", key, report, checkpoint=best.file("checkpoint")), model
+
+
+def gradcam_figure(model: ServingModel, arch: str, images: np.ndarray, y: np.ndarray, names: list[str], per_class: int = 2):
+    """Grad-CAM (captum's LayerGradCam on the last convolutional stage) for the first
+    `per_class` test items of each class, towards the predicted class, over the anonymized pixels."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    from mlpipe.train.model import last_conv_layer
+
+    chosen = [i for k in range(len(names)) for i in np.flatnonzero(y == k)[:per_class]]
+    batch = torch.from_numpy(images[chosen]).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        pred = model(batch).argmax(dim=1)
+    cam = LayerGradCam(model, last_conv_layer(model.model, arch))
+    heat = LayerAttribution.interpolate(cam.attribute(batch, target=pred), tuple(batch.shape[2:]), "bilinear")
+    heat = heat.detach().clamp(min=0).squeeze(1).numpy()
+    model.zero_grad(set_to_none=True)  # the attribution's gradients must not travel with the model
+    cols = 2 * per_class
+    rows = -(-len(chosen) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i, h, p in zip(axes.ravel(), chosen, heat, pred.tolist(), strict=False):
+        image = images[i]
+        ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray" if image.shape[2] == 1 else None)
+        ax.imshow(h / (h.max() or 1), cmap="jet", alpha=0.45)
+        ax.set_title(f"{names[y[i]]} -> {names[p]}", fontsize=7)
+    fig.suptitle("Grad-CAM towards the predicted class", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def onnx_parity(model: ServingModel, images: np.ndarray, path, tolerance: float = 1e-4) -> dict:
@@ -224,7 +255,7 @@ def onnx_parity(model: ServingModel, images: np.ndarray, path, tolerance: float 
             "passed": diff <= tolerance, "opset": opset}  # fmt: skip
 
 
-FIGURES = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png")
+FIGURES = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png", "gradcam.png")
 
 
 def artifact_files(report: dict) -> tuple[str, ...]:

@@ -81,6 +81,16 @@ def load_pretrained(model: nn.Module, path: str) -> dict[str, int]:
     return {"loaded": len(usable), "skipped": len(state) - len(usable), "missing": len(target) - len(usable)}
 
 
+def last_conv_layer(model: nn.Module, name: str) -> nn.Module:
+    """The layer Grad-CAM explains: the last convolutional stage of each architecture."""
+    body = _body(model)
+    if name == "small_cnn":
+        return body.features[3]  # the last conv block, before global pooling
+    if name.startswith("resnet"):
+        return body.layer4
+    return body.features[-1]  # convnext / efficientnet
+
+
 def freeze_backbone(model: nn.Module, name: str) -> int:
     """Train only the classifier head (and a channel adapter); returns the trainable parameter count."""
     head = getattr(_body(model), HEADS[name])
@@ -103,6 +113,12 @@ class ServingModel(nn.Module):
 
     def forward(self, x):
         return self.model((x / 255.0 - self.mean) / self.std).softmax(dim=1)
+
+
+def checkpoint_arch(path) -> str:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def load_checkpoint(path) -> ServingModel:

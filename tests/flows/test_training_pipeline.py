@@ -80,8 +80,8 @@ def test_every_stage_report_is_in_the_parent_run(finished):
     for stage in STAGES:
         assert f"{stage}/report.json" in {a.path for a in client.list_artifacts(run_id, stage)}, stage
     evaluated = {a.path for a in client.list_artifacts(run_id, "evaluate")}
-    for name in ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png", "gate.json",
-                 "model_card.md", "model.onnx"):  # fmt: skip
+    for name in ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png", "gradcam.png",
+                 "gate.json", "model_card.md", "model.onnx"):  # fmt: skip
         assert f"evaluate/{name}" in evaluated
 
 

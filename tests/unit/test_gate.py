@@ -104,3 +104,19 @@ def test_onnx_export_matches_torch_within_1e_4(arch, tmp_path):
     assert result["exported"], result
     assert result["inputs"] == 32 and result["passed"] and result["max_abs_diff"] <= 1e-4
     assert (tmp_path / "model.onnx").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_gradcam_figure_from_captum(arch, tmp_path):
+    import torch
+
+    from mlpipe.evaluate import gradcam_figure
+    from mlpipe.train.model import ServingModel, build_model
+
+    torch.manual_seed(0)
+    model = ServingModel(build_model(arch, 1, 3), torch.tensor([0.3]), torch.tensor([0.2])).eval()
+    images = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 1), dtype=np.uint8)
+    fig = gradcam_figure(model, arch, images, np.arange(12) % 3, NAMES)
+    fig.savefig(tmp_path / "cam.png")
+    assert (tmp_path / "cam.png").stat().st_size > 5000
+    assert len([ax for ax in fig.axes if ax.images]) == 6  # two items per class
