@@ -264,6 +264,13 @@ class SearchConfig(_Section):
     metric: Literal["val_macro_f1", "val_accuracy", "val_balanced_accuracy"] = Field(
         "val_macro_f1", description="Validation metric that picks the winner."
     )
+    strategy: Literal["grid", "halving"] = Field(
+        "grid",
+        description="grid: every trial for train.epochs. halving: successive halving with epochs as the resource; "
+        "after each rung only the best 1/halving_factor continue, from their checkpoints.",
+    )
+    halving_factor: int = Field(3, ge=2, le=10, description="Successive halving: keep 1/factor, multiply epochs by factor.")
+    min_epochs: int = Field(1, ge=1, description="Successive halving: epochs of the first rung.")
     tie_break: Literal["val_macro_f1", "val_accuracy", "val_balanced_accuracy", "val_loss"] = Field(
         "val_accuracy", description="Secondary validation metric for trials tied on `metric` (val_loss: lower wins)."
     )

@@ -2,7 +2,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mlpipe import tracking
-from mlpipe.config import Trial
+from mlpipe.config import SearchConfig, Trial
 from mlpipe.store import StageResult
 from mlpipe.train.launch import train as train_trials
 from mlpipe.tracking import RunRef
@@ -10,11 +10,13 @@ from tasks._publish import publish, publish_trials, training_progress
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train(splits: StageResult, resampled: StageResult, trials: list[Trial], run: RunRef) -> StageResult:
+def train(
+    splits: StageResult, resampled: StageResult, trials: list[Trial], search: SearchConfig, run: RunRef
+) -> StageResult:
     """Every trial in one torchrun launch (DDP); one nested MLflow run per trial."""
     run_ids = {t.name: tracking.start_child_run(run, t.name, t.flat_params()) for t in trials}
     try:
-        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, training_progress())
+        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, training_progress(), search)
     except BaseException:
         for run_id in run_ids.values():
             tracking.end_run(run, run_id, failed=True)

@@ -28,7 +28,7 @@ from mlpipe.errors import MlpipeError
 from mlpipe.resample import training_set, training_set_for
 from mlpipe.split import class_names, cv_folds, development_parts, load_index
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json
-from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
+from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec, is_done
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,10 @@ class Progress:
         if self.on_progress is not None:
             self.on_progress(min(1.0, self.done / max(1, sum(self.planned.values()))))
 
+    def finish(self) -> None:
+        """Trials dropped by successive halving never run their remaining epochs: count them done."""
+        self._advance(sum(self.planned.values()) - self.done)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -177,6 +181,23 @@ def trial_dir(splits: StageResult, resampled: StageResult, trial: Trial, fold: s
     return final_path("trials", key)
 
 
+def budgets(trials: list[Trial], search: SearchConfig | None) -> list[int | None]:
+    """Epoch budget per rung: one rung of full training for a grid; for successive halving
+    min_epochs, x factor, ... up to the longest trial's train.epochs."""
+    if search is None or search.strategy == "grid":
+        return [None]
+    top, budget, out = max(t.train.epochs for t in trials), search.min_epochs, []
+    while budget < top:
+        out.append(budget)
+        budget *= search.halving_factor
+    return [*out, top]
+
+
+def _done(folder: Path, trial: Trial, budget: int | None) -> bool:
+    path = folder / "result.json"
+    return path.exists() and is_done(TrialResult.model_validate_json(path.read_text()), budget, trial.train.epochs)
+
+
 def train(
     splits: StageResult,
     resampled: StageResult,
@@ -184,39 +205,59 @@ def train(
     run_ids: dict[str, str],
     tracking_uri: str | None,
     on_progress: Callable[[float], None] | None = None,
+    search: SearchConfig | None = None,
 ) -> StageResult:
     """Train all trials; returns a report with one entry per trial (validation metrics only). In
     kfold mode each trial is trained once per fold and its entry holds the fold means.
-    Finished trials (same data, config and code) are reused, not retrained.
+    Finished trials (same data, config and code) are reused, not retrained. With
+    `search.strategy: halving` the trials train in rungs of growing epoch budgets and only the
+    best 1/factor (on `search.metric`) continue, each from its own checkpoint.
 
     `on_progress(fraction)` is called after every epoch with the share of planned epochs done.
     """
-    key = stable_hash(splits.key, resampled.key, [t.model_dump() for t in trials], code_version("mlpipe.train"))[:16]
+    key = stable_hash(splits.key, resampled.key, [t.model_dump() for t in trials], search, code_version("mlpipe.train"))[:16]
     num_classes = len(class_names(splits))
     folds = cv_folds(splits)
     dirs = {(t.name, fold): trial_dir(splits, resampled, t, fold) for t in trials for fold, _, _ in folds}
-    todo = {k for k, d in dirs.items() if not (d / "result.json").exists()}
     planned = {f"{t.name}-{fold}" if fold else t.name: t.train.epochs
-               for t in trials for fold, _, _ in folds if (t.name, fold) in todo}  # fmt: skip
+               for t in trials for fold, _, _ in folds if not _done(dirs[t.name, fold], t, None)}  # fmt: skip
     progress = Progress(planned, on_progress)
+    alive, rungs, launched, n = list(trials), [], set(), 0
     with stage_dir("train", key) as out, contextlib.closing(progress):
-        groups: dict[tuple[bool, int, int], list[Trial]] = {}
-        for trial in trials:  # one launch per (device, nproc, restarts) combination; usually one
-            groups.setdefault((uses_cuda(trial.train), resolve_nproc(trial.train), trial.train.max_restarts), []).append(trial)
-        for n, ((cuda, nproc, restarts), members) in enumerate(groups.items()):
-            specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, dirs[t.name, fold], run_ids.get(t.name))
-                     for t in members for fold, _, val in folds if (t.name, fold) in todo]  # fmt: skip
-            if not specs:
-                continue
-            spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
-                              tracking_uri=tracking_uri, trials=specs)  # fmt: skip
-            spec_path = write_json(out / f"launch-{n}.json", spec.model_dump())
-            launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda, progress=progress)
+        for rung, budget in enumerate(budgets(trials, search)):
+            groups: dict[tuple[bool, int, int], list[Trial]] = {}
+            for trial in alive:  # one launch per (device, nproc, restarts) combination; usually one
+                groups.setdefault((uses_cuda(trial.train), resolve_nproc(trial.train), trial.train.max_restarts), []).append(trial)
+            for (cuda, nproc, restarts), members in groups.items():
+                pending = [(t, fold, val) for t in members for fold, _, val in folds if not _done(dirs[t.name, fold], t, budget)]
+                if not pending:
+                    continue
+                specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, dirs[t.name, fold], run_ids.get(t.name), budget)
+                         for t, fold, val in pending]  # fmt: skip
+                launched.update(t.name for t, _, _ in pending)
+                spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
+                                  tracking_uri=tracking_uri, trials=specs)  # fmt: skip
+                spec_path = write_json(out / f"launch-{n}.json", spec.model_dump())
+                launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda, progress=progress)
+                n += 1
+            rungs.append({"budget": budget, "trials": [t.name for t in alive]})
+            if budget is None or len(alive) <= 1 or rung == len(budgets(trials, search)) - 1:
+                break
+            score = {t.name: _trial_entry(t, {f: dirs[t.name, f] for f, _, _ in folds}, None, False)["val_metrics"][search.metric]
+                     for t in alive}  # fmt: skip
+            keep = max(1, -(-len(alive) // search.halving_factor))
+            alive = sorted(alive, key=lambda t: -score[t.name])[:keep]  # stable: ties keep grid order
+        progress.finish()
         results = [_trial_entry(t, {fold: dirs[t.name, fold] for fold, _, _ in folds}, run_ids.get(t.name),
-                                cached=not any((t.name, fold) in todo for fold, _, _ in folds))
+                                cached=t.name not in launched)
                    for t in trials]  # fmt: skip
-        report = {"trials": results, "num_classes": num_classes, "folds": len(folds) if folds[0][0] else None,
-                  "reused_trials": sum(r["cached"] for r in results)}  # fmt: skip
+        report = {
+            "trials": results, "num_classes": num_classes, "folds": len(folds) if folds[0][0] else None,
+            "reused_trials": sum(r["cached"] for r in results),
+            "strategy": search.strategy if search else "grid", "rungs": rungs,
+            "trial_epochs": sum(r["epochs_run"] for r in results),
+            "full_grid_trial_epochs": sum(t.train.epochs for t in trials) * len(folds),
+        }  # fmt: skip
         write_json(out / "report.json", report)
     return StageResult.at("train", key, report, pixels=splits.file("pixels"))
 
@@ -248,9 +289,12 @@ def _trial_entry(trial: Trial, folds: dict[str, Path], run_id: str | None, cache
     }  # fmt: skip
 
 
-def _trial_spec(trial: Trial, fold: str, val_set: str, resampled: StageResult, folder: Path, run_id: str | None) -> TrialSpec:
+def _trial_spec(
+    trial: Trial, fold: str, val_set: str, resampled: StageResult, folder: Path, run_id: str | None, budget: int | None
+) -> TrialSpec:  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     return TrialSpec(
+        stop_after=budget,
         name=f"{trial.name}-{fold}" if fold else trial.name,
         train=trial.train,
         train_set=training_set_for(resampled, trial, fold),

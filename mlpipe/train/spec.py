@@ -21,6 +21,7 @@ class TrialSpec(BaseModel):
     run_id: str | None = None  # MLflow child run that rank 0 logs metrics into
     val_set: str | None = None  # this trial's validation part (a cross-validation fold); None: the launch's
     metric_prefix: str = ""  # e.g. "fold2/": fold runs of one trial share its MLflow run
+    stop_after: int | None = None  # successive halving: pause after this many epochs (resumable)
 
 
 class WorkerSpec(BaseModel):
@@ -37,7 +38,8 @@ class TrialResult(BaseModel):
     name: str
     best_epoch: int
     epochs_run: int
-    stopped_early: bool
+    stopped_early: bool  # by early stopping (patience)
+    paused: bool = False  # at a successive-halving budget, below train.epochs: can be continued
     val_metrics: dict[str, float]
     history: list[dict[str, float]]
     checkpoint: str
@@ -46,3 +48,8 @@ class TrialResult(BaseModel):
     amp: str
     train_items: int
     seconds: float
+
+
+def is_done(result: TrialResult, stop_after: int | None, epochs: int) -> bool:
+    """No more training needed: finished, stopped early, or paused at or past the budget."""
+    return not result.paused or result.epochs_run >= min(stop_after or epochs, epochs)

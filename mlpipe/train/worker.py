@@ -48,7 +48,7 @@ from mlpipe.train.data import (
 )
 from mlpipe.train.ddp import DistContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed
 from mlpipe.train.model import build_model, freeze_backbone, load_pretrained
-from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
+from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec, is_done
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
@@ -243,7 +243,9 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
             if tracker is not None:
                 tracker.catch_up(history, trial.metric_prefix)  # epochs saved but not yet logged
 
-    for epoch in range(first_epoch, cfg.epochs):
+    last_epoch = min(cfg.epochs, trial.stop_after or cfg.epochs)  # the schedule still spans cfg.epochs
+    stopped = False
+    for epoch in range(first_epoch, last_epoch):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout; augmentation is seeded per item
         sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
         metrics = train_one_epoch(net, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx, cfg.grad_clip)
@@ -278,6 +280,7 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
             if tracker is not None:
                 tracker({trial.metric_prefix + k: v for k, v in metrics.items()}, epoch)
         if not improved and epoch - best_epoch >= cfg.patience:
+            stopped = True
             break
 
     model.load_state_dict(best_state)  # early stopping restores the best weights, not the last
@@ -290,7 +293,8 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
         name=trial.name,
         best_epoch=best_epoch,
         epochs_run=len(history),
-        stopped_early=len(history) < cfg.epochs,
+        stopped_early=stopped,
+        paused=not stopped and len(history) < cfg.epochs,
         val_metrics={k: v for k, v in best.items() if k.startswith("val_")},
         history=history,
         checkpoint=str(ckpt_path),
@@ -351,8 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for trial in spec.trials:
             path = Path(trial.out_dir) / "result.json"
-            if path.exists():  # finished before a restart: torchrun re-runs the whole spec
-                continue
+            if path.exists() and is_done(TrialResult.model_validate_json(path.read_text()), trial.stop_after, trial.train.epochs):
+                continue  # finished before a restart (torchrun re-runs the whole spec) or in an earlier rung
             tracker = _metric_logger(spec, trial, ctx)
             if tracker is not None:
                 tracker.start_system_metrics()

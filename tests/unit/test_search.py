@@ -75,3 +75,38 @@ def test_grid_figure_for_one_two_and_more_axes(axes, tmp_path):
     fig = grid_figure(leaderboard(trials, "val_macro_f1"), "val_macro_f1")
     fig.savefig(tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 5000
+
+
+def test_successive_halving_keeps_the_best_third_and_continues_from_checkpoints(state, sample_root):
+    source = SourceConfig(uri=str(sample_root))
+    labelled = label(anonymize(ingest(source, IngestConfig()), AnonymizeConfig(), source), LabelConfig(find_label_issues=False))
+    config = PipelineConfig().with_overrides({
+        "train.epochs": 9, "train.nproc": 1, "train.patience": 9,
+        "search.strategy": "halving", "search.halving_factor": 3, "search.min_epochs": 1,
+        "search.grid": {"train.lr": [0.0003, 0.003, 0.01], "resample.strategy": ["none", "random_over", "class_weight"]},
+    })  # fmt: skip
+    splits = split(labelled, config.split)
+    trials = config.trials()
+    resampled = resample(splits, trials)
+    result = train(splits, resampled, trials, {}, None, search=config.search)
+    report = result.report
+    assert [r["budget"] for r in report["rungs"]] == [1, 3, 9]
+    assert [len(r["trials"]) for r in report["rungs"]] == [9, 3, 1]
+    epochs = {t["trial"]: t["epochs_run"] for t in report["trials"]}
+    survivor = report["rungs"][-1]["trials"][0]
+    assert epochs[survivor] == 9 and sorted(epochs.values()) == [1] * 6 + [3, 3, 9]
+    assert report["trial_epochs"] == 21 and report["full_grid_trial_epochs"] == 81
+    # the rung-2 trials were the best three of rung 1, on the search metric
+    first = {t: e for t, e in epochs.items()}
+    assert set(report["rungs"][1]["trials"]) <= set(first)
+    log = "".join(p.read_text() for p in sorted(result.file("").glob("launch-*.log")))
+    assert log.count("resumed after epoch 0") == 3 and log.count("resumed after epoch 2") == 1  # continued, not restarted
+
+
+def test_halving_budgets():
+    from mlpipe.train.launch import budgets
+
+    trials = PipelineConfig().with_overrides({"train.epochs": 20}).trials()
+    halving = PipelineConfig().with_overrides({"search.strategy": "halving", "search.min_epochs": 2}).search
+    assert budgets(trials, halving) == [2, 6, 18, 20]
+    assert budgets(trials, PipelineConfig().search) == [None]
