@@ -87,7 +87,7 @@ def launch(
                     if progress is not None:
                         progress.run_done(line)
                 elif progress is not None and " epoch " in line and " img/s" in line:
-                    progress.epoch(line)
+                    progress.epoch()
             code = proc.wait()
         except BaseException:
             stop_process_group(proc)
@@ -150,7 +150,7 @@ class Progress:
         self.planned, self.on_progress, self.done = planned, on_progress, 0
         self.bar = tqdm(total=sum(planned.values()), unit="epoch", desc="train", disable=None)
 
-    def epoch(self, line: str) -> None:
+    def epoch(self) -> None:
         self._advance(1)
 
     def run_done(self, line: str) -> None:
@@ -223,8 +223,9 @@ def train(
                for t in trials for fold, _, _ in folds if not _done(dirs[t.name, fold], t, None)}  # fmt: skip
     progress = Progress(planned, on_progress)
     alive, rungs, launched, n = list(trials), [], set(), 0
+    plan = budgets(trials, search)
     with stage_dir("train", key) as out, contextlib.closing(progress):
-        for rung, budget in enumerate(budgets(trials, search)):
+        for rung, budget in enumerate(plan):
             groups: dict[tuple[bool, int, int], list[Trial]] = {}
             for trial in alive:  # one launch per (device, nproc, restarts) combination; usually one
                 groups.setdefault((uses_cuda(trial.train), resolve_nproc(trial.train), trial.train.max_restarts), []).append(trial)
@@ -241,7 +242,7 @@ def train(
                 launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda, progress=progress)
                 n += 1
             rungs.append({"budget": budget, "trials": [t.name for t in alive]})
-            if budget is None or len(alive) <= 1 or rung == len(budgets(trials, search)) - 1:
+            if budget is None or len(alive) <= 1 or rung == len(plan) - 1:
                 break
             score = {t.name: _trial_entry(t, {f: dirs[t.name, f] for f, _, _ in folds}, None, False)["val_metrics"][search.metric]
                      for t in alive}  # fmt: skip
