@@ -21,7 +21,7 @@ from mlpipe.gate import decide  # noqa: E402
 from mlpipe.metrics import bootstrap_ci, classification_metrics, evaluation_metrics  # noqa: E402
 from mlpipe.split import class_names, load_split  # noqa: E402
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json  # noqa: E402
-from mlpipe.train.model import ServingModel, checkpoint_arch, load_checkpoint  # noqa: E402
+from mlpipe.train.model import ServingModel, load_checkpoint  # noqa: E402
 
 
 @torch.no_grad()
@@ -187,7 +187,7 @@ def evaluate(
             "roc_pr_curves.png": curves_figure(y, proba, names),
             "reliability.png": reliability_figure(y, proba, metrics["test_ece"]),
             "misclassified.png": misclassified_figure(images, y, proba, names),
-            "gradcam.png": gradcam_figure(model, checkpoint_arch(best.file("checkpoint")), images, y, names),
+            "gradcam.png": gradcam_figure(model, model.arch, images, y, names),
         }
         for name, fig in figures.items():
             fig.savefig(out / name, dpi=110, metadata={"Software": None})

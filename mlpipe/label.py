@@ -279,8 +279,10 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     synonyms = {normalize(k): normalize(v) for k, v in config.synonyms.items()}
     votes = items[config.columns].astype(str).map(lambda v: normalize(v, synonyms))
     labels, review_reason, tied = consensus(votes, config)
-    majority = [majority_vote(list(row))[0] for row in votes.itertuples(index=False)]
-    differs = sum(a is not None and b is not None and a != b for a, b in zip(labels, majority, strict=True))
+    differs = 0
+    if config.consensus != "majority":  # how often the model-based consensus overrules a plain majority
+        majority = [majority_vote(list(row))[0] for row in votes.itertuples(index=False)]
+        differs = sum(a is not None and b is not None and a != b for a, b in zip(labels, majority, strict=True))
     labels, review_reason, dropped = apply_tie_policy(votes, labels, review_reason, tied, config)
 
     conflicts = near_duplicate_conflicts(items, labels)

@@ -115,12 +115,6 @@ class ServingModel(nn.Module):
         return self.model((x / 255.0 - self.mean) / self.std).softmax(dim=1)
 
 
-def checkpoint_arch(path) -> str:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
 def load_checkpoint(path) -> ServingModel:
     """Rebuild the model a checkpoint describes. `weights_only=True`: a checkpoint is data, never code."""
     import torch
@@ -128,4 +122,6 @@ def load_checkpoint(path) -> ServingModel:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(ckpt["model"], ckpt["in_channels"], ckpt["num_classes"])
     model.load_state_dict(ckpt["model_state"])
-    return ServingModel(model, ckpt["mean"], ckpt["std"]).eval()
+    serving = ServingModel(model, ckpt["mean"], ckpt["std"]).eval()
+    serving.arch = ckpt["model"]  # which architecture, for explanations (Grad-CAM's layer)
+    return serving
