@@ -279,6 +279,28 @@ class SearchConfig(_Section):
         description="Retrain the winner on train+val for its best epoch count before the test (always on in "
         "split.mode kfold, where no single trial model saw all the data).",
     )
+    max_parallel: int | Literal["auto"] = Field(
+        1,
+        description="Trials trained at once, each its own torchrun launch. auto: one trial per GPU (train.nproc "
+        "auto becomes 1 during the search; an explicit train.nproc takes that many GPUs a trial), on CPU as many as "
+        "the cores hold at train.nproc processes each. 1: all trials in one launch, one after another.",
+    )
+    task_runner: Literal["thread", "process", "dask"] = Field(
+        "thread",
+        description="Prefect task runner that fans the parallel launches out: thread or process on this machine, "
+        "dask on a Dask cluster (dask_address) or a local one. Trial folders must be on storage all workers share.",
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of an existing Dask cluster (tcp://host:8786); null: a local cluster."
+    )
+
+    _max_parallel_positive = field_validator("max_parallel")(_at_least_one_or_auto)
+
+    @model_validator(mode="after")
+    def _dask_address_needs_dask(self) -> SearchConfig:
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError("search.dask_address is set but search.task_runner is not 'dask'")
+        return self
 
 
 class EvaluateConfig(_Section):

@@ -4,9 +4,11 @@ from prefect.cache_policies import NO_CACHE
 from mlpipe import tracking
 from mlpipe.config import SearchConfig, Trial
 from mlpipe.store import StageResult
+from mlpipe.train.launch import Launch
 from mlpipe.train.launch import train as train_trials
 from mlpipe.tracking import RunRef
 from tasks._publish import publish, publish_trials, training_progress
+from tasks._runners import fan_out
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -16,10 +18,17 @@ def train(
     """Every trial in one torchrun launch (DDP); one nested MLflow run per trial."""
     run_ids = {t.name: tracking.start_child_run(run, t.name, t.flat_params()) for t in trials}
     try:
-        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, training_progress(), search)
+        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, training_progress(), search,
+                              fan_out(search, train_launch))  # fmt: skip
     except BaseException:
         for run_id in run_ids.values():
             tracking.end_run(run, run_id, failed=True)
         raise
     publish_trials(run, result)
     return publish(run, result, files=tuple(p.name for p in result.file("").glob("launch-*")))
+
+
+@task(name="train-launch", cache_policy=NO_CACHE, task_run_name="train-{job.name}")
+def train_launch(job: Launch) -> None:
+    """One of several torchrun launches running side by side (`search.max_parallel`)."""
+    job.run()

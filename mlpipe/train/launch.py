@@ -6,8 +6,11 @@ logs per-epoch metrics into them. The worker reads only training and validation 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
+import dataclasses
 import logging
 import os
 import re
@@ -16,7 +19,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -39,11 +42,14 @@ def uses_cuda(cfg: TrainConfig) -> bool:
     return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
 
 
-def resolve_nproc(cfg: TrainConfig) -> int:
-    """`auto`: one process per visible GPU, or one CPU process."""
+def resolve_nproc(cfg: TrainConfig, search: SearchConfig | None = None) -> int:
+    """`auto`: one process per visible GPU, or one CPU process; in a search with
+    `max_parallel: auto`, one GPU a trial (the trials run side by side instead)."""
     if cfg.nproc != "auto":
         return cfg.nproc
-    return max(1, torch.cuda.device_count()) if uses_cuda(cfg) else 1
+    if not uses_cuda(cfg):
+        return 1
+    return 1 if search is not None and search.max_parallel == "auto" else max(1, len(visible_gpus()))
 
 
 def torchrun_command(spec_path: Path, nproc: int, max_restarts: int) -> list[str]:
@@ -56,11 +62,32 @@ def torchrun_command(spec_path: Path, nproc: int, max_restarts: int) -> list[str
     ]  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One torchrun job: a spec of trials and where it runs. Picklable, so a Prefect task runner
+    (thread, process or Dask) can carry it to the process that starts torchrun."""
+
+    spec_path: Path
+    nproc: int
+    max_restarts: int
+    log_path: Path
+    cpu: bool
+    threads: int | None = None  # CPU threads per process; None: the cores / nproc
+    devices: str | None = None  # CUDA_VISIBLE_DEVICES for this job; None: inherit
+
+    @property
+    def name(self) -> str:
+        return self.log_path.stem
+
+    def run(self) -> None:
+        launch(self.spec_path, self.nproc, self.max_restarts, self.log_path, self.cpu, self.threads, self.devices)
+
+
 def launch(
     spec_path: Path, nproc: int, max_restarts: int, log_path: Path, cpu: bool,
-    progress: Progress | None = None,
+    threads: int | None = None, devices: str | None = None,
 ) -> None:  # fmt: skip
-    """Run torchrun, stream rank 0's progress to the log, fail with the last error line.
+    """Run torchrun, stream its output to the log, fail with the last error line.
 
     torchrun runs in a process group of its own. Whatever ends this call early (an exception,
     Prefect's cancellation signal, Ctrl-C, SIGTERM) takes the whole group down with it, and a
@@ -69,7 +96,9 @@ def launch(
     """
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
     if cpu:  # share the cores instead of oversubscribing them nproc times
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "w", encoding="utf-8") as sink, _sigterm_raises():
         proc = subprocess.Popen(
@@ -80,14 +109,8 @@ def launch(
         try:
             for line in proc.stdout:
                 sink.write(line)
-                sink.flush()  # the log is live: `tail -f` shows each epoch as it ends
+                sink.flush()  # the log is live: `tail -f` shows each epoch as it ends (Progress follows it)
                 tail.append(line.rstrip())
-                if line.startswith("[trial-"):
-                    log.info(line.rstrip())
-                    if progress is not None:
-                        progress.run_done(line)
-                elif progress is not None and " epoch " in line and " img/s" in line:
-                    progress.epoch()
             code = proc.wait()
         except BaseException:
             stop_process_group(proc)
@@ -95,6 +118,47 @@ def launch(
     if code != 0:
         errors = [t for t in tail if "Error" in t or "error" in t] or list(tail) or ["no output"]
         raise MlpipeError(f"training failed (torchrun exit code {code}): {errors[-1].strip()}")
+
+
+def run_in_threads(jobs: list[Launch]) -> None:
+    """The default fan-out: one job runs here; several run in threads (each thread only waits on
+    its torchrun). Every job runs to its end, so finished trials are kept even when one fails."""
+    if len(jobs) == 1:
+        jobs[0].run()
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="torchrun") as pool:
+        futures = [pool.submit(job.run) for job in jobs]
+    raise_first_failure([f.exception() for f in futures], len(jobs))
+
+
+def raise_first_failure(errors: list[BaseException | None], jobs: int) -> None:
+    failed = [e for e in errors if e is not None]
+    if len(failed) == 1 and jobs == 1:
+        raise failed[0]
+    if failed:
+        raise MlpipeError(f"{len(failed)} of {jobs} training launches failed; first: {failed[0]}") from failed[0]
+
+
+def parallel_slots(search: SearchConfig | None, cuda: bool, nproc: int, jobs: int) -> list[str | None]:
+    """The CUDA_VISIBLE_DEVICES of each parallel launch (None: inherit), as many as
+    `search.max_parallel` allows: GPUs are split into disjoint slices of `nproc`; on CPU the
+    launches share the cores."""
+    want = search.max_parallel if search is not None else 1
+    if not cuda:
+        return [None] * max(1, min(jobs, max(1, (os.cpu_count() or 1) // nproc) if want == "auto" else want))
+    gpus = visible_gpus()
+    k = max(1, min(jobs, len(gpus) // nproc if want == "auto" else want))
+    if k * nproc > len(gpus):
+        raise MlpipeError(f"search.max_parallel={want} with train.nproc={nproc} needs {k * nproc} GPUs; {len(gpus)} visible")
+    return [None] if k == 1 else [",".join(gpus[i * nproc:(i + 1) * nproc]) for i in range(k)]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries (they may be UUIDs)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -150,6 +214,45 @@ class Progress:
         self.planned, self.on_progress, self.done = planned, on_progress, 0
         self.bar = tqdm(total=sum(planned.values()), unit="epoch", desc="train", disable=None)
 
+    def line(self, line: str) -> None:
+        if line.startswith("[trial-"):  # "[trial-000] done: ...": one line per trial into the log
+            log.info(line)
+            self.run_done(line)
+        elif " epoch " in line and " img/s" in line:
+            self.epoch()
+
+    @contextlib.contextmanager
+    def following(self, logs: list[Path], every_s: float = 0.5) -> Iterator[None]:
+        """Read the launches' logs as they grow (wherever the launches run, the logs are in the
+        trial folders) and count their epochs, until the block ends."""
+        offsets = dict.fromkeys(logs, 0)
+
+        def poll() -> None:
+            for path in logs:
+                with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+                    f.seek(offsets[path])
+                    chunk = f.read()
+                    whole = chunk[: chunk.rfind(b"\n") + 1]
+                    offsets[path] += len(whole)
+                    for line in whole.decode("utf-8", errors="replace").splitlines():
+                        self.line(line)
+
+        stop = threading.Event()
+
+        def follow() -> None:
+            while not stop.wait(every_s):
+                poll()
+
+        context = contextvars.copy_context()  # Prefect's run context: logs and the artifact belong to the task
+        reader = threading.Thread(target=context.run, args=(follow,), daemon=True, name="progress")
+        reader.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            reader.join()
+            poll()
+
     def epoch(self) -> None:
         self._advance(1)
 
@@ -181,6 +284,9 @@ def trial_dir(splits: StageResult, resampled: StageResult, trial: Trial, fold: s
     return final_path("trials", key)
 
 
+EXECUTION_ONLY = {"max_parallel", "task_runner", "dask_address"}
+
+
 def budgets(trials: list[Trial], search: SearchConfig | None) -> list[int | None]:
     """Epoch budget per rung: one rung of full training for a grid; for successive halving
     min_epochs, x factor, ... up to the longest trial's train.epochs."""
@@ -206,6 +312,7 @@ def train(
     tracking_uri: str | None,
     on_progress: Callable[[float], None] | None = None,
     search: SearchConfig | None = None,
+    run_launches: Callable[[list[Launch]], None] | None = None,
 ) -> StageResult:
     """Train all trials; returns a report with one entry per trial (validation metrics only). In
     kfold mode each trial is trained once per fold and its entry holds the fold means.
@@ -214,8 +321,11 @@ def train(
     best 1/factor (on `search.metric`) continue, each from its own checkpoint.
 
     `on_progress(fraction)` is called after every epoch with the share of planned epochs done.
+    Up to `search.max_parallel` launches run at once, through `run_launches(jobs)` (a Prefect
+    task runner in the flow; threads here by default), which returns when all have ended.
     """
-    key = stable_hash(splits.key, resampled.key, [t.model_dump() for t in trials], search, code_version("mlpipe.train"))[:16]
+    how = search.model_dump(exclude=EXECUTION_ONLY) if search else None  # how trials run leaves results unchanged
+    key = stable_hash(splits.key, resampled.key, [t.model_dump() for t in trials], how, code_version("mlpipe.train"))[:16]
     num_classes = len(class_names(splits))
     folds = cv_folds(splits)
     dirs = {(t.name, fold): trial_dir(splits, resampled, t, fold) for t in trials for fold, _, _ in folds}
@@ -227,8 +337,9 @@ def train(
     with stage_dir("train", key) as out, contextlib.closing(progress):
         for rung, budget in enumerate(plan):
             groups: dict[tuple[bool, int, int], list[Trial]] = {}
-            for trial in alive:  # one launch per (device, nproc, restarts) combination; usually one
-                groups.setdefault((uses_cuda(trial.train), resolve_nproc(trial.train), trial.train.max_restarts), []).append(trial)
+            for trial in alive:  # launches per (device, nproc, restarts) combination; usually one
+                cuda = uses_cuda(trial.train)
+                groups.setdefault((cuda, resolve_nproc(trial.train, search), trial.train.max_restarts), []).append(trial)
             for (cuda, nproc, restarts), members in groups.items():
                 pending = [(t, fold, val) for t in members for fold, _, val in folds if not _done(dirs[t.name, fold], t, budget)]
                 if not pending:
@@ -236,11 +347,17 @@ def train(
                 specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, dirs[t.name, fold], run_ids.get(t.name), budget)
                          for t, fold, val in pending]  # fmt: skip
                 launched.update(t.name for t, _, _ in pending)
-                spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
-                                  tracking_uri=tracking_uri, trials=specs)  # fmt: skip
-                spec_path = write_json(out / f"launch-{n}.json", spec.model_dump())
-                launch(spec_path, nproc, restarts, out / f"launch-{n}.log", cpu=not cuda, progress=progress)
-                n += 1
+                slots = parallel_slots(search, cuda, nproc, len(specs))
+                jobs = []
+                for i, devices in enumerate(slots):  # trials dealt round-robin over the parallel launches
+                    spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
+                                      tracking_uri=tracking_uri, trials=specs[i :: len(slots)])  # fmt: skip
+                    jobs.append(Launch(write_json(out / f"launch-{n}.json", spec.model_dump()), nproc, restarts,
+                                       out / f"launch-{n}.log", cpu=not cuda, devices=devices,
+                                       threads=max(1, (os.cpu_count() or 1) // (nproc * len(slots)))))  # fmt: skip
+                    n += 1
+                with progress.following([job.log_path for job in jobs]):
+                    (run_launches or run_in_threads)(jobs)
             rungs.append({"budget": budget, "trials": [t.name for t in alive]})
             if budget is None or len(alive) <= 1 or rung == len(plan) - 1:
                 break
@@ -329,7 +446,8 @@ def refit(
                           trials=[TrialSpec(name=f"{trial.name}-refit", train=cfg, train_set=str(out / "train.npz"),
                                             out_dir=str(out), run_id=run_id)])  # fmt: skip
         spec_path = write_json(out / "launch.json", spec.model_dump())
-        launch(spec_path, resolve_nproc(cfg), cfg.max_restarts, out / "launch.log", cpu=not uses_cuda(cfg))
+        with contextlib.closing(Progress({f"{trial.name}-refit": epochs}, None)) as progress, progress.following([out / "launch.log"]):
+            launch(spec_path, resolve_nproc(cfg), cfg.max_restarts, out / "launch.log", cpu=not uses_cuda(cfg))
         result = TrialResult.model_validate_json((out / "result.json").read_text())
         report = {**best.report, "refit": {"trial": trial.name, "epochs": epochs, "train_items": result.train_items,
                                            "synthetic": int(data["synthetic"].sum()), "seconds": result.seconds,

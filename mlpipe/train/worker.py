@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(devices) != 1:
         raise SystemExit("all trials of one launch must share train.device")
     ctx = init_distributed(devices.pop(), timeout_s=max(t.train.nccl_timeout_s for t in spec.trials))
-    if ctx.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
+    if ctx.device.type == "cpu":  # the launcher's share (parallel launches split the cores), else cores / world
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // ctx.world_size)))
     try:
         for trial in spec.trials:
             path = Path(trial.out_dir) / "result.json"

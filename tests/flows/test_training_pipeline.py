@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
 import mlpipe.evaluate
 import mlpipe.resample
@@ -25,12 +26,6 @@ from mlpipe.sample import PERSONAL_COLUMNS
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "anonymize", "label", "split", "resample", "train", "search", "evaluate"]
 CHECKED_FLOOR = 0.6  # macro-F1; always predicting the majority class scores about 0.03 here
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +127,6 @@ def test_run_is_reproducible_from_its_mlflow_record(finished, tmp_path):
 
 
 def test_no_personal_value_reaches_mlflow_logs_or_file_names(finished):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     home: Path = finished["home"]
     manifest = pd.read_csv(home / "sample" / "digits-v1" / "manifest.csv", dtype=str, keep_default_na=False)
@@ -163,10 +156,14 @@ def test_kfold_cross_validates_every_trial_and_refits_the_winner(harness, env, t
 
     config = PipelineConfig().with_overrides({
         "experiment": "kfold", "split.mode": "kfold", "split.folds": 3, "train.epochs": 3,
-        "search.grid": {"train.lr": [0.002, 0.006]},
+        "search.grid": {"train.lr": [0.002, 0.006]}, "search.max_parallel": 2,  # 6 fold trainings, 2 launches
     })  # fmt: skip
     state = training_pipeline(config, return_state=True)
     assert state.is_completed()
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    launches = sorted(r.name for r in runs if r.name.startswith("train-launch"))
+    assert launches == ["train-launch-0", "train-launch-1"] and all(r.state.is_completed() for r in runs)
     summary, client = state.result(), MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     parent = client.get_run(summary["run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")

@@ -61,7 +61,7 @@ def _task_functions():
 
 def test_tasks_are_thin_wrappers():
     tasks = list(_task_functions())
-    assert sorted(n.name for _, n in tasks) == sorted(STAGES)
+    assert sorted(n.name for _, n in tasks) == sorted([*STAGES, "train_launch"])  # train's parallel launches
     for path, node in tasks:
         statements = sum(isinstance(n, ast.stmt) for n in ast.walk(node)) - 1
         assert statements <= 14, f"{path.name}:{node.name} has {statements} statements"

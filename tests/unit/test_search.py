@@ -1,16 +1,20 @@
 """Search: trials cached and resumable; ranking on validation data only."""
 
 import json
+import os
+import time
 
 import pytest
+from pydantic import ValidationError
 
 from mlpipe.anonymize import anonymize
-from mlpipe.config import AnonymizeConfig, IngestConfig, LabelConfig, PipelineConfig, SourceConfig
+from mlpipe.config import AnonymizeConfig, IngestConfig, LabelConfig, PipelineConfig, SearchConfig, SourceConfig
+from mlpipe.errors import MlpipeError
 from mlpipe.ingest import ingest
 from mlpipe.label import label
 from mlpipe.resample import resample
 from mlpipe.split import split
-from mlpipe.train.launch import train, trial_dir
+from mlpipe.train.launch import parallel_slots, run_in_threads, train, trial_dir
 
 
 @pytest.fixture
@@ -110,3 +114,57 @@ def test_halving_budgets():
     halving = PipelineConfig().with_overrides({"search.strategy": "halving", "search.min_epochs": 2}).search
     assert budgets(trials, halving) == [2, 6, 18, 20]
     assert budgets(trials, PipelineConfig().search) == [None]
+
+
+def test_parallel_trials_run_as_separate_launches_with_the_results_of_one_launch(prepared, state, monkeypatch):
+    splits, resampled, trials = prepared
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # one thread a process either way: results must be identical
+    one = train(splits, resampled, trials, {}, None)
+    monkeypatch.setenv("MLPIPE_HOME", str(state.parent / "second"))  # fresh trial folders, same splits
+    two = train(splits, resampled, trials, {}, None, search=SearchConfig(max_parallel=2))
+    assert one.report["reused_trials"] == two.report["reused_trials"] == 0
+    launched = [[t["name"] for t in json.loads(two.file(f"launch-{i}.json").read_text())["trials"]] for i in (0, 1)]
+    assert launched == [[trials[0].name], [trials[1].name]]
+    assert "[trial-" in two.file("launch-0.log").read_text() and "[trial-" in two.file("launch-1.log").read_text()
+    for a, b in zip(one.report["trials"], two.report["trials"], strict=True):
+        assert a["trial"] == b["trial"] and a["train_items"] == b["train_items"]
+        assert b["val_metrics"] == a["val_metrics"]
+
+
+class _Job:
+    def __init__(self, name, fail=False):
+        self.name, self.fail, self.ran = name, fail, False
+
+    def run(self):
+        time.sleep(0.2)
+        self.ran = True
+        if self.fail:
+            raise MlpipeError(f"training failed (torchrun exit code 1): {self.name} broke")
+
+
+def test_a_failed_launch_lets_the_others_finish_then_fails_naming_it():
+    jobs = [_Job("launch-0", fail=True), _Job("launch-1"), _Job("launch-2")]
+    with pytest.raises(MlpipeError, match="1 of 3 training launches failed; first: .*launch-0 broke"):
+        run_in_threads(jobs)
+    assert all(job.ran for job in jobs)  # the finished trials are kept for the rerun
+
+
+def test_parallel_slots_split_gpus_into_disjoint_slices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    auto, two = SearchConfig(max_parallel="auto"), SearchConfig(max_parallel=2)
+    assert parallel_slots(auto, cuda=True, nproc=1, jobs=9) == ["3", "5", "6", "7"]
+    assert parallel_slots(auto, cuda=True, nproc=2, jobs=9) == ["3,5", "6,7"]
+    assert parallel_slots(auto, cuda=True, nproc=1, jobs=2) == ["3", "5"]  # never more launches than trials
+    with pytest.raises(MlpipeError, match="max_parallel=3 with train.nproc=2 needs 6 GPUs; 4 visible"):
+        parallel_slots(SearchConfig(max_parallel=3), cuda=True, nproc=2, jobs=9)
+    assert parallel_slots(SearchConfig(), cuda=True, nproc=4, jobs=9) == [None]  # max_parallel 1: inherit
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert len(parallel_slots(auto, cuda=False, nproc=2, jobs=9)) == 4
+    assert len(parallel_slots(two, cuda=False, nproc=1, jobs=9)) == 2
+
+
+def test_parallel_search_settings_are_checked():
+    with pytest.raises(ValidationError, match="dask_address is set but search.task_runner is not 'dask'"):
+        SearchConfig(dask_address="tcp://127.0.0.1:8786")
+    with pytest.raises(ValidationError, match="at least 1 or 'auto'"):
+        SearchConfig(max_parallel=0)
