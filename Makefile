@@ -2,12 +2,13 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install run test
+.PHONY: install run test system-packages
 
 install: $(STAMP)
 
@@ -20,5 +21,11 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/mlpipe run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Debian's PostgreSQL for the integration tests' MLflow server (tests/integration), if missing.
+system-packages:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql for the integration tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }

@@ -2,6 +2,8 @@
 
     mlpipe run [--config FILE] [--set dotted.key=value ...]
     mlpipe sample-data DIR
+    mlpipe promote --version N
+    mlpipe reconcile
 
 Bad input ends with one line on stderr and a non-zero exit: 2 for usage and config errors,
 1 for a pipeline that failed.
@@ -20,6 +22,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlpipe")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # library logs outside a flow
+
+# Cached stage results (small JSON handles) beside the stage folders they name, unless set.
+os.environ.setdefault(
+    "PREFECT_LOCAL_STORAGE_PATH", str(Path(os.environ.get("MLPIPE_HOME", ".mlpipe")).expanduser().resolve() / "prefect-results")
+)
 
 from flows import ephemeral  # noqa: E402
 
@@ -40,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", required=True, help="registered model version to make champion")
     promote.add_argument("--model", default="mlpipe-classifier", help="registered model name")
     promote.add_argument("--reason", default="manual promote (mlpipe promote)", help="recorded on the version")
+    sub.add_parser("reconcile", help="end MLflow runs left RUNNING by flow runs killed outright, as KILLED")
     return parser
 
 
@@ -50,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sample_data(args.dir)
         if args.command == "promote":
             return _promote(args.model, args.version, args.reason)
+        if args.command == "reconcile":
+            return _reconcile()
         config = load_config(args.config, args.sets)
     except MlpipeError as err:
         print(f"mlpipe: error: {err}", file=sys.stderr)
@@ -62,6 +72,14 @@ def _promote(model: str, version: str, reason: str) -> int:
 
     previous = tracking.promote(model, version, reason)
     print(f"{model}: champion is now version {version} (was {previous or 'none'})")
+    return 0
+
+
+def _reconcile() -> int:
+    from mlpipe import tracking
+
+    ended = tracking.reconcile()
+    print(f"ended {len(ended)} MLflow run(s) whose flow process is gone, as KILLED" + (f": {', '.join(ended)}" if ended else ""))
     return 0
 
 

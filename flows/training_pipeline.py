@@ -7,9 +7,16 @@ from prefect.runtime import flow_run
 
 from mlpipe.config import PipelineConfig
 from tasks import anonymize, evaluate, ingest, label, pipeline_run, refit, resample, search, split, train
+from tasks.run import end_mlflow_runs
 
 
-@flow(name="training-pipeline", log_prints=True)
+@flow(
+    name="training-pipeline",
+    log_prints=True,
+    on_failure=[end_mlflow_runs("FAILED")],
+    on_crashed=[end_mlflow_runs("KILLED")],
+    on_cancellation=[end_mlflow_runs("KILLED")],
+)
 def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (pydantic default is the UI form)
     with pipeline_run(config) as run:
         snapshot = ingest(config.source, config.ingest, run)

@@ -221,7 +221,7 @@ class TrainConfig(_Section):
     epochs: int = Field(20, ge=1, le=1000)
     batch_size: int = Field(64, ge=1, le=65536, description="Per-process batch size.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw")
-    lr: float = Field(3e-3, gt=0, le=10)
+    lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate (after warmup, before the schedule decays it).")
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     loss: Literal["cross_entropy", "focal"] = Field("cross_entropy", description="focal: (1-p)^gamma-weighted cross-entropy.")

@@ -200,12 +200,22 @@ def validate_manifest(frame: pd.DataFrame, source: SourceConfig) -> tuple[dict[i
     return {f["row"]: f"invalid manifest row ({f['check']})" for f in reversed(failures) if f["row"] is not None}, failures
 
 
-def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
+def source_fingerprint(source: SourceConfig) -> str:
+    """What a snapshot of `source` depends on, without decoding anything: the manifest's bytes,
+    each row's validity, and the size and modification time of every file it lists. Prefect's
+    cache key for ingest, and the library's own."""
     src = open_source(source)
     frame, digest = read_manifest(src, source)
-    invalid, validation = validate_manifest(frame, source)
+    invalid, _ = validate_manifest(frame, source)
+    return _fingerprint(src, source, digest, _check_paths(src, frame, source, invalid))
 
-    # Check paths first (cheap), then look for an earlier snapshot of the very same files.
+
+def _fingerprint(src: Source, source: SourceConfig, digest: str, checked: list[str | Quarantined]) -> str:
+    stats = [src.stat(c) if isinstance(c, str) else str(c) for c in checked]
+    return stable_hash(digest, stats, source.layout, source.image_column)[:16]
+
+
+def _check_paths(src: Source, frame: pd.DataFrame, source: SourceConfig, invalid: dict) -> list[str | Quarantined]:
     checked: list[str | Quarantined] = []
     for row, rel in enumerate(frame[source.image_column]):
         if row in invalid:
@@ -215,8 +225,18 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
             checked.append(src.resolve(rel))
         except Quarantined as why:
             checked.append(why)
-    stats = [src.stat(c) if isinstance(c, str) else str(c) for c in checked]
-    scan_key = stable_hash(digest, stats, config, source.layout, code_version("mlpipe.ingest", "mlpipe.images"))[:16]
+    return checked
+
+
+def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
+    src = open_source(source)
+    frame, digest = read_manifest(src, source)
+    invalid, validation = validate_manifest(frame, source)
+
+    # Check paths first (cheap), then look for an earlier snapshot of the very same files.
+    checked = _check_paths(src, frame, source, invalid)
+    fingerprint = _fingerprint(src, source, digest, checked)
+    scan_key = stable_hash(fingerprint, config, code_version("mlpipe.ingest", "mlpipe.images"))[:16]
     cached = _cached_snapshot(scan_key)
     if cached is not None:
         return cached

@@ -343,8 +343,7 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
         "disagreement_fraction": round(float(1 - unanimous[votes.ne("").any(axis=1)].mean()), 4) if multi else None,
         "num_classes": len(class_names),
     }
-    reviewed_digest = hashlib.sha256(Path(config.reviewed).read_bytes()).hexdigest() if config.reviewed else None
-    key = stable_hash(dataset.key, config, reviewed_digest, code_version("mlpipe.label"))[:16]
+    key = stable_hash(dataset.key, config, reviewed_digest(config), code_version("mlpipe.label"))[:16]
     with stage_dir("label", key) as out:
         labelled.to_parquet(out / "items.parquet", index=False)
         review.to_csv(out / "review_queue.csv", index=False)
@@ -352,3 +351,8 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
         write_json(out / "label_map.json", class_map)
         write_json(out / "report.json", report)
     return StageResult.at("label", key, report, pixels=dataset.file("pixels"))
+
+
+def reviewed_digest(config: LabelConfig) -> str | None:
+    """sha256 of the Label Studio export: new reviews under the same file name are new input."""
+    return hashlib.sha256(Path(config.reviewed).read_bytes()).hexdigest() if config.reviewed else None

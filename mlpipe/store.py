@@ -47,7 +47,7 @@ def code_version(*modules: str) -> str:
     files = (
         sorted(PACKAGE_ROOT.rglob("*.py"))
         if not modules
-        else sorted(p for m in modules for p in _module_files(m))
+        else sorted(p for m in modules for p in module_files(m))
     )
     for path in files:
         digest.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
@@ -55,7 +55,7 @@ def code_version(*modules: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _module_files(module: str) -> list[Path]:
+def module_files(module: str) -> list[Path]:
     rel = Path(*module.split(".")[1:])
     package = PACKAGE_ROOT / rel
     return sorted(package.rglob("*.py")) if package.is_dir() else [PACKAGE_ROOT / rel.with_suffix(".py")]

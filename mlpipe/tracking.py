@@ -70,8 +70,23 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """A tracking server that does not answer fails the run now, in one line, instead of after
+    MLflow's retries (minutes) or, worse, after training."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as err:
+        reason = str(err).split(": ")[-1][:160]
+        raise MlpipeError(f"MLflow tracking server {uri} is unreachable ({type(err).__name__}: {reason})") from None
+
+
 def start_run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> RunRef:
     uri = tracking_uri()
+    check_reachable(uri)
     client = _client(uri)
     experiment_id = _experiment_id(client, experiment, uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -259,3 +274,91 @@ def promote(registered_name: str, version: str, reason: str, uri: str | None = N
     client.set_model_version_tag(registered_name, version, "mlpipe.gate.decision", "manual promote")
     client.set_model_version_tag(registered_name, version, "mlpipe.gate.reasons", f"{reason} at {stamp}; previous champion {previous}")
     return previous
+
+
+# --- provenance and crash hygiene --------------------------------------------------------------
+
+OWNER_TAGS = ("mlpipe.host", "mlpipe.pid", "mlpipe.pid_started")
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a RUNNING run: `reconcile` ends runs whose process is gone."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return {"mlpipe.host": socket.gethostname(), "mlpipe.pid": str(me.pid), "mlpipe.pid_started": f"{me.create_time():.3f}"}
+
+
+def previous_run(ref: RunRef, deployment: str) -> tuple[str, dict[str, str]] | None:
+    """(run id, params) of the latest earlier parent run of the same deployment ('' for the CLI)
+    in this experiment."""
+    client = _client(ref.tracking_uri)
+    started = client.get_run(ref.run_id).info.start_time
+    runs = client.search_runs(
+        [ref.experiment_id], f"attributes.start_time < {started}" + (f" and tags.`prefect.deployment` = '{deployment}'" if deployment else ""),
+        order_by=["attributes.start_time DESC"], max_results=20,
+    )  # fmt: skip
+    for run in runs:
+        is_parent = MLFLOW_PARENT_RUN_ID not in run.data.tags
+        same = run.data.tags.get("prefect.deployment", "") == deployment
+        if run.info.run_id != ref.run_id and is_parent and same:
+            return run.info.run_id, run.data.params
+    return None
+
+
+def param_diff(before: dict[str, str], after: dict[str, str]) -> dict[str, dict[str, str | None]]:
+    return {k: {"before": before.get(k), "after": after.get(k)}
+            for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}  # fmt: skip
+
+
+def log_dict(ref: RunRef, data: Any, artifact_file: str) -> None:
+    _client(ref.tracking_uri).log_dict(ref.run_id, data, artifact_file)
+
+
+def end_flow_run(flow_run_id: str, experiment: str, status: str, uri: str | None = None) -> list[str]:
+    """End every RUNNING run (parent and children) of a Prefect flow run as `status` (FAILED or
+    KILLED). For Prefect's on_failure / on_crashed / on_cancellation hooks."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    parents = client.search_runs([found.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    return [run_id for parent in parents for run_id in _end_tree(client, found.experiment_id, parent.info.run_id, status)]
+
+
+def _end_tree(client: MlflowClient, experiment_id: str, parent_id: str, status: str) -> list[str]:
+    children = client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'")
+    ended = []
+    for run_id in [parent_id, *(c.info.run_id for c in children)]:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+            client.set_tag(run_id, "mlpipe.ended_by", "crash hygiene")
+            ended.append(run_id)
+    return ended
+
+
+def reconcile(uri: str | None = None) -> list[str]:
+    """End the RUNNING parent runs (and their children) whose owning process on this host is
+    gone, as KILLED: a flow killed outright (SIGKILL, power loss) ran no hook. Returns run ids."""
+    import socket
+
+    import psutil
+
+    client, host, ended = _client(uri), socket.gethostname(), []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    for run in client.search_runs(experiments, "attributes.status = 'RUNNING' and tags.`mlpipe.host` != ''",
+                                  max_results=1000):  # fmt: skip
+        tags = run.data.tags
+        if tags.get("mlpipe.host") != host or MLFLOW_PARENT_RUN_ID in tags:
+            continue
+        try:
+            alive = f"{psutil.Process(int(tags['mlpipe.pid'])).create_time():.3f}" == tags["mlpipe.pid_started"]
+        except (psutil.NoSuchProcess, KeyError, ValueError):
+            alive = False
+        if not alive:
+            ended += _end_tree(client, run.info.experiment_id, run.info.run_id, "KILLED")
+    return ended

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
+from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from mlpipe import tracking
@@ -48,3 +50,12 @@ def publish_trials(run: RunRef, trained: StageResult) -> None:
         if trial["history"]:  # reused from an earlier run: its curves into this run's child
             tracking.log_history(run, trial["history"], run_id=child)
         tracking.end_run(run, child)
+
+
+def cached_stage(stage_task: Task, run: RunRef, *args: Any, files: tuple[str, ...] = ()) -> StageResult:
+    """Run a cached stage task, then record it in this run whether it ran or came from the cache:
+    a cache hit publishes the same report and files again, and is tagged as such."""
+    state = stage_task(*args, return_state=True)
+    result = state.result()
+    tracking.set_tags(run, {f"mlpipe.cache.{result.stage}": "hit" if state.name == "Cached" else "miss"})
+    return publish(run, result, files)

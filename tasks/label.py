@@ -1,14 +1,20 @@
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from mlpipe.config import LabelConfig
 from mlpipe.label import label as label_items
+from mlpipe.label import reviewed_digest
 from mlpipe.store import StageResult
 from mlpipe.tracking import RunRef
-from tasks._publish import publish
+from tasks._cache import PERSISTED, StageCache
+from tasks._publish import cached_stage
 
 
-@task(name="label", cache_policy=NO_CACHE)
+@task(name="label", cache_policy=StageCache(stage="label", modules=("mlpipe.label",),
+      fingerprint=lambda inputs: {"reviewed": reviewed_digest(inputs["config"])}), **PERSISTED)  # fmt: skip
+def labelled(dataset: StageResult, config: LabelConfig) -> StageResult:
+    """Consensus over annotators; ties, unlabelled items and likely label errors go to the review queue."""
+    return label_items(dataset, config)
+
+
 def label(dataset: StageResult, config: LabelConfig, run: RunRef) -> StageResult:
-    """Majority vote over annotators; ties and unlabelled items go to the review queue."""
-    return publish(run, label_items(dataset, config), files=("label_map.json", "review_queue.csv", "review_tasks.json"))
+    return cached_stage(labelled, run, dataset, config, files=("label_map.json", "review_queue.csv", "review_tasks.json"))

@@ -1,14 +1,18 @@
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from mlpipe.config import SplitConfig
 from mlpipe.split import split as split_stratified_grouped
 from mlpipe.store import StageResult
 from mlpipe.tracking import RunRef
-from tasks._publish import publish
+from tasks._cache import PERSISTED, StageCache
+from tasks._publish import cached_stage
 
 
-@task(name="split", cache_policy=NO_CACHE)
-def split(labelled: StageResult, config: SplitConfig, run: RunRef) -> StageResult:
+@task(name="split", cache_policy=StageCache(stage="split", modules=("mlpipe.split",)), **PERSISTED)
+def splits(labelled: StageResult, config: SplitConfig) -> StageResult:
     """Stratified train/val/test, grouped by the pseudonymized subject."""
-    return publish(run, split_stratified_grouped(labelled, config), files=("manifest.parquet", "class_counts.png"))
+    return split_stratified_grouped(labelled, config)
+
+
+def split(labelled: StageResult, config: SplitConfig, run: RunRef) -> StageResult:
+    return cached_stage(splits, run, labelled, config, files=("manifest.parquet", "class_counts.png"))

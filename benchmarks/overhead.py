@@ -1,0 +1,76 @@
+"""Orchestration overhead: the share of a default run's wall time that is not stage compute.
+
+    .venv/bin/python benchmarks/overhead.py
+
+The default pipeline (embedded sample, default config) runs once in this process from an empty
+state directory. Every library call a task makes is timed (ingest, anonymize, label, split,
+resample, train with its torchrun launch, search, refit, evaluate); everything else inside the
+flow call is Prefect and MLflow: the temporary server's start, task and state bookkeeping, cache
+keys (ingest's includes a stat of every source file) and lookups, result persistence, MLflow runs,
+params, tags, reports, artifacts and the model registry. (The trial workers' per-epoch MLflow
+batches happen inside the train launch and count as compute.) Goal: overhead / wall <= 0.03.
+Ends with one JSON line; ratio = overhead share.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CALLS = {
+    "tasks.ingest": ["ingest_snapshot"], "tasks.anonymize": ["anonymize_dataset"], "tasks.label": ["label_items"],
+    "tasks.split": ["split_stratified_grouped"], "tasks.resample": ["resample_training_split"],
+    "tasks.train": ["train_trials"], "tasks.search": ["select_winner"], "tasks.refit": ["refit_winner"],
+    "tasks.evaluate": ["evaluate_on_test"],
+}  # fmt: skip
+
+
+def main() -> None:
+    home = Path(tempfile.mkdtemp(prefix="mlpipe-bench-overhead-"))
+    os.environ.update({"MLPIPE_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect-results"),
+                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "NO_ALBUMENTATIONS_UPDATE": "1"})  # fmt: skip
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    sys.path.insert(0, str(ROOT))
+    import importlib
+
+    from flows.training_pipeline import training_pipeline
+    from mlpipe.config import PipelineConfig
+
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
+
+        return wrapper
+
+    for module_name, names in CALLS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, timed(name, getattr(module, name)))
+    started = time.perf_counter()
+    state = training_pipeline(PipelineConfig(), return_state=True)
+    wall = time.perf_counter() - started
+    assert state.is_completed(), state
+    compute = sum(spent.values())
+    overhead = wall - compute
+    print(f"flow wall {wall:.2f} s, stage compute {compute:.2f} s, Prefect + MLflow {overhead:.2f} s ({overhead / wall:.1%})")
+    print("compute by call: " + ", ".join(f"{k} {v:.2f} s" for k, v in spent.items()))
+    print(json.dumps({"name": "orchestration_overhead", "ratio": round(overhead / wall, 4), "goal": "<= 0.03",
+                      "wall_s": round(wall, 2), "compute_s": round(compute, 2), "overhead_s": round(overhead, 2),
+                      "compute_by_call_s": {k: round(v, 2) for k, v in spent.items()}}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

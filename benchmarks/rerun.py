@@ -1,0 +1,59 @@
+"""A parameterized rerun against the first run: how long the upstream stages take when only
+the learning rate changes.
+
+    .venv/bin/python benchmarks/rerun.py
+
+Two flow runs in one fresh state directory on the embedded sample, in this process (Prefect's
+temporary server, a local MLflow store): the first with `search.grid: {train.lr: [0.003]}`, the
+second with `{train.lr: [0.01]}`. Upstream time = from the start of the ingest task run to the
+start of the train task run, read from the Prefect API: the five data stages (ingest, anonymize,
+label, split, resample) with their cache lookups and their MLflow records. Goal: rerun / first
+<= 0.05. Ends with one JSON line; ratio = rerun upstream / first upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_STAGES = ["ingest", "anonymize", "label", "split", "resample"]
+
+
+def upstream(state) -> tuple[float, dict[str, str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    by_stage = {r.name.rsplit("-", 1)[0]: r for r in runs}
+    seconds = (by_stage["train"].start_time - by_stage["ingest"].start_time).total_seconds()
+    return seconds, {s: by_stage[s].state.name for s in DATA_STAGES}
+
+
+def main() -> None:
+    home = Path(tempfile.mkdtemp(prefix="mlpipe-bench-rerun-"))
+    os.environ.update({"MLPIPE_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect-results"),
+                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "NO_ALBUMENTATIONS_UPDATE": "1"})  # fmt: skip
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    sys.path.insert(0, str(ROOT))
+    from flows.training_pipeline import training_pipeline
+    from mlpipe.config import PipelineConfig
+
+    base = {"train.epochs": 2, "train.nproc": 1}
+    first = training_pipeline(PipelineConfig().with_overrides({**base, "search.grid": {"train.lr": [0.003]}}), return_state=True)
+    rerun = training_pipeline(PipelineConfig().with_overrides({**base, "search.grid": {"train.lr": [0.01]}}), return_state=True)
+    assert first.is_completed() and rerun.is_completed()
+    (first_s, first_states), (rerun_s, rerun_states) = upstream(first), upstream(rerun)
+    print(f"first run: upstream {first_s:.2f} s {first_states}")
+    print(f"rerun (train.lr changed): upstream {rerun_s:.2f} s {rerun_states}")
+    print(json.dumps({"name": "rerun_upstream", "ratio": round(rerun_s / first_s, 4), "goal": "<= 0.05",
+                      "first_upstream_s": round(first_s, 3), "rerun_upstream_s": round(rerun_s, 3),
+                      "rerun_states": rerun_states}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Crash hygiene and provenance in the MLflow record."""
+
+import types
+
+from mlflow.tracking import MlflowClient
+
+from mlpipe import tracking
+from tasks.run import end_mlflow_runs
+
+
+def _parent_with_child(flow_run_id: str, owner: dict[str, str]) -> tuple[tracking.RunRef, str]:
+    parent = tracking.start_run("crash", "flow", {"train.lr": "0.1"}, {"prefect.flow_run_id": flow_run_id, **owner})
+    return parent, tracking.start_child_run(parent, "trial-000", {"train.lr": "0.1"})
+
+
+def test_the_crash_and_cancel_hooks_end_the_parent_and_its_children(state):
+    parent, child = _parent_with_child("fr-1", {})
+    other, _ = _parent_with_child("fr-2", {})
+    hook = end_mlflow_runs("KILLED")
+    hook(None, types.SimpleNamespace(id="fr-1", parameters={"config": {"experiment": "crash"}}), None)
+    client = MlflowClient(parent.tracking_uri)
+    assert client.get_run(parent.run_id).info.status == "KILLED"
+    assert client.get_run(child).info.status == "KILLED"
+    assert client.get_run(other.run_id).info.status == "RUNNING"  # another flow run's: untouched
+
+
+def test_reconcile_ends_runs_whose_process_is_gone_and_spares_live_ones(state):
+    dead = {**tracking.owner_tags(), "mlpipe.pid": "999999999"}
+    gone, gone_child = _parent_with_child("fr-3", dead)
+    alive, _ = _parent_with_child("fr-4", tracking.owner_tags())  # this test's own process
+    reused = {**tracking.owner_tags(), "mlpipe.pid_started": "1.000"}  # the pid exists, but it is another process
+    recycled, recycled_child = _parent_with_child("fr-5", reused)
+    ended = tracking.reconcile()
+    client = MlflowClient(gone.tracking_uri)
+    assert sorted(ended) == sorted([gone.run_id, gone_child, recycled.run_id, recycled_child])
+    assert client.get_run(gone.run_id).info.status == "KILLED"
+    assert client.get_run(alive.run_id).info.status == "RUNNING"
+
+
+def test_previous_run_of_the_same_deployment_and_the_param_diff(state):
+    first = tracking.start_run("prov", "a", {"train.lr": "0.1", "anonymize.k": "5"}, {"prefect.deployment": "manual"})
+    tracking.start_run("prov", "b", {"train.lr": "0.9"}, {"prefect.deployment": "nightly"})
+    second = tracking.start_run("prov", "c", {"train.lr": "0.2", "anonymize.k": "5"}, {"prefect.deployment": "manual"})
+    run_id, params = tracking.previous_run(second, "manual")
+    assert run_id == first.run_id
+    assert tracking.param_diff(params, {"train.lr": "0.2", "anonymize.k": "5"}) == {"train.lr": {"before": "0.1", "after": "0.2"}}
+    assert tracking.previous_run(first, "manual") is None
+
+
+def test_an_unreachable_tracking_server_fails_at_once_in_one_line(state, monkeypatch):
+    import socket
+    import time
+
+    import pytest
+
+    from mlpipe.errors import MlpipeError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.perf_counter()
+    with pytest.raises(MlpipeError, match=rf"MLflow tracking server http://127.0.0.1:{port} is unreachable \(ConnectionError"):
+        tracking.start_run("x", "y", {}, {})
+    assert time.perf_counter() - started < 10
