@@ -1,0 +1,124 @@
+"""Real servers on 127.0.0.1, started here and stopped after the session: PostgreSQL (Debian's
+package), an MLflow tracking server backed by it with a local artifact root, a Prefect server,
+a process work pool with a worker, and the deployments from prefect.yaml."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PG_BIN = next((p for p in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, what: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url, timeout=2).ok:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not answer at {url} within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    if PG_BIN is None:
+        pytest.fail("PostgreSQL is not installed (Debian: apt-get install postgresql); .ci/run installs it")
+    base = Path(tempfile.mkdtemp(prefix="mlpipe-postgres-"))  # not under pytest's 0700 root-owned folder
+    data, port = base / "data", free_port()
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+    subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+                   check=True, capture_output=True)  # fmt: skip
+    log = base / "server.log"
+    subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
+                                 f"-h 127.0.0.1 -p {port} -k {base}", "start"]), check=True, capture_output=True)  # fmt: skip
+    subprocess.run(_as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"]),
+                   check=True, capture_output=True)  # fmt: skip
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory) -> str:
+    base = tmp_path_factory.mktemp("mlflow")
+    port, log = free_port(), base / "server.log"
+    proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", postgres, "--artifacts-destination",
+                  (base / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                 log, {**os.environ})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/health", "mlflow server", proc, log)
+    yield url
+    stop(proc)
+
+
+@dataclass
+class PrefectStack:
+    api_url: str
+    ui_url: str
+    env: dict[str, str]
+    home: Path  # MLPIPE_HOME of the worker's flow runs
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(mlflow_server, tmp_path_factory) -> PrefectStack:
+    """`prefect server start`, the process work pool, `prefect deploy --all` from prefect.yaml and a worker."""
+    base = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api,
+           "MLPIPE_PROJECT_DIR": str(ROOT), "MLPIPE_HOME": str(base / "mlpipe-home"),
+           "MLFLOW_TRACKING_URI": mlflow_server, "NO_ALBUMENTATIONS_UPDATE": "1"}  # fmt: skip
+    env.pop("PREFECT_PROFILES_PATH", None)
+    server_log = base / "server.log"
+    server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_log, env)
+    wait_for(f"{api}/health", "prefect server", server, server_log)
+    prefect = [str(BIN / "prefect"), "--no-prompt"]
+    for cmd in (["work-pool", "create", "mlpipe-process", "--type", "process"], ["deploy", "--all"]):
+        done = subprocess.run(prefect + cmd, env=env, cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, f"prefect {' '.join(cmd)}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    worker_log = base / "worker.log"
+    worker = start(prefect + ["worker", "start", "--pool", "mlpipe-process", "--limit", "2"], worker_log, env, cwd=ROOT)
+    yield PrefectStack(api_url=api, ui_url=f"http://127.0.0.1:{port}", env=env, home=base / "mlpipe-home")
+    for proc in (worker, server):
+        stop(proc)

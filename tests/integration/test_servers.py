@@ -1,0 +1,65 @@
+"""The pipeline as users deploy it: `prefect deploy` from prefect.yaml onto a real Prefect server,
+a process worker, and an MLflow tracking server on PostgreSQL, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+pytestmark = pytest.mark.slow
+CHANGED = {"experiment": "deployed", "train": {"epochs": 2, "nproc": 1}, "search": {"grid": {"train.lr": [0.004]}},
+           "evaluate": {"bootstrap_resamples": 100}}  # fmt: skip
+
+
+def test_deployments_carry_their_schedules_and_the_config_form(prefect_stack):
+    with temporary_settings({PREFECT_API_URL: prefect_stack.api_url}), get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("training-pipeline/nightly")
+        manual = client.read_deployment_by_name("training-pipeline/manual")
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
+    assert manual.schedules == [] and manual.work_pool_name == nightly.work_pool_name == "mlpipe-process"
+    schema = manual.parameter_openapi_schema
+    train = schema["definitions"]["TrainConfig"]["properties"]
+    assert train["lr"]["exclusiveMinimum"] == 0 and "description" in train["lr"]
+    assert set(train["optimizer"]["enum"]) >= {"sgd", "adam", "adamw"}  # a dropdown in the form
+
+
+def test_a_manual_run_with_changed_parameters_completes_on_the_worker_and_logs_to_mlflow_on_postgres(
+    prefect_stack, mlflow_server
+):
+    with temporary_settings({PREFECT_API_URL: prefect_stack.api_url}):
+        flow_run = run_deployment("training-pipeline/manual", parameters={"config": CHANGED}, timeout=900)
+    assert flow_run.state.is_completed(), flow_run.state
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("deployed")
+    (parent,) = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.epochs"] == "2" and parent.data.params["search.grid"] == '{"train.lr": [0.004]}'
+    assert parent.data.tags["prefect.deployment"] == "manual" and parent.data.tags["mlpipe.trigger"] == "api"
+    assert parent.data.tags["prefect.flow_run_url"].startswith(prefect_stack.ui_url)
+    paths = {a.path for a in client.list_artifacts(parent.info.run_id, "split")}
+    assert "split/report.json" in paths  # uploaded through the server's artifact proxy
+
+    rerun_config = {**CHANGED, "search": {"grid": {"train.lr": [0.008]}}}  # a rerun that changes the learning rate only
+    with temporary_settings({PREFECT_API_URL: prefect_stack.api_url}):
+        rerun = run_deployment("training-pipeline/manual", parameters={"config": rerun_config}, timeout=900)
+        with get_client(sync_client=True) as prefect:
+            runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[rerun.id])))
+    assert rerun.state.is_completed(), rerun.state
+    states = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    assert [states[s] for s in ("ingest", "anonymize", "label", "split", "resample")] == ["Cached"] * 5
+    assert states["train"] == "Completed"
+    (second,) = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{rerun.id}'")
+    assert second.data.tags["mlpipe.previous_run_id"] == parent.info.run_id
+
+
+def test_an_invalid_parameter_is_refused_before_anything_runs_naming_the_field(prefect_stack):
+    with temporary_settings({PREFECT_API_URL: prefect_stack.api_url}), get_client(sync_client=True) as client:
+        manual = client.read_deployment_by_name("training-pipeline/manual")
+        with pytest.raises(Exception, match="lr") as refused:
+            client.create_flow_run_from_deployment(manual.id, parameters={"config": {"train": {"lr": -1}}})
+    assert "422" in str(refused.value) or "409" in str(refused.value) or "Validation" in type(refused.value).__name__
