@@ -4,6 +4,7 @@
     mlpipe sample-data DIR
     mlpipe promote --version N
     mlpipe reconcile
+    mlpipe serve [--name N] [--cron EXPR --timezone TZ] [--config FILE]
 
 Bad input ends with one line on stderr and a non-zero exit: 2 for usage and config errors,
 1 for a pipeline that failed.
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--model", default="mlpipe-classifier", help="registered model name")
     promote.add_argument("--reason", default="manual promote (mlpipe promote)", help="recorded on the version")
     sub.add_parser("reconcile", help="end MLflow runs left RUNNING by flow runs killed outright, as KILLED")
+    serve = sub.add_parser("serve", help="serve the pipeline as a deployment from this process (no work pool or worker)")
+    serve.add_argument("--name", default="mlpipe-serve", help="deployment name")
+    serve.add_argument("--cron", help="schedule, e.g. '0 2 * * *' (timezone: --timezone)")
+    serve.add_argument("--timezone", default="UTC")
+    serve.add_argument("--config", type=Path, help="YAML file: the deployment's default parameters")
     return parser
 
 
@@ -60,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return _promote(args.model, args.version, args.reason)
         if args.command == "reconcile":
             return _reconcile()
+        if args.command == "serve":
+            return _serve(args.name, args.cron, args.timezone, load_config(args.config, []))
         config = load_config(args.config, args.sets)
     except MlpipeError as err:
         print(f"mlpipe: error: {err}", file=sys.stderr)
@@ -72,6 +80,18 @@ def _promote(model: str, version: str, reason: str) -> int:
 
     previous = tracking.promote(model, version, reason)
     print(f"{model}: champion is now version {version} (was {previous or 'none'})")
+    return 0
+
+
+def _serve(name: str, cron: str | None, timezone: str, config) -> int:
+    """`flow.serve`: the deployment runs in this process, started from the UI, the API or its
+    schedule; needs a Prefect server (PREFECT_API_URL)."""
+    from prefect.schedules import Cron
+
+    from flows.training_pipeline import training_pipeline
+
+    schedules = [Cron(cron, timezone=timezone)] if cron else []
+    training_pipeline.serve(name=name, schedules=schedules, parameters={"config": config.model_dump(mode="json")})
     return 0
 
 

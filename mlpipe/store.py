@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -97,10 +98,10 @@ def stage_dir(stage: str, key: str) -> Iterator[Path]:
     """
     final = state_dir() / "work" / stage / key
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{key}-{os.getpid()}"
+    tmp = final.parent / f".tmp-{key}-{os.getpid()}-{threading.get_ident()}"  # per run, even runs in threads
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
-    stale = final.parent / f".stale-{key}-{os.getpid()}"
+    stale = final.parent / f".stale-{key}-{os.getpid()}-{threading.get_ident()}"
     try:
         yield tmp
         if final.exists():  # same key, recomputed: swap by renames so the folder is never half there

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -65,9 +66,16 @@ class StageCache(CachePolicy):
             "inputs": {**upstream, **(self.fingerprint(inputs) if self.fingerprint else {}),
                        "state_dir": str(state_dir())},  # handles point into it: never shared across state dirs
             "config": config,
-            "code": code_version(*imported_modules(self.modules)),
+            "code": stage_code_version(self.modules),
             "libraries": library_versions(),
         }
+
+
+@functools.lru_cache(maxsize=None)
+def stage_code_version(modules: tuple[str, ...]) -> str:
+    """Once per process: the code that runs is the code that was imported, even if the files
+    change later (a long-lived `mlpipe serve` picks up new code only when restarted)."""
+    return code_version(*imported_modules(modules))
 
 
 def imported_modules(modules: tuple[str, ...]) -> list[str]:

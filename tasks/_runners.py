@@ -3,15 +3,17 @@ machine, or a Dask cluster (prefect-dask)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prefect import Task
+from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from mlpipe.config import SearchConfig
-from mlpipe.train.launch import Launch, raise_first_failure
+from mlpipe.config import SearchConfig, Trial
+from mlpipe.train.launch import Launch, raise_first_failure, uses_cuda, visible_gpus
 
 
 def task_runner(search: SearchConfig, workers: int) -> TaskRunner:
@@ -53,3 +55,20 @@ def _error(state) -> BaseException | None:
     except BaseException as err:  # noqa: BLE001 - handed on to raise_first_failure
         return err
     return RuntimeError(f"training launch ended {state.name}")
+
+
+GPU_LIMIT = "mlpipe-gpu"
+
+
+@contextlib.contextmanager
+def gpu_slots(trials: list[Trial], limit: str = GPU_LIMIT) -> Iterator[int]:
+    """Hold this machine's GPUs on Prefect's global concurrency limit `mlpipe-gpu` while training
+    (create it once: `prefect gcl create mlpipe-gpu --limit <GPUs>`): overlapping runs queue for
+    them instead of sharing a GPU. CPU-only training takes no slot. Without the limit defined,
+    Prefect lets the run through (strict=False) and says so in the log."""
+    gpus = len(visible_gpus()) if any(uses_cuda(t.train) for t in trials) else 0
+    if gpus == 0:
+        yield 0
+        return
+    with concurrency(limit, occupy=gpus, strict=False):
+        yield gpus

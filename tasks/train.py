@@ -8,7 +8,7 @@ from mlpipe.train.launch import Launch
 from mlpipe.train.launch import train as train_trials
 from mlpipe.tracking import RunRef
 from tasks._publish import publish, publish_trials, training_progress
-from tasks._runners import fan_out
+from tasks._runners import fan_out, gpu_slots
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -18,8 +18,9 @@ def train(
     """Every trial in one torchrun launch (DDP); one nested MLflow run per trial."""
     run_ids = {t.name: tracking.start_child_run(run, t.name, t.flat_params()) for t in trials}
     try:
-        result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, training_progress(), search,
-                              fan_out(search, train_launch))  # fmt: skip
+        with gpu_slots(trials):
+            result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, training_progress(), search,
+                                  fan_out(search, train_launch))  # fmt: skip
     except BaseException:
         for run_id in run_ids.values():
             tracking.end_run(run, run_id, failed=True)

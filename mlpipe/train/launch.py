@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import ctypes
 import dataclasses
+import fcntl
 import logging
 import os
 import re
@@ -299,6 +300,18 @@ def budgets(trials: list[Trial], search: SearchConfig | None) -> list[int | None
     return [*out, top]
 
 
+@contextlib.contextmanager
+def _locked(folders: list[Path]) -> Iterator[None]:
+    """Exclusive locks on trial folders (in a fixed order: no deadlock), so two runs that share a
+    trial never train it into the same folder at once: the second waits, then reuses it."""
+    with contextlib.ExitStack() as stack:
+        for folder in sorted(set(folders)):
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = stack.enter_context(open(folder / ".lock", "w"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def _done(folder: Path, trial: Trial, budget: int | None) -> bool:
     path = folder / "result.json"
     return path.exists() and is_done(TrialResult.model_validate_json(path.read_text()), budget, trial.train.epochs)
@@ -344,20 +357,25 @@ def train(
                 pending = [(t, fold, val) for t in members for fold, _, val in folds if not _done(dirs[t.name, fold], t, budget)]
                 if not pending:
                     continue
-                specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, dirs[t.name, fold], run_ids.get(t.name), budget)
-                         for t, fold, val in pending]  # fmt: skip
-                launched.update(t.name for t, _, _ in pending)
-                slots = parallel_slots(search, cuda, nproc, len(specs))
-                jobs = []
-                for i, devices in enumerate(slots):  # trials dealt round-robin over the parallel launches
-                    spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
-                                      tracking_uri=tracking_uri, trials=specs[i :: len(slots)])  # fmt: skip
-                    jobs.append(Launch(write_json(out / f"launch-{n}.json", spec.model_dump()), nproc, restarts,
-                                       out / f"launch-{n}.log", cpu=not cuda, devices=devices,
-                                       threads=max(1, (os.cpu_count() or 1) // (nproc * len(slots)))))  # fmt: skip
-                    n += 1
-                with progress.following([job.log_path for job in jobs]):
-                    (run_launches or run_in_threads)(jobs)
+                with _locked([dirs[t.name, fold] for t, fold, _ in pending]):
+                    # another run may have finished some of them while this one waited for the locks
+                    pending = [(t, fold, val) for t, fold, val in pending if not _done(dirs[t.name, fold], t, budget)]
+                    if not pending:
+                        continue
+                    specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, dirs[t.name, fold], run_ids.get(t.name), budget)
+                             for t, fold, val in pending]  # fmt: skip
+                    launched.update(t.name for t, _, _ in pending)
+                    slots = parallel_slots(search, cuda, nproc, len(specs))
+                    jobs = []
+                    for i, devices in enumerate(slots):  # trials dealt round-robin over the parallel launches
+                        spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
+                                          tracking_uri=tracking_uri, trials=specs[i :: len(slots)])  # fmt: skip
+                        jobs.append(Launch(write_json(out / f"launch-{n}.json", spec.model_dump()), nproc, restarts,
+                                           out / f"launch-{n}.log", cpu=not cuda, devices=devices,
+                                           threads=max(1, (os.cpu_count() or 1) // (nproc * len(slots)))))  # fmt: skip
+                        n += 1
+                    with progress.following([job.log_path for job in jobs]):
+                        (run_launches or run_in_threads)(jobs)
             rungs.append({"budget": budget, "trials": [t.name for t in alive]})
             if budget is None or len(alive) <= 1 or rung == len(plan) - 1:
                 break

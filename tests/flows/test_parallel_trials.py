@@ -84,3 +84,33 @@ def test_trials_train_on_a_real_local_dask_cluster(harness, state, sample_root):
     with get_client(sync_client=True) as prefect:
         runs = prefect.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="train-launch-")))
     assert {r.name for r in runs if r.state.is_completed()} >= {"train-launch-0", "train-launch-1"}
+
+
+def test_overlapping_runs_queue_for_the_gpus_on_the_global_concurrency_limit(harness, monkeypatch):
+    import threading
+
+    import tasks._runners as runners
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="test-gpu", limit=1))
+    monkeypatch.setattr(runners, "uses_cuda", lambda cfg: True)  # as on a one-GPU machine
+    monkeypatch.setattr(runners, "visible_gpus", lambda: ["0"])
+    trials, windows = PipelineConfig().trials()[:1], []
+
+    def one_run() -> None:
+        with runners.gpu_slots(trials, limit="test-gpu") as held:
+            started = time.time()
+            time.sleep(1.5)
+            windows.append((started, time.time(), held))
+
+    threads = [threading.Thread(target=one_run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (a_start, a_end, held), (b_start, _, _) = sorted(windows)
+    assert held == 1 and b_start >= a_end - 0.05  # the second waited for the first's GPU
+    monkeypatch.setattr(runners, "uses_cuda", lambda cfg: False)
+    with runners.gpu_slots(trials, limit="test-gpu") as held:  # CPU training takes no slot
+        assert held == 0

@@ -63,3 +63,28 @@ def test_an_invalid_parameter_is_refused_before_anything_runs_naming_the_field(p
         with pytest.raises(Exception, match="lr") as refused:
             client.create_flow_run_from_deployment(manual.id, parameters={"config": {"train": {"lr": -1}}})
     assert "422" in str(refused.value) or "409" in str(refused.value) or "Validation" in type(refused.value).__name__
+
+
+def test_mlpipe_serve_registers_a_served_deployment_with_its_schedule(prefect_stack, tmp_path):
+    import sys
+    import time
+
+    from tests.integration.conftest import start, stop
+
+    log = tmp_path / "serve.log"
+    served = start([sys.executable, "-m", "flows.cli", "serve", "--name", "it-serve", "--cron", "0 3 * * *",
+                    "--timezone", "Europe/Berlin"], log, prefect_stack.env)  # fmt: skip
+    try:
+        deadline, found = time.time() + 120, None
+        with temporary_settings({PREFECT_API_URL: prefect_stack.api_url}), get_client(sync_client=True) as client:
+            while found is None and time.time() < deadline:
+                assert served.poll() is None, log.read_text()[-2000:]
+                try:
+                    found = client.read_deployment_by_name("training-pipeline/it-serve")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    time.sleep(1)
+        assert found is not None, log.read_text()[-2000:]
+        assert [(s.schedule.cron, s.schedule.timezone) for s in found.schedules] == [("0 3 * * *", "Europe/Berlin")]
+        assert found.parameters["config"]["experiment"] == "mlpipe"
+    finally:
+        stop(served)

@@ -168,3 +168,16 @@ def test_parallel_search_settings_are_checked():
         SearchConfig(dask_address="tcp://127.0.0.1:8786")
     with pytest.raises(ValidationError, match="at least 1 or 'auto'"):
         SearchConfig(max_parallel=0)
+
+
+def test_two_runs_sharing_trials_never_train_one_twice(prepared):
+    """Concurrent runs (threads here; processes take the same file locks) lock the trial folders:
+    the second waits, then reuses what the first trained instead of training into the same folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    splits, resampled, trials = prepared
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: train(splits, resampled, trials, {}, None), range(2))
+    trained = [len(trials) - r.report["reused_trials"] for r in (first, second)]
+    assert sorted(trained) == [0, len(trials)]  # every trial trained exactly once
+    assert [t["val_metrics"] for t in first.report["trials"]] == [t["val_metrics"] for t in second.report["trials"]]
