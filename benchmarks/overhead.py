@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _state import fresh_state
+
 CALLS = {
     "tasks.ingest": ["ingest_snapshot"], "tasks.anonymize": ["anonymize_dataset"], "tasks.label": ["label_items"],
     "tasks.split": ["split_stratified_grouped"], "tasks.resample": ["resample_training_split"],
@@ -32,11 +29,7 @@ CALLS = {
 
 
 def main() -> None:
-    home = Path(tempfile.mkdtemp(prefix="mlpipe-bench-overhead-"))
-    os.environ.update({"MLPIPE_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect-results"),
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "NO_ALBUMENTATIONS_UPDATE": "1"})  # fmt: skip
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    sys.path.insert(0, str(ROOT))
+    fresh_state("overhead")
     import importlib
 
     from flows.training_pipeline import training_pipeline

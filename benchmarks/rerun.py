@@ -18,16 +18,13 @@ ratio is beside it.
 from __future__ import annotations
 
 import json
-import os
-import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _state import fresh_state
+
 DATA_STAGES = ["ingest", "anonymize", "label", "split", "resample"]
 
 
-def upstream(state) -> tuple[float, dict[str, str]]:
+def upstream(state) -> tuple[float, float, dict[str, str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -40,11 +37,7 @@ def upstream(state) -> tuple[float, dict[str, str]]:
 
 
 def main() -> None:
-    home = Path(tempfile.mkdtemp(prefix="mlpipe-bench-rerun-"))
-    os.environ.update({"MLPIPE_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect-results"),
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "NO_ALBUMENTATIONS_UPDATE": "1"})  # fmt: skip
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    sys.path.insert(0, str(ROOT))
+    fresh_state("rerun")
     from flows.training_pipeline import training_pipeline
     from mlpipe.config import PipelineConfig
 
