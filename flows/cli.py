@@ -24,10 +24,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlpipe")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # library logs outside a flow
 
+from mlpipe.store import state_path  # noqa: E402 (imports neither Prefect nor MLflow)
+
 # Cached stage results (small JSON handles) beside the stage folders they name, unless set.
-os.environ.setdefault(
-    "PREFECT_LOCAL_STORAGE_PATH", str(Path(os.environ.get("MLPIPE_HOME", ".mlpipe")).expanduser().resolve() / "prefect-results")
-)
+os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(state_path() / "prefect-results"))
 
 from flows import ephemeral  # noqa: E402
 

@@ -25,9 +25,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 KEY_LIBRARIES = ("torch", "numpy", "pandas", "scikit-learn", "imbalanced-learn", "albumentations", "pillow")
 
 
-def state_dir() -> Path:
+def state_path() -> Path:
     """Project-local state (`./.mlpipe`, or `$MLPIPE_HOME`): MLflow store, work files, local key."""
-    path = Path(os.environ.get("MLPIPE_HOME", ".mlpipe")).expanduser().resolve()
+    return Path(os.environ.get("MLPIPE_HOME", ".mlpipe")).expanduser().resolve()
+
+
+def state_dir() -> Path:
+    """`state_path()`, created if missing."""
+    path = state_path()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -48,10 +48,11 @@ class StageCache(CachePolicy):
         components = self.components(inputs)
         key = f"mlpipe-{self.stage}-{stable_hash(components)[:32]}"
         store = task_ctx.result_store if task_ctx else None
-        if store is not None and store.exists(key) and not _output_present(store, key):
+        stored = store is not None and store.exists(key)
+        if stored and not _output_present(store, key):
             _log(f"{self.stage}: cached result's folder is gone; computing it again")
             key = f"{key}-rebuilt-{time.time_ns()}"
-        elif store is None or not store.exists(key):
+        elif not stored:
             _log(f"{self.stage}: not cached, {explain(self.stage, components)}")
         _remember(self.stage, key, components)
         return key
@@ -103,10 +104,10 @@ def explain(stage: str, components: dict[str, Any]) -> str:
         return "no earlier run of this stage"
     reasons = []
     for part in COMPONENTS:
-        before, now = last.get(part), components.get(part)
-        if before == now:
+        if last.get(part) == components.get(part):
             continue
-        changed = sorted(k for k in set(_flat(before)) | set(_flat(now)) if _flat(before).get(k) != _flat(now).get(k))
+        before, now = _flat(last.get(part)), _flat(components.get(part))
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         reasons.append(f"{part} changed" + (f": {', '.join(changed[:8])}" if changed and part != "code" else ""))
     return "; ".join(reasons) or "same key as the last run, but its result is not in the result storage"
 
