@@ -1,6 +1,8 @@
 """Real servers on 127.0.0.1, started here and stopped after the session: PostgreSQL (Debian's
-package), an MLflow tracking server backed by it with a local artifact root, a Prefect server,
-a process work pool with a worker, and the deployments from prefect.yaml."""
+package), moto's standalone S3 server, an MLflow tracking server with PostgreSQL as its backend
+store and an S3 bucket on moto as its artifact store (proxied: clients upload and download
+through the MLflow server and hold no S3 credentials), a Prefect server, a process work pool
+with a worker, and the deployments from prefect.yaml."""
 
 from __future__ import annotations
 
@@ -78,13 +80,47 @@ def postgres() -> str:
     shutil.rmtree(base, ignore_errors=True)
 
 
+# Dummy credentials moto accepts; only the MLflow server (and tests reading the bucket) get them.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# What would let a process reach the bucket itself; the worker's env drops them so uploads must go through the proxy.
+S3_ACCESS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL")
+
+
+@dataclass
+class ArtifactStore:
+    endpoint: str
+    bucket: str
+    prefix: str  # under which the MLflow server's `mlflow-artifacts:/<path>` lands as `<prefix>/<path>`
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                            region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"])  # fmt: skip
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(postgres, tmp_path_factory) -> str:
+def artifact_store(tmp_path_factory) -> ArtifactStore:
+    """moto's S3 server with an empty bucket."""
+    base = tmp_path_factory.mktemp("moto")
+    port, log = free_port(), base / "server.log"
+    proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, {**os.environ, **S3_CREDENTIALS})
+    store = ArtifactStore(endpoint=f"http://127.0.0.1:{port}", bucket="mlpipe-artifacts", prefix="mlflow")
+    wait_for(f"{store.endpoint}/", "moto s3 server", proc, log)
+    store.client().create_bucket(Bucket=store.bucket)
+    yield store
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, artifact_store, tmp_path_factory) -> str:
     base = tmp_path_factory.mktemp("mlflow")
     port, log = free_port(), base / "server.log"
+    env = {**os.environ, **S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": artifact_store.endpoint}
+    destination = f"s3://{artifact_store.bucket}/{artifact_store.prefix}"
     proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", postgres, "--artifacts-destination",
-                  (base / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                 log, {**os.environ})  # fmt: skip
+                  destination, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log, env)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/health", "mlflow server", proc, log)
     yield url
@@ -109,7 +145,8 @@ def prefect_stack(mlflow_server, tmp_path_factory) -> PrefectStack:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api,
            "MLPIPE_PROJECT_DIR": str(ROOT), "MLPIPE_HOME": str(base / "mlpipe-home"),
            "MLFLOW_TRACKING_URI": mlflow_server, "NO_ALBUMENTATIONS_UPDATE": "1"}  # fmt: skip
-    env.pop("PREFECT_PROFILES_PATH", None)
+    for name in ("PREFECT_PROFILES_PATH", *S3_ACCESS_VARS):
+        env.pop(name, None)
     server_log = base / "server.log"
     server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_log, env)
     wait_for(f"{api}/health", "prefect server", server, server_log)

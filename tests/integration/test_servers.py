@@ -3,12 +3,18 @@ a process worker, and an MLflow tracking server on PostgreSQL, all on 127.0.0.1.
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.integration.conftest import S3_ACCESS_VARS, ArtifactStore
 
 pytestmark = pytest.mark.slow
 CHANGED = {"experiment": "deployed", "train": {"epochs": 2, "nproc": 1}, "search": {"grid": {"train.lr": [0.004]}},
@@ -29,7 +35,7 @@ def test_deployments_carry_their_schedules_and_the_config_form(prefect_stack):
 
 
 def test_a_manual_run_with_changed_parameters_completes_on_the_worker_and_logs_to_mlflow_on_postgres(
-    prefect_stack, mlflow_server
+    prefect_stack, mlflow_server, artifact_store, tmp_path
 ):
     with temporary_settings({PREFECT_API_URL: prefect_stack.api_url}):
         flow_run = run_deployment("training-pipeline/manual", parameters={"config": CHANGED}, timeout=900)
@@ -44,6 +50,19 @@ def test_a_manual_run_with_changed_parameters_completes_on_the_worker_and_logs_t
     paths = {a.path for a in client.list_artifacts(parent.info.run_id, "split")}
     assert "split/report.json" in paths  # uploaded through the server's artifact proxy
 
+    # The proxy stores them in the S3 bucket; the worker had no S3 credentials or endpoint.
+    assert not set(S3_ACCESS_VARS) & set(prefect_stack.env)
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # clients never see the s3:// destination
+    run_keys = _objects(artifact_store, parent.info.artifact_uri)
+    assert {"config.yaml", "split/report.json", "evaluate/report.json", "evaluate/model_card.md"} <= set(run_keys)
+    assert any(k.startswith("model_checkpoint/") for k in run_keys)
+    model = client.get_logged_model(parent.data.tags["mlpipe.model_uri"].removeprefix("models:/"))
+    assert {"MLmodel", "data/model.pt2"} <= set(_objects(artifact_store, model.artifact_location))
+    downloaded = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="evaluate/model_card.md",
+                                                     dst_path=str(tmp_path), tracking_uri=mlflow_server)  # fmt: skip
+    body = artifact_store.client().get_object(Bucket=artifact_store.bucket, Key=run_keys["evaluate/model_card.md"])
+    assert Path(downloaded).read_bytes() == body["Body"].read() != b""
+
     rerun_config = {**CHANGED, "search": {"grid": {"train.lr": [0.008]}}}  # a rerun that changes the learning rate only
     with temporary_settings({PREFECT_API_URL: prefect_stack.api_url}):
         rerun = run_deployment("training-pipeline/manual", parameters={"config": rerun_config}, timeout=900)
@@ -55,6 +74,13 @@ def test_a_manual_run_with_changed_parameters_completes_on_the_worker_and_logs_t
     assert states["train"] == "Completed"
     (second,) = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{rerun.id}'")
     assert second.data.tags["mlpipe.previous_run_id"] == parent.info.run_id
+
+
+def _objects(store: ArtifactStore, artifact_uri: str) -> dict[str, str]:
+    """The bucket's objects under an `mlflow-artifacts:` URI, by path relative to it -> full key."""
+    prefix = f"{store.prefix}/{urlparse(artifact_uri).path.strip('/')}/"
+    pages = store.client().get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix)
+    return {o["Key"].removeprefix(prefix): o["Key"] for page in pages for o in page.get("Contents", [])}
 
 
 def test_an_invalid_parameter_is_refused_before_anything_runs_naming_the_field(prefect_stack):
