@@ -5,6 +5,7 @@
     mlpipe promote --version N
     mlpipe reconcile
     mlpipe serve [--name N] [--cron EXPR --timezone TZ] [--config FILE]
+    mlpipe join [--idle-exit SECONDS]
 
 Bad input ends with one line on stderr and a non-zero exit: 2 for usage and config errors,
 1 for a pipeline that failed.
@@ -16,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 # Before Prefect, MLflow or albumentations are imported: no telemetry, no update checks.
@@ -54,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", help="schedule, e.g. '0 2 * * *' (timezone: --timezone)")
     serve.add_argument("--timezone", default="UTC")
     serve.add_argument("--config", type=Path, help="YAML file: the deployment's default parameters")
+    join = sub.add_parser("join", help="on another node: run this node's part of each multi-node launch (train.nnodes)")
+    join.add_argument("--idle-exit", type=float, metavar="SECONDS", help="exit after this long without a new launch")
     return parser
 
 
@@ -68,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             return _reconcile()
         if args.command == "serve":
             return _serve(args.name, args.cron, args.timezone, load_config(args.config, []))
+        if args.command == "join":
+            return _join(args.idle_exit)
         config = load_config(args.config, args.sets)
     except MlpipeError as err:
         print(f"mlpipe: error: {err}", file=sys.stderr)
         return 2
-    return _run(config)
+    return _run(config, ephemeral.start_in_background())  # the server comes up while torch imports
 
 
 def _promote(model: str, version: str, reason: str) -> int:
@@ -93,6 +99,17 @@ def _serve(name: str, cron: str | None, timezone: str, config) -> int:
     schedules = [Cron(cron, timezone=timezone)] if cron else []
     training_pipeline.serve(name=name, schedules=schedules, parameters={"config": config.model_dump(mode="json")})
     return 0
+
+
+def _join(idle_exit: float | None) -> int:
+    """Launches are found in MLPIPE_HOME/launches/, on the storage the nodes share; 1 if one failed."""
+    from mlpipe.train.launch import join
+
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    logging.getLogger("mlpipe").setLevel(logging.INFO)
+    outcomes = join(idle_exit)
+    print(f"joined {len(outcomes)} launch(es), {sum(e is not None for e in outcomes.values())} failed")
+    return int(any(e is not None for e in outcomes.values()))
 
 
 def _reconcile() -> int:
@@ -123,9 +140,11 @@ class ExpectedErrorTraceback(logging.Filter):
         return True
 
 
-def _run(config) -> int:
+def _run(config, server: threading.Thread | None = None) -> int:
     from flows.training_pipeline import training_pipeline
 
+    if server is not None:
+        server.join()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(ExpectedErrorTraceback())
     logging.getLogger("mlpipe").setLevel(logging.INFO)

@@ -248,9 +248,39 @@ class TrainConfig(_Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16 on CUDA, off on CPU.")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader workers per process.")
     max_restarts: int = Field(0, ge=0, le=100, description="torchrun restarts of failed workers.")
+    nnodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Machines in one training job (train.nproc processes each); >1 needs rdzv_endpoint, "
+        "search.max_parallel 1, `mlpipe join` on the other machines and a state directory (MLPIPE_HOME) on "
+        "storage every node mounts at the same path.",
+    )
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the c10d rendezvous, on the node that runs the pipeline (train.nnodes > 1)."
+    )
+    rdzv_timeout_s: int = Field(
+        900, ge=10, le=86400, description="How long a multi-node launch waits for the other nodes to join."
+    )
     seed: int = Field(0)
 
     _nproc_positive = field_validator("nproc")(_at_least_one_or_auto)
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, _, port = value.rpartition(":")
+        if not (host and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"must be host:port with a port in 1..65535 (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _several_nodes_need_an_endpoint(self) -> TrainConfig:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"nnodes {self.nnodes} needs rdzv_endpoint (host:port of the rendezvous on this node)")
+        return self
 
 
 TRIAL_SECTIONS = ("resample", "train")
@@ -328,6 +358,15 @@ class PipelineConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _one_multi_node_launch_at_a_time(self) -> PipelineConfig:
+        if self.train.nnodes > 1 and self.search.max_parallel != 1:
+            raise ValueError(
+                f"train.nnodes {self.train.nnodes} needs search.max_parallel 1 (one rendezvous endpoint serves "
+                f"one launch at a time; got {self.search.max_parallel!r})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grid_is_valid(self) -> PipelineConfig:

@@ -2,6 +2,13 @@
 
 The caller creates an MLflow child run per trial and passes the ids in; rank 0 of the worker
 logs per-epoch metrics into them. The worker reads only training and validation data.
+
+Several machines (`train.nnodes` > 1): this node hosts the c10d rendezvous at
+`train.rdzv_endpoint` and announces each launch in `<state>/launches/` (`mlpipe.train.nodes`);
+`mlpipe join` (`join()`) on every other node runs each announced launch's torchrun there,
+logging beside the spec (`launch-N.<hostname>.log`). A launch that the other nodes do not join
+within `train.rdzv_timeout_s` fails. MLPIPE_HOME must be on storage every node mounts at the
+same path, and the MLflow tracking URI reachable from every node: rank 0 may be on any of them.
 """
 
 from __future__ import annotations
@@ -16,12 +23,16 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +43,7 @@ from mlpipe.errors import MlpipeError
 from mlpipe.resample import training_set, training_set_for
 from mlpipe.split import class_names, cv_folds, development_parts, load_index
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json
+from mlpipe.train.nodes import Nodes, announced, announcements
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec, is_done
 
 log = logging.getLogger(__name__)
@@ -53,10 +65,12 @@ def resolve_nproc(cfg: TrainConfig, search: SearchConfig | None = None) -> int:
     return 1 if search is not None and search.max_parallel == "auto" else max(1, len(visible_gpus()))
 
 
-def torchrun_command(spec_path: Path, nproc: int, max_restarts: int) -> list[str]:
+def torchrun_command(spec_path: Path, nproc: int, max_restarts: int, rendezvous: list[str] | None = None) -> list[str]:
+    """`rendezvous`: `Nodes.torchrun_args` for a multi-node job; by default a local rendezvous on
+    a free port (--standalone), so parallel jobs never collide."""
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--standalone",  # local rendezvous on a free port: parallel jobs never collide
+        *(rendezvous or ["--standalone"]),
         f"--nproc-per-node={nproc}",
         f"--max-restarts={max_restarts}",
         "-m", "mlpipe.train.worker", "--spec", str(spec_path),
@@ -75,35 +89,62 @@ class Launch:
     cpu: bool
     threads: int | None = None  # CPU threads per process; None: the cores / nproc
     devices: str | None = None  # CUDA_VISIBLE_DEVICES for this job; None: inherit
+    nodes: Nodes | None = None  # several machines; None: this one
 
     @property
     def name(self) -> str:
         return self.log_path.stem
 
     def run(self) -> None:
-        launch(self.spec_path, self.nproc, self.max_restarts, self.log_path, self.cpu, self.threads, self.devices)
+        launch(self.spec_path, self.nproc, self.max_restarts, self.log_path, self.cpu, self.threads, self.devices,
+               self.nodes)  # fmt: skip
 
 
 def launch(
     spec_path: Path, nproc: int, max_restarts: int, log_path: Path, cpu: bool,
-    threads: int | None = None, devices: str | None = None,
+    threads: int | None = None, devices: str | None = None, nodes: Nodes | None = None,
 ) -> None:  # fmt: skip
-    """Run torchrun, stream its output to the log, fail with the last error line.
+    """Run torchrun, stream its output to the log, fail with the last error line. With `nodes`,
+    announced to `mlpipe join` on the other nodes while it runs."""
+    env = torchrun_env(cpu, nproc, threads, devices)
+    if nodes is None:
+        run_torchrun(torchrun_command(spec_path, nproc, max_restarts), log_path, env)
+        return
+    rdzv_id = f"{log_path.stem}-{uuid.uuid4().hex[:12]}"  # new for every launch: joining nodes run each id once
+    joiners = torchrun_command(spec_path, nproc, max_restarts, nodes.torchrun_args(rdzv_id, host=False))
+    with announced(rdzv_id, joiners[1:], nproc, cpu, log_path):
+        try:
+            run_torchrun(torchrun_command(spec_path, nproc, max_restarts, nodes.torchrun_args(rdzv_id, host=True)),
+                         log_path, env)  # fmt: skip
+        except MlpipeError as err:
+            if "RendezvousTimeoutError" not in str(err):
+                raise
+            raise MlpipeError(f"training failed: not all {nodes.count} nodes joined the rendezvous at {nodes.endpoint} "
+                              f"within {nodes.timeout_s} s (train.rdzv_timeout_s); run `mlpipe join` on the other "
+                              "nodes, with MLPIPE_HOME on the storage they share") from None  # fmt: skip
+
+
+def torchrun_env(cpu: bool, nproc: int, threads: int | None, devices: str | None) -> dict[str, str]:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
+    if cpu:  # share the cores instead of oversubscribing them nproc times
+        env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    return env
+
+
+def run_torchrun(argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+    """Run torchrun's `argv`, stream its output to the log, fail with the last error line.
 
     torchrun runs in a process group of its own. Whatever ends this call early (an exception,
     Prefect's cancellation signal, Ctrl-C, SIGTERM) takes the whole group down with it, and a
     parent killed outright takes torchrun down through the kernel's parent-death signal, so no
     worker outlives its run.
     """
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONUNBUFFERED": "1"}
-    if cpu:  # share the cores instead of oversubscribing them nproc times
-        env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
-    if devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = devices
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "w", encoding="utf-8") as sink, _sigterm_raises():
         proc = subprocess.Popen(
-            torchrun_command(spec_path, nproc, max_restarts),
+            argv,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
             start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
@@ -119,6 +160,37 @@ def launch(
     if code != 0:
         errors = [t for t in tail if "Error" in t or "error" in t] or list(tail) or ["no output"]
         raise MlpipeError(f"training failed (torchrun exit code {code}): {errors[-1].strip()}")
+
+
+def join(idle_exit_s: float | None = None, poll_s: float = 1.0) -> dict[str, str | None]:
+    """This node's part of every multi-node launch announced in the state directory, each run once,
+    one at a time, until no new one has come for `idle_exit_s` (None: until stopped). Returns
+    each joined launch's error (None: it succeeded); a failure is logged and the next one joined."""
+    outcomes: dict[str, str | None] = {}
+    idle_since = time.monotonic()
+    with _sigterm_raises():  # SIGTERM stops the torchrun being joined, like a cancelled launch
+        while idle_exit_s is None or time.monotonic() - idle_since < idle_exit_s:
+            for descriptor in announcements():
+                if descriptor["rdzv_id"] not in outcomes:
+                    outcomes[descriptor["rdzv_id"]] = _join_one(descriptor)
+                    idle_since = time.monotonic()
+            time.sleep(poll_s)
+    return outcomes
+
+
+def _join_one(descriptor: dict[str, Any]) -> str | None:
+    log_path = Path(descriptor["log"])
+    log_path = log_path.with_name(f"{log_path.stem}.{socket.gethostname()}.log")  # beside the launching node's
+    log.info("joining %s (log %s)", descriptor["rdzv_id"], log_path)
+    # CPU threads: this node's own OMP_NUM_THREADS if set, else its cores / nproc
+    env = torchrun_env(descriptor["cpu"], descriptor["nproc"], int(os.environ.get("OMP_NUM_THREADS", 0)) or None, None)
+    try:
+        run_torchrun([sys.executable, *descriptor["argv"]], log_path, env)
+    except (MlpipeError, OSError) as err:
+        log.warning("%s failed: %s", descriptor["rdzv_id"], err)
+        return str(err)
+    log.info("%s done", descriptor["rdzv_id"])
+    return None
 
 
 def run_in_threads(jobs: list[Launch]) -> None:
@@ -225,16 +297,17 @@ class Progress:
     @contextlib.contextmanager
     def following(self, logs: list[Path], every_s: float = 0.5) -> Iterator[None]:
         """Read the launches' logs as they grow (wherever the launches run, the logs are in the
-        trial folders) and count their epochs, until the block ends."""
-        offsets = dict.fromkeys(logs, 0)
+        trial folders) and count their epochs, until the block ends. The logs of joining nodes
+        (`launch-N.<host>.log`) are read too: rank 0, which prints, may be on any node."""
+        offsets: dict[Path, int] = {}
 
         def poll() -> None:
-            for path in logs:
+            for path in [p for own in logs for p in (own, *own.parent.glob(f"{own.stem}.*.log"))]:
                 with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-                    f.seek(offsets[path])
+                    f.seek(offsets.get(path, 0))
                     chunk = f.read()
                     whole = chunk[: chunk.rfind(b"\n") + 1]
-                    offsets[path] += len(whole)
+                    offsets[path] = offsets.get(path, 0) + len(whole)
                     for line in whole.decode("utf-8", errors="replace").splitlines():
                         self.line(line)
 
@@ -280,12 +353,19 @@ def trial_dir(splits: StageResult, resampled: StageResult, trial: Trial, fold: s
     """Where one trial (one fold of it) trains, keyed by (split fingerprint, its training set,
     its config, code version): a rerun finds finished trials there and the unfinished one's
     `last.pt`, so killing a search and running it again repeats no finished trial."""
-    key = stable_hash(splits.key, training_set_for(resampled, trial, fold), trial.train, fold,
+    key = stable_hash(splits.key, training_set_for(resampled, trial, fold), keyed(trial.train), fold,
                       code_version("mlpipe.train"))[:16]  # fmt: skip
     return final_path("trials", key)
 
 
-EXECUTION_ONLY = {"max_parallel", "task_runner", "dask_address"}
+# Fields that say how or where jobs run, never what they compute: no key includes them.
+EXECUTION_ONLY = {"max_parallel", "task_runner", "dask_address"}  # of search
+WHERE_ONLY = {"rdzv_endpoint", "rdzv_timeout_s"}  # of train (nnodes is kept: it sets the world size)
+
+
+def keyed(cfg: TrainConfig) -> dict[str, Any]:
+    """A train section as the trial, stage and refit keys see it."""
+    return cfg.model_dump(exclude=WHERE_ONLY)
 
 
 def budgets(trials: list[Trial], search: SearchConfig | None) -> list[int | None]:
@@ -338,7 +418,8 @@ def train(
     task runner in the flow; threads here by default), which returns when all have ended.
     """
     how = search.model_dump(exclude=EXECUTION_ONLY) if search else None  # how trials run leaves results unchanged
-    key = stable_hash(splits.key, resampled.key, [t.model_dump() for t in trials], how, code_version("mlpipe.train"))[:16]
+    key = stable_hash(splits.key, resampled.key, [{**t.model_dump(), "train": keyed(t.train)} for t in trials], how,
+                      code_version("mlpipe.train"))[:16]  # fmt: skip
     num_classes = len(class_names(splits))
     folds = cv_folds(splits)
     dirs = {(t.name, fold): trial_dir(splits, resampled, t, fold) for t in trials for fold, _, _ in folds}
@@ -349,11 +430,12 @@ def train(
     plan = budgets(trials, search)
     with stage_dir("train", key) as out, contextlib.closing(progress):
         for rung, budget in enumerate(plan):
-            groups: dict[tuple[bool, int, int], list[Trial]] = {}
-            for trial in alive:  # launches per (device, nproc, restarts) combination; usually one
+            groups: dict[tuple[bool, int, int, Nodes | None], list[Trial]] = {}
+            for trial in alive:  # launches per (device, nproc, restarts, nodes) combination; usually one
                 cuda = uses_cuda(trial.train)
-                groups.setdefault((cuda, resolve_nproc(trial.train, search), trial.train.max_restarts), []).append(trial)
-            for (cuda, nproc, restarts), members in groups.items():
+                where = (cuda, resolve_nproc(trial.train, search), trial.train.max_restarts, Nodes.of(trial.train))
+                groups.setdefault(where, []).append(trial)
+            for (cuda, nproc, restarts, nodes), members in groups.items():
                 pending = [(t, fold, val) for t in members for fold, _, val in folds if not _done(dirs[t.name, fold], t, budget)]
                 if not pending:
                     continue
@@ -371,7 +453,7 @@ def train(
                         spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=num_classes,
                                           tracking_uri=tracking_uri, trials=specs[i :: len(slots)])  # fmt: skip
                         jobs.append(Launch(write_json(out / f"launch-{n}.json", spec.model_dump()), nproc, restarts,
-                                           out / f"launch-{n}.log", cpu=not cuda, devices=devices,
+                                           out / f"launch-{n}.log", cpu=not cuda, devices=devices, nodes=nodes,
                                            threads=max(1, (os.cpu_count() or 1) // (nproc * len(slots)))))  # fmt: skip
                         n += 1
                     with progress.following([job.log_path for job in jobs]):
@@ -453,7 +535,7 @@ def refit(
     trial = next(t for t in trials if t.name == best.report["winner"])
     epochs = best.report["winner_best_epoch"] + 1
     cfg = trial.train.model_copy(update={"epochs": epochs})
-    key = stable_hash(best.key, splits.key, cfg.model_dump(), code_version("mlpipe.train"))[:16]
+    key = stable_hash(best.key, splits.key, keyed(cfg), code_version("mlpipe.train"))[:16]
     index, y = load_index(splits, development_parts(splits))
     pixels = np.load(splits.file("pixels"), mmap_mode="r")
     data = training_set(pixels, index, y, trial.resample, class_names(splits))
@@ -465,7 +547,8 @@ def refit(
                                             out_dir=str(out), run_id=run_id)])  # fmt: skip
         spec_path = write_json(out / "launch.json", spec.model_dump())
         with contextlib.closing(Progress({f"{trial.name}-refit": epochs}, None)) as progress, progress.following([out / "launch.log"]):
-            launch(spec_path, resolve_nproc(cfg), cfg.max_restarts, out / "launch.log", cpu=not uses_cuda(cfg))
+            launch(spec_path, resolve_nproc(cfg), cfg.max_restarts, out / "launch.log", cpu=not uses_cuda(cfg),
+                   nodes=Nodes.of(cfg))  # fmt: skip
         result = TrialResult.model_validate_json((out / "result.json").read_text())
         report = {**best.report, "refit": {"trial": trial.name, "epochs": epochs, "train_items": result.train_items,
                                            "synthetic": int(data["synthetic"].sum()), "seconds": result.seconds,

@@ -11,9 +11,12 @@ group can be reused. Launch commands (the train task builds the first):
         -m mlpipe.train.worker --spec spec.json
     # one GPU
     python -m torch.distributed.run --standalone --nproc-per-node 1 -m mlpipe.train.worker --spec spec.json
-    # several nodes (run on each; node 0's address as the endpoint; out_dir on a shared filesystem)
-    python -m torch.distributed.run --nnodes 2 --nproc-per-node 8 --max-restarts 2 --rdzv-backend c10d \
-        --rdzv-endpoint HOST:29400 --rdzv-id JOB -m mlpipe.train.worker --spec spec.json
+    # several machines (train.nnodes, train.rdzv_endpoint): the node that runs the pipeline hosts
+    # the rendezvous and announces the launch in $MLPIPE_HOME/launches/ (storage every node mounts
+    # at the same path); `mlpipe join` on each other node runs the same command with is_host=0
+    python -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        --rdzv-id launch-0-RANDOM --rdzv-conf join_timeout=900,is_host=1 --nproc-per-node 8 \
+        --max-restarts 2 -m mlpipe.train.worker --spec spec.json
 
 Failures: if one rank dies, torchrun stops the others and (with --max-restarts) starts them
 all again; the worker then skips finished trials (their result.json) and resumes the current

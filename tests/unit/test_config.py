@@ -92,3 +92,30 @@ def test_flat_params_cover_every_section():
     assert {p.split(".")[0] for p in params} >= {"source", "ingest", "anonymize", "label", "split", "resample",
                                                  "train", "search", "evaluate"}
     assert all(len(v) < 6000 for v in params.values())
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["train.nnodes=2"], "train: nnodes 2 needs rdzv_endpoint"),
+        (["train.rdzv_endpoint=node0"], "train.rdzv_endpoint: must be host:port"),
+        (["train.rdzv_endpoint=node0:70000"], "train.rdzv_endpoint: must be host:port with a port in 1..65535"),
+        (["train.nnodes=0"], "train.nnodes"),
+        (["train.rdzv_timeout_s=5"], "train.rdzv_timeout_s"),
+        (["train.nnodes=2", "train.rdzv_endpoint=node0:29400", "search.max_parallel=2"],
+         "train.nnodes 2 needs search.max_parallel 1"),
+        (["train.rdzv_endpoint=node0:29400", "search.max_parallel=auto", "search.grid={train.nnodes: [1, 2]}"],
+         "search.grid: train.nnodes 2 needs search.max_parallel 1"),
+    ],
+)  # fmt: skip
+def test_multi_node_settings_are_checked(sets, needle):
+    with pytest.raises(MlpipeError) as err:
+        load_config(None, sets)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_multi_node_settings_load():
+    config = load_config(None, ["train.nnodes=4", "train.rdzv_endpoint=[fd00::1]:29400", "train.rdzv_timeout_s=60"])
+    assert (config.train.nnodes, config.train.rdzv_endpoint, config.train.rdzv_timeout_s) == (4, "[fd00::1]:29400", 60)
+    assert PipelineConfig().train.nnodes == 1 and PipelineConfig().train.rdzv_endpoint is None
