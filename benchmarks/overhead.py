@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/overhead.py
 
 The default pipeline (embedded sample, default config) runs once in this process from an empty
-state directory. Every library call a task makes is timed (ingest, anonymize, label, split,
+state directory, started the way `mlpipe run` starts it: Prefect's temporary server comes up in
+the background while the modules import, and only the wait for it that is left after the imports
+counts (`server_wait_s`; the server's whole start, `server_start_s`, is printed beside it). Every library call a task makes is timed (ingest, anonymize, label, split,
 resample, train with its torchrun launch, search, refit, evaluate); everything else inside the
-run is Prefect and MLflow: the temporary server's start (timed on its own too), task and state bookkeeping, cache
+run is Prefect and MLflow: the wait for the temporary server, task and state bookkeeping, cache
 keys (ingest's includes a stat of every source file) and lookups, result persistence, MLflow runs,
 params, tags, reports, artifacts and the model registry. (The trial workers' per-epoch MLflow
 batches happen inside the train launch and count as compute.) Goal: overhead / wall <= 0.03.
@@ -32,6 +34,11 @@ def main() -> None:
     fresh_state("overhead")
     import importlib
 
+    from flows import ephemeral
+
+    started = time.perf_counter()
+    server = ephemeral.start_in_background()
+
     from flows.training_pipeline import training_pipeline
     from mlpipe.config import PipelineConfig
 
@@ -52,24 +59,23 @@ def main() -> None:
         module = importlib.import_module(module_name)
         for name in names:
             setattr(module, name, timed(name, getattr(module, name)))
-    from prefect.client.orchestration import get_client
-
-    started = time.perf_counter()
-    with get_client(sync_client=True) as client:  # starts Prefect's temporary server, as the run's first call would
-        client.hello()
-    server_start = time.perf_counter() - started
+    imported = time.perf_counter()
+    server.join()
+    ready = time.perf_counter()
+    server_start, server_wait = ready - started, ready - imported
     state = training_pipeline(PipelineConfig(), return_state=True)
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - imported
     assert state.is_completed(), state
     compute = sum(spent.values())
     overhead = wall - compute
     print(f"run wall {wall:.2f} s, stage compute {compute:.2f} s, Prefect + MLflow {overhead:.2f} s ({overhead / wall:.1%}); "
-          f"of it the temporary Prefect server's start {server_start:.2f} s (none with a running server)")
+          f"of it waiting for the temporary Prefect server {server_wait:.2f} s (its start took {server_start:.2f} s, "
+          "overlapped with the imports; none with a running server)")
     print("compute by call: " + ", ".join(f"{k} {v:.2f} s" for k, v in spent.items()))
     print(json.dumps({"name": "orchestration_overhead", "ratio": round(overhead / wall, 4), "goal": "<= 0.03",
                       "wall_s": round(wall, 2), "compute_s": round(compute, 2), "overhead_s": round(overhead, 2),
-                      "server_start_s": round(server_start, 2),
-                      "ratio_with_a_running_server": round((overhead - server_start) / (wall - server_start), 4),
+                      "server_wait_s": round(server_wait, 2), "server_start_s": round(server_start, 2),
+                      "ratio_with_a_running_server": round((overhead - server_wait) / (wall - server_wait), 4),
                       "compute_by_call_s": {k: round(v, 2) for k, v in spent.items()}}))  # fmt: skip
 
 

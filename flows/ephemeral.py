@@ -10,16 +10,43 @@ may not be recorded.
 So before exit we deliver the pending events, wait until the server has recorded a final
 state for every task run of the flow run, and only then stop it. This also lets our own last
 line (the summary or the error) be the last line on the console.
+
+The server takes seconds to start (a uvicorn process importing Prefect's server). `mlpipe run`
+starts it first thing, in the background, so it comes up on another core while this process
+imports torch and the stages, instead of after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 
 RECORDER_FLUSH_ENV = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"
 # Not lowered on purpose: at 0.5 s the temporary server spent a whole core while training ran.
 DEFAULT_FLUSH_INTERVAL_S = 5.0
+
+
+def start_in_background() -> threading.Thread | None:
+    """Start the temporary server in a thread, as the first API call would (the same singleton,
+    so the flow finds it running). None when a server is configured. Join the thread before
+    the flow starts: until then the server may not answer yet."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        # A failure here surfaces again, with Prefect's own message, at the flow's first API call.
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+    return thread
 
 
 def temporary_server():

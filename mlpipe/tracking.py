@@ -12,12 +12,13 @@ flow created. The layout of a pipeline run:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,44 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise MlpipeError(f"MLflow tracking server {uri} is unreachable ({type(err).__name__}: {reason})") from None
 
 
+class _Writes:
+    """One pipeline run's MLflow writes, off the flow's critical path: they run in submission
+    order on a background thread, so a stage's report and files upload while the next stage
+    computes. A failed write raises at the run's next write or at `close()`, and the run ends
+    only after all its writes have landed, so nothing is lost silently. Run creation and every
+    read stay synchronous; none reads what a pending write changes (pending writes touch only
+    this flow run's runs, which nothing reads before the run ends)."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-writes")
+        self._pending: list[concurrent.futures.Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if any(f.done() and f.exception() for f in self._pending):
+            self.close()
+        self._pending.append(self._pool.submit(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Wait for every pending write; raise the first error."""
+        self._pool.shutdown(wait=True)
+        errors = [f.exception() for f in self._pending]
+        self._pending = []
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+
+_deferred: dict[str, _Writes] = {}  # parent run id -> its writes, while its pipeline_run is open
+
+
+def _write(ref: RunRef, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    writes = _deferred.get(ref.run_id)
+    if writes is None:
+        fn(*args, **kwargs)
+    else:
+        writes.submit(fn, *args, **kwargs)
+
+
 def start_run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> RunRef:
     uri = tracking_uri()
     check_reachable(uri)
@@ -111,35 +150,46 @@ def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> No
 
 def end_run(ref: RunRef, run_id: str | None = None, failed: bool = False) -> None:
     status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
-    _client(ref.tracking_uri).set_terminated(run_id or ref.run_id, status=status)
+    _write(ref, _client(ref.tracking_uri).set_terminated, run_id or ref.run_id, status=status)
 
 
 @contextlib.contextmanager
 def pipeline_run(experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> Iterator[RunRef]:
-    """The parent run: FINISHED when the block completes, FAILED when it raises. Never left RUNNING."""
+    """The parent run: FINISHED when the block completes, FAILED when it raises. Never left RUNNING.
+    Its writes are deferred (see `_Writes`) and have all landed before it ends."""
     ref = start_run(experiment, run_name, params, tags)
+    writes = _deferred[ref.run_id] = _Writes()
     try:
         yield ref
     except BaseException:
+        del _deferred[ref.run_id]
+        with contextlib.suppress(Exception):  # the block's error is the one to report
+            writes.close()
+        end_run(ref, failed=True)
+        raise
+    del _deferred[ref.run_id]
+    try:
+        writes.close()
+    except Exception:
         end_run(ref, failed=True)
         raise
     end_run(ref)
 
 
 def set_tags(ref: RunRef, tags: dict[str, str], run_id: str | None = None) -> None:
-    client = _client(ref.tracking_uri)
-    client.log_batch(run_id or ref.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    batch = [RunTag(k, str(v)) for k, v in tags.items()]
+    _write(ref, _client(ref.tracking_uri).log_batch, run_id or ref.run_id, tags=batch)
 
 
 def log_metrics(ref: RunRef, metrics: dict[str, float], step: int = 0, run_id: str | None = None) -> None:
-    metric_logger(run_id or ref.run_id, ref.tracking_uri)(metrics, step)
+    _write(ref, metric_logger(run_id or ref.run_id, ref.tracking_uri), metrics, step)
 
 
 def log_history(ref: RunRef, history: list[dict[str, float]], run_id: str) -> None:
     """Per-epoch metrics of a reused trial, one batch per epoch."""
     log = metric_logger(run_id, ref.tracking_uri)
     for entry in history:
-        log({k: v for k, v in entry.items() if k != "epoch"}, int(entry["epoch"]))
+        _write(ref, log, {k: v for k, v in entry.items() if k != "epoch"}, int(entry["epoch"]))
 
 
 def metric_logger(run_id: str, uri: str | None) -> EpochLogger:
@@ -182,13 +232,13 @@ def log_stage(ref: RunRef, stage: str, report: dict[str, Any], files: list[Path]
     """`<stage>/report.json` plus the stage's files, in the parent run (or a child run)."""
     client = _client(ref.tracking_uri)
     target = run_id or ref.run_id
-    client.log_dict(target, report, f"{stage}/report.json")
+    _write(ref, client.log_dict, target, report, f"{stage}/report.json")
     for path in files:
-        client.log_artifact(target, str(path), artifact_path=stage)
+        _write(ref, client.log_artifact, target, str(path), artifact_path=stage)
 
 
 def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
-    _client(ref.tracking_uri).log_text(ref.run_id, text, artifact_file)
+    _write(ref, _client(ref.tracking_uri).log_text, ref.run_id, text, artifact_file)
 
 
 def log_dataset(ref: RunRef, name: str, digest: str, source_uri: str) -> None:
@@ -198,9 +248,8 @@ def log_dataset(ref: RunRef, name: str, digest: str, source_uri: str) -> None:
     from mlflow.entities import DatasetInput, InputTag
 
     dataset = MetaDataset(source=HTTPDatasetSource(url=source_uri), name=name, digest=digest)
-    _client(ref.tracking_uri).log_inputs(
-        ref.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "ingest")])]
-    )
+    _write(ref, _client(ref.tracking_uri).log_inputs, ref.run_id,
+           datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "ingest")])])  # fmt: skip
 
 
 def log_model(
@@ -314,7 +363,7 @@ def param_diff(before: dict[str, str], after: dict[str, str]) -> dict[str, dict[
 
 
 def log_dict(ref: RunRef, data: Any, artifact_file: str) -> None:
-    _client(ref.tracking_uri).log_dict(ref.run_id, data, artifact_file)
+    _write(ref, _client(ref.tracking_uri).log_dict, ref.run_id, data, artifact_file)
 
 
 def end_flow_run(flow_run_id: str, experiment: str, status: str, uri: str | None = None) -> list[str]:

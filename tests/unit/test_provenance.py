@@ -63,3 +63,37 @@ def test_an_unreachable_tracking_server_fails_at_once_in_one_line(state, monkeyp
     with pytest.raises(MlpipeError, match=rf"MLflow tracking server http://127.0.0.1:{port} is unreachable \(ConnectionError"):
         tracking.start_run("x", "y", {}, {})
     assert time.perf_counter() - started < 10
+
+
+def test_writes_inside_a_pipeline_run_leave_the_caller_at_once_and_all_land_before_it_ends(state, monkeypatch):
+    import threading
+
+    gate = threading.Event()
+    original = tracking.MlflowClient.log_dict
+
+    def slow_log_dict(self, *args, **kwargs):  # a slow artifact store
+        assert gate.wait(10)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tracking.MlflowClient, "log_dict", slow_log_dict)
+    with tracking.pipeline_run("deferred", "flow", {}, {}) as run:
+        tracking.log_stage(run, "split", {"rows": 3})  # would block until the gate opens, were it synchronous
+        tracking.set_tags(run, {"after": "yes"})
+        gate.set()
+    client = MlflowClient(run.tracking_uri)
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["after"] == "yes"
+    assert [a.path for a in client.list_artifacts(run.run_id, "split")] == ["split/report.json"]
+
+
+def test_a_failed_deferred_write_fails_the_run_instead_of_vanishing(state, monkeypatch):
+    import pytest
+
+    def broken(self, *args, **kwargs):
+        raise OSError("artifact store is read-only")
+
+    monkeypatch.setattr(tracking.MlflowClient, "log_dict", broken)
+    with pytest.raises(OSError, match="read-only"):
+        with tracking.pipeline_run("deferred", "flow", {}, {}) as run:
+            tracking.log_stage(run, "split", {"rows": 3})
+    assert MlflowClient(run.tracking_uri).get_run(run.run_id).info.status == "FAILED"
