@@ -17,7 +17,7 @@ import argparse
 import logging
 import os
 import sys
-import threading
+from collections.abc import Callable
 from pathlib import Path
 
 # Before Prefect, MLflow or albumentations are imported: no telemetry, no update checks.
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except MlpipeError as err:
         print(f"mlpipe: error: {err}", file=sys.stderr)
         return 2
-    return _run(config, ephemeral.start_in_background())  # the server comes up while torch imports
+    return _run(config, prepare_in_background())
 
 
 def _promote(model: str, version: str, reason: str) -> int:
@@ -140,15 +140,33 @@ class ExpectedErrorTraceback(logging.Filter):
         return True
 
 
-def _run(config, server: threading.Thread | None = None) -> int:
+def prepare_in_background() -> Callable[[], None]:
+    """Prefect's temporary server and a new local MLflow store take seconds each to come up;
+    started first, they do so on the other core while the flow imports. Returns the wait for both."""
+    server = ephemeral.start_in_background()
+    from mlpipe import tracking
+
+    store = tracking.create_store_in_background()
+
+    def ready() -> None:
+        if store is not None:
+            store.wait()
+        tracking.connect()  # while the server may still be starting
+        if server is not None:
+            server.join()
+
+    return ready
+
+
+def _run(config, ready: Callable[[], None] = lambda: None) -> int:
     from flows.training_pipeline import training_pipeline
 
-    if server is not None:
-        server.join()
+    ready()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(ExpectedErrorTraceback())
     logging.getLogger("mlpipe").setLevel(logging.INFO)
-    state = training_pipeline(config, return_state=True)
+    with ephemeral.flow_run_settings():
+        state = training_pipeline(config, return_state=True)
     ephemeral.settle_and_stop(str(state.state_details.flow_run_id))
     try:
         summary = state.result()

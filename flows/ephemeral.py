@@ -13,7 +13,9 @@ line (the summary or the error) be the last line on the console.
 
 The server takes seconds to start (a uvicorn process importing Prefect's server). `mlpipe run`
 starts it first thing, in the background, so it comes up on another core while this process
-imports torch and the stages, instead of after.
+imports torch and the stages, instead of after. And a flow run on it sends no heartbeats: the
+server stops with this process, so nothing would watch them, and Prefect 3.8's heartbeat thread
+holds every flow run's end up to a second (it sleeps in whole seconds before it sees the stop).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 RECORDER_FLUSH_ENV = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"
 # Not lowered on purpose: at 0.5 s the temporary server spent a whole core while training ran.
@@ -38,15 +41,30 @@ def start_in_background() -> threading.Thread | None:
         return None
 
     def start() -> None:
+        from prefect.client.orchestration import get_client
         from prefect.server.api.server import SubprocessASGIServer
 
         # A failure here surfaces again, with Prefect's own message, at the flow's first API call.
         with contextlib.suppress(Exception):
             SubprocessASGIServer().start()
+            with get_client(sync_client=True) as client:  # a new server's first request takes ~0.4 s
+                client.api_version()
 
     thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
     thread.start()
     return thread
+
+
+@contextlib.contextmanager
+def flow_run_settings() -> Iterator[None]:
+    """Around a flow call: no heartbeats on the temporary server (see above)."""
+    if temporary_server() is None:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def temporary_server():

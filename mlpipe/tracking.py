@@ -17,6 +17,8 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +54,24 @@ class RunRef(BaseModel):
 def tracking_uri() -> str:
     """`$MLFLOW_TRACKING_URI`, else a SQLite store in the project's state directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+def create_store_in_background() -> subprocess.Popen | None:
+    """Create a new local SQLite store in a process of its own (MLflow runs its schema migrations:
+    a second or two), so that it happens on another core while the flow imports; `wait()` for
+    it before the first MLflow call. None when there is nothing to create. Should it fail, the
+    run's first MLflow call fails the same way, with the error."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    return subprocess.Popen([sys.executable, "-c", "from mlpipe import tracking; tracking._client().search_experiments()"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def connect() -> None:
+    """Open the tracking store now (MLflow keeps it per URI): a local SQLite store costs most of a
+    second to open (its module imports, the engine, the schema check)."""
+    _client().search_experiments(max_results=1)
 
 
 def _client(uri: str | None = None) -> MlflowClient:
@@ -250,6 +270,24 @@ def log_dataset(ref: RunRef, name: str, digest: str, source_uri: str) -> None:
     dataset = MetaDataset(source=HTTPDatasetSource(url=source_uri), name=name, digest=digest)
     _write(ref, _client(ref.tracking_uri).log_inputs, ref.run_id,
            datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "ingest")])])  # fmt: skip
+
+
+def prepare_model_logging(ref: RunRef) -> None:
+    """Queue model logging's one-time costs behind the run's pending writes, to be paid in the
+    background (while the trials train) instead of on the way to the registry: torch.export's
+    imports and MLflow's map of installed packages (it checks the model's requirements against
+    it), about two seconds on two cores. Nothing to gain outside a pipeline run."""
+    if ref.run_id in _deferred:
+        _write(ref, _warm_model_logging)
+
+
+def _warm_model_logging() -> None:
+    import mlflow.pytorch  # noqa: F401
+    import torch.export  # noqa: F401
+    from mlflow.utils import requirements_utils
+
+    with contextlib.suppress(Exception):  # a private helper: should it move, log_model pays the cost itself
+        requirements_utils._init_packages_to_modules_map()
 
 
 def log_model(

@@ -86,15 +86,22 @@ def imported_modules(modules: tuple[str, ...]) -> list[str]:
     todo = list(modules)
     while todo:
         module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        for path in module_files(module):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])  # fmt: skip
-                todo.extend(n for n in names if n.split(".")[0] == "mlpipe" and n != "mlpipe")
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_mlpipe_imports(module))
     return sorted(seen)
+
+
+@functools.lru_cache(maxsize=None)
+def _mlpipe_imports(module: str) -> tuple[str, ...]:
+    """The `mlpipe` modules one module imports (parsed once per process, like the code version)."""
+    found = []
+    for path in module_files(module):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])  # fmt: skip
+            found.extend(n for n in names if n.split(".")[0] == "mlpipe" and n != "mlpipe")
+    return tuple(found)
 
 
 def explain(stage: str, components: dict[str, Any]) -> str:

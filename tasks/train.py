@@ -17,6 +17,7 @@ def train(
 ) -> StageResult:
     """Every trial in one torchrun launch (DDP); one nested MLflow run per trial."""
     run_ids = {t.name: tracking.start_child_run(run, t.name, t.flat_params()) for t in trials}
+    tracking.prepare_model_logging(run)  # in the background, while the trials train
     try:
         with gpu_slots(trials):
             result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, training_progress(), search,
