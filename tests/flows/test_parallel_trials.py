@@ -29,15 +29,20 @@ pytestmark = pytest.mark.slow
 
 @dataclasses.dataclass(frozen=True)
 class Stamp:
-    """A stand-in for a torchrun launch: records which process ran it and when."""
+    """A stand-in for a torchrun launch: records which process ran it, and whether all its
+    `peers` had started while it ran (a barrier, not a timing window: load cannot fake it)."""
 
     path: Path
     fail: bool = False
+    peers: tuple[Path, ...] = ()
 
     def run(self) -> None:
-        started = time.time()
-        time.sleep(1.5)
-        self.path.write_text(json.dumps({"pid": os.getpid(), "start": started, "end": time.time()}))
+        self.path.with_suffix(".started").touch()
+        deadline = time.time() + 120
+        while not all(p.with_suffix(".started").exists() for p in self.peers) and time.time() < deadline:
+            time.sleep(0.05)
+        together = all(p.with_suffix(".started").exists() for p in self.peers)
+        self.path.write_text(json.dumps({"pid": os.getpid(), "together": together}))
         if self.fail:
             raise MlpipeError(f"training failed (torchrun exit code 1): {self.path.name} broke")
 
@@ -49,10 +54,11 @@ def stamp(job: Stamp) -> None:
 
 @pytest.mark.parametrize("runner", ["thread", "process"])
 def test_launches_run_side_by_side_through_the_task_runner(harness, runner, tmp_path):
-    jobs = [Stamp(tmp_path / "a"), Stamp(tmp_path / "b")]
+    paths = (tmp_path / "a", tmp_path / "b")
+    jobs = [Stamp(path, peers=paths) for path in paths]
     fan_out(SearchConfig(max_parallel=2, task_runner=runner), stamp)(jobs)
     a, b = (json.loads(job.path.read_text()) for job in jobs)
-    assert a["start"] < b["end"] and b["start"] < a["end"]  # overlapping: they ran at the same time
+    assert a["together"] and b["together"]  # each saw the other start while it ran: side by side
     if runner == "process":
         assert len({a["pid"], b["pid"], os.getpid()}) == 3
 
