@@ -9,6 +9,7 @@ few broken rows (a corrupt file, a missing file, a path escaping the root, exact
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 from pathlib import Path
@@ -89,7 +90,8 @@ def _person(fake: Faker) -> dict[str, str]:
         "name": name,
         "email": fake.unique.email(),
         "phone": fake.unique.numerify("+1-###-###-####"),
-        "date_of_birth": fake.date_of_birth(minimum_age=18, maximum_age=90).isoformat(),
+        # between fixed dates, not ages: ages count from today, and the sample must not change at midnight
+        "date_of_birth": fake.date_between(datetime.date(1936, 1, 1), datetime.date(2007, 12, 31)).isoformat(),
     }
 
 
