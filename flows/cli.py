@@ -1,6 +1,7 @@
 """`mlpipe`: run the pipeline, or write the sample dataset.
 
     mlpipe run [--config FILE] [--set dotted.key=value ...]
+    mlpipe reproduce RUN_ID [--tracking-uri URI] [--state-dir DIR]
     mlpipe sample-data DIR
     mlpipe promote --version N
     mlpipe reconcile
@@ -14,10 +15,11 @@ Bad input ends with one line on stderr and a non-zero exit: 2 for usage and conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Before Prefect, MLflow or albumentations are imported: no telemetry, no update checks.
@@ -25,6 +27,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlpipe")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # library logs outside a flow
+# The temporary server's start, not 20 s: on a busy 2-core machine it takes longer.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from mlpipe.store import state_path  # noqa: E402 (imports neither Prefect nor MLflow)
 
@@ -44,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="YAML file validated against PipelineConfig")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config value, e.g. --set train.lr=0.01 (repeatable)")  # fmt: skip
+    again = sub.add_parser("reproduce", help="rerun an MLflow run from its record (config, data fingerprint, code "
+                           "version) in a fresh state directory; exit 1 if its test metrics differ on CPU")  # fmt: skip
+    again.add_argument("run_id", metavar="RUN_ID", help="the pipeline's parent MLflow run")
+    again.add_argument("--tracking-uri", help="MLflow store holding the run (default: as mlpipe run); the new run goes there too")
+    again.add_argument("--state-dir", type=Path, help="new or empty directory to recompute in (default: a new one in "
+                       "<state>/reproductions/)")  # fmt: skip
     sample = sub.add_parser("sample-data", help="write the embedded dataset as a manifest plus image files")
     sample.add_argument("dir", type=Path)
     promote = sub.add_parser("promote", help="move the @champion alias to a model version (a rollback), recorded")
@@ -74,11 +84,63 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args.name, args.cron, args.timezone, load_config(args.config, []))
         if args.command == "join":
             return _join(args.idle_exit)
+        if args.command == "reproduce":
+            return _reproduce(args.run_id, args.tracking_uri, args.state_dir)
         config = load_config(args.config, args.sets)
     except MlpipeError as err:
         print(f"mlpipe: error: {err}", file=sys.stderr)
         return 2
     return _run(config, prepare_in_background())
+
+
+def _reproduce(run_id: str, uri: str | None, state_dir: Path | None) -> int:
+    """The record through MLflow only; refused (exit 2) unless code and data match it; then `_run`
+    with that config in a fresh state directory (no cache can answer), the new run tagged
+    `mlpipe.reproduces`, and the verdict on its test metrics."""
+    from mlpipe import reproduce, tracking
+
+    uri = uri or tracking.tracking_uri()
+    home = reproduce.fresh_state_dir(state_dir, run_id)
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")}
+    with _environ(MLPIPE_HOME=str(home), MLFLOW_TRACKING_URI=uri, **{reproduce.REPRODUCES_ENV: run_id}, **quiet):
+        record = tracking.run_record(run_id, uri)
+        with reproduce.cleared_on_refusal(home):
+            config = load_config(reproduce.write_config(home, record.config_yaml))
+            warnings = reproduce.check(run_id, record.status, record.tags, config)
+        for warning in warnings:
+            print(f"mlpipe: warning: {warning}", file=sys.stderr)
+        print(f"mlpipe: reproducing run {run_id} in {home}", file=sys.stderr)
+        from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+        with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: home / "prefect-results"}):
+            return _run(config, prepare_in_background(), then=lambda summary: _verdict(record, summary["run_id"]))
+
+
+def _verdict(record, new_run_id: str) -> int:
+    from mlpipe import reproduce, tracking
+
+    new = tracking.run_record(new_run_id, record.tracking_uri)
+    verdict = reproduce.compare(record.run_id, record.test_metrics, new.test_metrics,
+                                sorted({*record.train_devices, *new.train_devices}),
+                                (record.pseudonym_key_id, new.pseudonym_key_id))  # fmt: skip
+    tracking.tag_run(new_run_id, {reproduce.VERDICT_TAG: verdict.word}, record.tracking_uri)
+    print("\n".join(verdict.lines))
+    return verdict.exit_code
+
+
+@contextlib.contextmanager
+def _environ(**updates: str) -> Iterator[None]:
+    """Environment variables for the block, restored after it (`main` may run in a test's process)."""
+    before = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _promote(model: str, version: str, reason: str) -> int:
@@ -158,7 +220,7 @@ def prepare_in_background() -> Callable[[], None]:
     return ready
 
 
-def _run(config, ready: Callable[[], None] = lambda: None) -> int:
+def _run(config, ready: Callable[[], None] = lambda: None, then: Callable[[dict], int] | None = None) -> int:
     from flows.training_pipeline import training_pipeline
 
     ready()
@@ -178,7 +240,7 @@ def _run(config, ready: Callable[[], None] = lambda: None) -> int:
         print(f"mlpipe: error: pipeline failed: {type(err).__name__}: {reason}", file=sys.stderr)
         return 1
     _print_summary(summary)
-    return 0
+    return then(summary) if then else 0
 
 
 def _print_summary(summary: dict) -> None:

@@ -44,11 +44,14 @@ def start_in_background() -> threading.Thread | None:
         from prefect.client.orchestration import get_client
         from prefect.server.api.server import SubprocessASGIServer
 
-        # A failure here surfaces again, with Prefect's own message, at the flow's first API call.
-        with contextlib.suppress(Exception):
-            SubprocessASGIServer().start()
+        server = SubprocessASGIServer()
+        try:
+            server.start()
+            _stop_with_this_process(server.server_process.pid)
             with get_client(sync_client=True) as client:  # a new server's first request takes ~0.4 s
                 client.api_version()
+        except Exception:  # noqa: BLE001 - it fails again, with Prefect's own message, at the flow's first call
+            server.stop()  # else a server that was slow to answer would outlive the one the flow starts
 
     thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
     thread.start()
@@ -65,6 +68,30 @@ def flow_run_settings() -> Iterator[None]:
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+# Prefect stops its temporary server at interpreter exit, which a SIGKILLed process never reaches.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(1)
+try:
+    os.kill(server, signal.SIGTERM)
+except ProcessLookupError:
+    pass
+"""
+
+
+def _stop_with_this_process(server_pid: int) -> None:
+    """A watchdog child that stops the temporary server once this process is gone, however it
+    ended (its parent changes when this process dies; after a normal exit the server is gone
+    already)."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(server_pid)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
 def temporary_server():

@@ -26,7 +26,7 @@ def _at_least_one_or_auto(value: int | str) -> int | str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # NaN and inf: refused
 
 
 class SourceConfig(_Section):
@@ -460,7 +460,9 @@ def format_validation_error(exc: ValidationError) -> str:
             message = str(err["ctx"]["error"])
             parts.append(message if not err["loc"] else f"{key}: {message}")
         else:
-            got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict | list) else ""
+            value = err.get("input")
+            huge = isinstance(value, int) and value.bit_length() > 4000  # past Python's digit limit: no repr
+            got = f" (got {value!r})" if not isinstance(value, dict | list) and not huge else ""
             parts.append(f"{key}: {err['msg']}{got}")
     return "; ".join(parts)
 
@@ -472,7 +474,7 @@ def parse_set(assignment: str) -> tuple[str, Any]:
         raise MlpipeError(f"--set expects dotted.key=value, got '{assignment}'")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer past Python's digit limit
         value = raw
     return key.strip(), value
 
@@ -483,7 +485,26 @@ def load_config(path: str | Path | None = None, sets: list[str] | tuple[str, ...
     if path is not None:
         file_data = _read_yaml(Path(path))
         data = _deep_merge(data, file_data)
-    return _validate(_apply(data, dict(parse_set(s) for s in sets)))
+    data = _apply(data, dict(parse_set(s) for s in sets))
+    if _expanded_size(data) > MAX_CONFIG_VALUES:  # YAML aliases share; validation and hashing would expand them
+        raise MlpipeError(f"config error: more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded")
+    return _validate(data)
+
+
+MAX_CONFIG_VALUES = 100_000
+
+
+def _expanded_size(value: Any) -> int:
+    """Values in `value` with shared (aliased) parts counted each time; stops past the limit."""
+    count, stack = 0, [value]
+    while stack and count <= MAX_CONFIG_VALUES:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | set):
+            stack.extend(item)
+    return count
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -491,7 +512,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise MlpipeError(f"config file not found: {path}")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: no !!python tags
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, an integer past the digit limit
         raise MlpipeError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if loaded is None:
         return {}
@@ -502,7 +523,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in extra.items():
-        dotted = prefix + key
+        dotted = prefix + str(key)  # YAML keys may be null, numbers or booleans
         if isinstance(value, dict) and isinstance(base.get(key), dict) and dotted not in _WHOLE_VALUES:
             base[key] = _deep_merge(base[key], value, dotted + ".")
         else:

@@ -148,10 +148,10 @@ def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]
             frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)
         else:  # text as text: the manifest is data to validate, not to interpret
             frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding="utf-8")
-    except (UnicodeDecodeError, ValueError, OSError, pd.errors.ParserError) as exc:
+        frame.columns = [str(c) for c in frame.columns]
+        frame = frame.astype(object).where(frame.notna(), "").astype(str)
+    except Exception as exc:  # noqa: BLE001 - hostile bytes: pyarrow alone raises KeyError, TypeError, ArrowException
         raise MlpipeError(f"manifest {source.manifest} is not readable: {type(exc).__name__}") from None
-    frame.columns = [str(c) for c in frame.columns]
-    frame = frame.astype(object).where(frame.notna(), "").astype(str)
     if source.image_column not in frame.columns:
         raise MlpipeError(
             f"manifest is missing column '{source.image_column}' (source.image_column); it has: {', '.join(frame.columns)}"
@@ -164,12 +164,14 @@ def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]
 
 def _imagefolder_listing(src: Source, source: SourceConfig) -> pd.DataFrame:
     """`root/<class>/.../file` -> rows (image, class); files outside a class folder are listed too,
-    with an empty class, so that they are quarantined rather than ignored."""
+    with an empty class, and so are symlinked folders, so that they are quarantined rather than ignored."""
     rows = []
-    for full in sorted(src.fs.find(src.root)):
+    for full, info in sorted(src.fs.find(src.root, detail=True).items()):
         rel = posixpath.relpath(full, src.root)
-        if posixpath.splitext(rel)[1].lower() in IMAGE_SUFFIXES:
-            rows.append({source.image_column: rel, IMAGEFOLDER_LABEL: rel.split("/")[0] if "/" in rel else ""})
+        linked_folder = bool(info.get("islink")) and src.fs.isdir(full)  # never walked: listed, so resolve refuses it
+        if linked_folder or posixpath.splitext(rel)[1].lower() in IMAGE_SUFFIXES:
+            rows.append({source.image_column: rel,
+                         IMAGEFOLDER_LABEL: rel.split("/")[0] if "/" in rel or linked_folder else ""})  # fmt: skip
     return pd.DataFrame(rows, columns=[source.image_column, IMAGEFOLDER_LABEL])
 
 

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from mlpipe.config import SearchConfig  # noqa: E402
-from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json  # noqa: E402
+from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_csv, write_json  # noqa: E402
 
 
 def leaderboard(trials: list[dict], metric: str, tie_break: str = "val_accuracy") -> pd.DataFrame:
@@ -83,7 +83,7 @@ def search(trained: StageResult, config: SearchConfig) -> StageResult:
     }
     key = stable_hash(trained.key, config, code_version("mlpipe.search"))[:16]
     with stage_dir("search", key) as out:
-        table.to_csv(out / "results.csv", index=False)
+        write_csv(table, out / "results.csv")
         fig = grid_figure(table, config.metric)
         fig.savefig(out / "grid.png", dpi=110)
         plt.close(fig)

@@ -20,7 +20,7 @@ from mlpipe.config import SplitConfig
 from mlpipe.errors import MlpipeError
 from mlpipe.ingest import PIXEL_INDEX
 from mlpipe.label import LABEL, TARGET
-from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json
+from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_csv, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -168,7 +168,7 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
     }
     key = stable_hash(labelled.key, config, code_version("mlpipe.split"))[:16]
     with stage_dir("split", key) as out:
-        table.to_csv(out / "assignments.csv", index=False)
+        write_csv(table, out / "assignments.csv")  # labels and groups come from the manifest
         columns = [ITEM_ID, "split", LABEL] + (["fold"] if config.mode == "kfold" else [])
         table[columns].reset_index(drop=True).to_parquet(out / "manifest.parquet", index=False)
         _chart(report, out / "class_counts.png")

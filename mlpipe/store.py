@@ -121,6 +121,29 @@ def final_path(stage: str, key: str) -> Path:
     return state_dir() / "work" / stage / key
 
 
+def write_csv(frame, path: Path) -> Path:
+    """A table as CSV that a spreadsheet opens as data: a text cell a spreadsheet would evaluate
+    (=, +, -, @, or a tab or CR before one; plain numbers such as -1 aside) gets a leading
+    apostrophe, OWASP's advice against CSV injection from manifest values."""
+    import pandas as pd
+
+    def safe(value: Any) -> Any:
+        if not isinstance(value, str) or not value or value[0] not in "=+-@\t\r\n":
+            return value
+        try:
+            float(value)
+            return value
+        except ValueError:
+            return "'" + value
+
+    text = frame.select_dtypes(include=["object", "string"]).columns
+    out = frame.copy()
+    for column in text:
+        out[column] = out[column].map(safe)
+    pd.DataFrame(out).to_csv(path, index=False)
+    return path
+
+
 def write_json(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     return path

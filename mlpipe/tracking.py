@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -32,6 +33,27 @@ from mlpipe.store import state_dir
 
 for _noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.client"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+# Bounded retries against an HTTP tracking server, unless the environment sets its own. MLflow's
+# defaults retry a request 7 times, 4 to 120 s apart (about 4 minutes), and wait 120 s for each
+# answer. Here: 5 retries, 0, 4, 8, 16 and 32 s apart (+ up to 1 s of jitter each), so a server
+# that refuses connections fails a request after about a minute (`retry_window_s()`) while a
+# restart of the server within that minute is ridden out; one that accepts but never answers,
+# after 6 x 30 s plus the same minute. The training worker inherits these through its environment.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # fmt: skip
+for _name, _value in HTTP_RETRY_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+
+
+def retry_window_s() -> float:
+    """The longest one request to an HTTP tracking server that refuses connections is retried,
+    under the current settings (urllib3's backoff: none before the first retry, then factor x 2^k,
+    at most 120 s each)."""
+    retries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    factor = float(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    jitter = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER") or 0)
+    return sum(min(120.0, factor * 2 ** (k - 1)) + jitter for k in range(2, retries + 1))
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
@@ -52,8 +74,32 @@ class RunRef(BaseModel):
 
 
 def tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI`, else a SQLite store in the project's state directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
+    """`$MLFLOW_TRACKING_URI`, else a SQLite store in the project's state directory. Credentials
+    in an HTTP URI (`http://user:password@host`, which MLflow accepts) are moved out of it, see
+    `without_credentials`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        clean = without_credentials(uri)
+        if clean != uri:
+            os.environ["MLFLOW_TRACKING_URI"] = clean  # what MLflow itself and child processes read
+        return clean
+    return f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+def without_credentials(uri: str) -> str:
+    """The URI without its user:password, which move to MLFLOW_TRACKING_USERNAME/PASSWORD (those
+    already set win, as they would in MLflow). The URI is printed, put in the Prefect artifact and
+    the model card, and written into training specs on shared storage: a password in it leaked there."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    if not uri.startswith(("http://", "https://")) or "@" not in uri.split("://", 1)[1].split("/", 1)[0]:
+        return uri
+    parts = urlsplit(uri)
+    if parts.username is None or parts.password is None:
+        return uri  # no password to leak
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def create_store_in_background() -> subprocess.Popen | None:
@@ -75,7 +121,7 @@ def connect() -> None:
 
 
 def _client(uri: str | None = None) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    return MlflowClient(tracking_uri=without_credentials(uri) if uri else tracking_uri())
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
@@ -113,14 +159,31 @@ class _Writes:
     read stay synchronous; none reads what a pending write changes (pending writes touch only
     this flow run's runs, which nothing reads before the run ends)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ref: RunRef | None = None) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-writes")
         self._pending: list[concurrent.futures.Future] = []
+        self._ref, self._failed = ref, False
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         if any(f.done() and f.exception() for f in self._pending):
             self.close()
-        self._pending.append(self._pool.submit(fn, *args, **kwargs))
+        self._pending.append(self._pool.submit(self._run, fn, args, kwargs))
+
+    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        # After a failed write the rest are skipped: the run fails with the first error anyway, and
+        # against a tracking server that is down each would be retried for a whole retry window.
+        if self._failed:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except OSError as err:
+            self._failed = True
+            if self._ref is not None and err.errno in _STORE_ERRNOS:
+                raise artifact_store_error(self._ref, err) from err
+            raise
+        except BaseException:
+            self._failed = True
+            raise
 
     def close(self) -> None:
         """Wait for every pending write; raise the first error."""
@@ -133,6 +196,37 @@ class _Writes:
 
 
 _deferred: dict[str, _Writes] = {}  # parent run id -> its writes, while its pipeline_run is open
+
+# A write the artifact store refused: full, read-only, over quota, no permission, failing disk.
+_STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
+def artifact_store_error(ref: RunRef, err: OSError) -> MlpipeError:
+    """An artifact write that failed, as one line naming the store."""
+    where = f"of {ref.tracking_uri}"
+    with contextlib.suppress(Exception):
+        where = _client(ref.tracking_uri).get_experiment(ref.experiment_id).artifact_location
+    code = errno.errorcode.get(err.errno or 0, "")
+    return MlpipeError(f"MLflow artifact store {where} refused a write ({code}: {err.strerror or err}); "
+                       f"the run is failed, its logged files are incomplete")  # fmt: skip
+
+
+def tracking_server_down(ref: RunRef, err: BaseException) -> MlpipeError | None:
+    """A failure caused by an HTTP tracking server that stopped answering mid-run (it still does
+    not answer), as one line naming the server; None for any other failure."""
+    uri = ref.tracking_uri
+    if not uri.startswith(("http://", "https://")) or not isinstance(err, Exception):
+        return None
+    if not isinstance(err, MlflowException) and uri.split("://", 1)[1].rstrip("/") not in str(err):
+        return None  # not an MLflow call (a training failure that names the server counts: its worker logs there)
+    try:
+        check_reachable(uri)
+    except MlpipeError:
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        return MlpipeError(f"MLflow tracking server {uri} stopped answering during the run; gave up after {retries} "
+                           f"retries over about {retry_window_s():.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES, "
+                           f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); finished stages are kept for the rerun")  # fmt: skip
+    return None
 
 
 def _write(ref: RunRef, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -178,22 +272,32 @@ def pipeline_run(experiment: str, run_name: str, params: dict[str, str], tags: d
     """The parent run: FINISHED when the block completes, FAILED when it raises. Never left RUNNING.
     Its writes are deferred (see `_Writes`) and have all landed before it ends."""
     ref = start_run(experiment, run_name, params, tags)
-    writes = _deferred[ref.run_id] = _Writes()
+    writes = _deferred[ref.run_id] = _Writes(ref)
     try:
         yield ref
-    except BaseException:
+    except BaseException as err:
         del _deferred[ref.run_id]
         with contextlib.suppress(Exception):  # the block's error is the one to report
             writes.close()
-        end_run(ref, failed=True)
+        _fail(ref, err)
         raise
     del _deferred[ref.run_id]
     try:
         writes.close()
-    except Exception:
-        end_run(ref, failed=True)
+    except Exception as err:
+        _fail(ref, err)
         raise
     end_run(ref)
+
+
+def _fail(ref: RunRef, err: BaseException) -> None:
+    """End the run FAILED, or, when the tracking server is what failed, raise that in one line
+    without trying (it would only retry for another window): once this process has exited and the
+    server is back, the next run's reconcile (or `mlpipe reconcile`) ends the run as KILLED."""
+    down = tracking_server_down(ref, err)
+    if down is not None:
+        raise down from err
+    end_run(ref, failed=True)
 
 
 def set_tags(ref: RunRef, tags: dict[str, str], run_id: str | None = None) -> None:
@@ -297,6 +401,17 @@ def log_model(
     checkpoint (for later champion comparisons) and class map. Returns uri and version."""
     # A batch of 2 in the example keeps the export's batch dimension dynamic (1 would pin it).
     input_example = np.zeros((2, *input_shape), dtype=np.float32)
+    try:
+        return _log_model(ref, model, registered_name, input_example, checkpoint, class_names)
+    except OSError as err:  # the version is not made champion: record_gate is never reached
+        if err.errno in _STORE_ERRNOS:
+            raise artifact_store_error(ref, err) from err
+        raise
+
+
+def _log_model(
+    ref: RunRef, model: Any, registered_name: str, input_example: np.ndarray, checkpoint: Path, class_names: list[str]
+) -> dict[str, str]:  # fmt: skip
     mlflow.set_tracking_uri(ref.tracking_uri)
     mlflow.set_experiment(experiment_id=ref.experiment_id)  # LoggedModels live in the run's experiment
     info = mlflow.pytorch.log_model(
@@ -408,6 +523,7 @@ def end_flow_run(flow_run_id: str, experiment: str, status: str, uri: str | None
     """End every RUNNING run (parent and children) of a Prefect flow run as `status` (FAILED or
     KILLED). For Prefect's on_failure / on_crashed / on_cancellation hooks."""
     client = _client(uri)
+    check_reachable(client.tracking_uri)  # a server that is down: fail now, not after a retry window
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
@@ -449,3 +565,59 @@ def reconcile(uri: str | None = None) -> list[str]:
         if not alive:
             ended += _end_tree(client, run.info.experiment_id, run.info.run_id, "KILLED")
     return ended
+
+
+# --- reproducing a run from its record ---------------------------------------------------------
+
+
+class RunRecord(BaseModel):
+    """What `mlpipe reproduce` reads of a pipeline's parent run, through MLflow alone."""
+
+    run_id: str
+    tracking_uri: str
+    status: str
+    config_yaml: str  # the resolved config, as the run logged it
+    tags: dict[str, str]
+    test_metrics: dict[str, float]
+    train_devices: list[str]  # where the trials trained (train/report.json): "cpu", "cuda"
+    pseudonym_key_id: str | None  # anonymize/report.json: a one-way handle of the key, never the key
+
+
+def run_record(run_id: str, uri: str | None = None) -> RunRecord:
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():  # MLflow would create one
+        raise MlpipeError(f"no MLflow store at {uri}")
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise MlpipeError(f"MLflow run {run_id} not found at {uri} ({str(err).splitlines()[0][:160]})") from None
+    tags = run.data.tags
+    if MLFLOW_PARENT_RUN_ID in tags:
+        raise MlpipeError(f"MLflow run {run_id} is a trial's child run; name its parent run {tags[MLFLOW_PARENT_RUN_ID]}")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        config = _artifact_text(client, run_id, "config.yaml", scratch)
+        if config is None:
+            raise MlpipeError(f"MLflow run {run_id} has no config.yaml artifact: not an mlpipe pipeline run")
+        train = json.loads(_artifact_text(client, run_id, "train/report.json", scratch) or "{}")
+        anonymize = json.loads(_artifact_text(client, run_id, "anonymize/report.json", scratch) or "{}")
+    return RunRecord(
+        run_id=run_id, tracking_uri=uri, status=run.info.status, config_yaml=config, tags=dict(tags),
+        test_metrics={k: v for k, v in run.data.metrics.items() if k.startswith("test_")},
+        train_devices=sorted({str(t["device"]) for t in train.get("trials", []) if t.get("device")}),
+        pseudonym_key_id=anonymize.get("key_id"),
+    )  # fmt: skip
+
+
+def _artifact_text(client: MlflowClient, run_id: str, path: str, scratch: str) -> str | None:
+    try:
+        return Path(client.download_artifacts(run_id, path, scratch)).read_text(encoding="utf-8")
+    except (MlflowException, OSError):
+        return None
+
+
+def tag_run(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
+    """Tags on a run outside a pipeline run (it may have ended), written now."""
+    _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -4,6 +4,7 @@ before it, and never left RUNNING (the flow's failure, crash and cancellation ho
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from prefect import get_run_logger
@@ -13,6 +14,7 @@ from prefect.runtime import deployment, flow_run
 
 from mlpipe import tracking
 from mlpipe.config import PipelineConfig, flat_params, to_yaml
+from mlpipe.reproduce import REPRODUCES_ENV, REPRODUCES_TAG
 from mlpipe.store import code_version, library_versions
 from mlpipe.tracking import RunRef
 
@@ -39,6 +41,8 @@ def provenance_tags() -> dict[str, str]:
         **{f"mlpipe.lib.{name}": v for name, v in library_versions().items()},
         **tracking.owner_tags(),
     }
+    if os.environ.get(REPRODUCES_ENV):  # set by `mlpipe reproduce`
+        tags[REPRODUCES_TAG] = os.environ[REPRODUCES_ENV]
     if flow_run.ui_url and not str(flow_run.ui_url).startswith("None"):  # no UI URL on the ephemeral server
         tags["prefect.flow_run_url"] = str(flow_run.ui_url)
     return tags

@@ -21,7 +21,10 @@ group can be reused. Launch commands (the train task builds the first):
 Failures: if one rank dies, torchrun stops the others and (with --max-restarts) starts them
 all again; the worker then skips finished trials (their result.json) and resumes the current
 one from its `last.pt` (model, optimizer, scheduler, scaler, RNG, epoch, history), continuing
-exactly, and logs to MLflow only the epochs MLflow has not seen. A hung collective fails after
+exactly, and logs to MLflow only the epochs MLflow has not seen. Checkpoints are written
+atomically (temporary file, fsync, rename); the `last.pt` replaced is kept as `last.prev.pt`,
+and a `last.pt` that does not load (truncated, corrupt) is moved aside with a warning and the
+trial resumes from `last.prev.pt`, or starts over when neither loads. A hung collective fails after
 `train.nccl_timeout_s`.
 """
 
@@ -32,6 +35,7 @@ import contextlib
 import copy
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -155,11 +159,96 @@ def validate(model, val_images, val_y, batch_size, amp_dtype, norm, ctx: DistCon
     return {"val_loss": val_loss, **classification_metrics(val_y, full, prefix="val")}
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic: a crash mid-write leaves the previous checkpoint, never a truncated one."""
+def save_checkpoint(path: Path, payload: dict, keep_previous: bool = False) -> None:
+    """Atomic and durable: written to a temporary file, flushed to the disk (fsync), then renamed
+    over `path`, so a crash or power loss mid-write leaves the previous checkpoint, never a
+    truncated one. `keep_previous`: the checkpoint it replaces stays as `<stem>.prev.pt` (a hard
+    link, so `path` itself never goes missing), the fallback should `path` later prove unreadable."""
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        _keep_as(path, previous_checkpoint(path))
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def previous_checkpoint(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _keep_as(path: Path, target: Path) -> None:
+    """`target` becomes the file `path` is now, atomically, `path` staying in place."""
+    tmp = target.with_suffix(".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(path, tmp)
+    except OSError:  # a filesystem without hard links: a copy
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, target)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames durable too (POSIX; a no-op where a folder cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+RESUME_KEYS = {"model_state", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_score", "best_epoch",
+               "best_state", "history"}  # fmt: skip
+
+
+def _readable(path: Path) -> dict:
+    """The resume checkpoint at `path`, verified: it loads (weights_only) and has every field."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = RESUME_KEYS - set(state) if isinstance(state, dict) else RESUME_KEYS
+    if missing:
+        raise ValueError(f"fields missing: {', '.join(sorted(missing))}")
+    return state
+
+
+def choose_resume_checkpoint(path: Path, name: str) -> Path | None:
+    """Rank 0's choice of where a trial resumes: `last.pt` if it loads; if it does not (truncated,
+    corrupt) it is moved aside (`last.pt.corrupt`) with a warning, and `last.prev.pt`, the one
+    before it, is put in its place if that loads; else None (the trial starts over, as it does
+    without a `last.pt`)."""
+    if not path.exists():
+        return None
+    try:
+        _readable(path)
+        return path
+    except Exception as err:  # noqa: BLE001 - any unreadable file: truncated zip, bad pickle, wrong content
+        aside = path.with_name(f"{path.name}.corrupt")
+        os.replace(path, aside)
+        reason = " ".join(str(err).split())[:160]
+        print(f"{name} WARNING: checkpoint {path} is unreadable (truncated or corrupt: {type(err).__name__}: "
+              f"{reason}); moved aside to {aside.name}", flush=True)  # fmt: skip
+    previous = previous_checkpoint(path)
+    try:
+        epoch = _readable(previous)["epoch"]
+    except Exception as err:  # noqa: BLE001
+        reason = "missing" if not previous.exists() else f"unreadable: {type(err).__name__}"
+        print(f"{name} WARNING: the previous checkpoint {previous.name} is {reason} too; the trial starts over",
+              flush=True)  # fmt: skip
+        return None
+    _keep_as(previous, path)
+    print(f"{name} resuming from the previous good checkpoint {previous.name} (epoch {epoch})", flush=True)
+    return path
+
+
+def load_resumable(path: Path, device: torch.device, name: str, ctx: DistContext) -> dict | None:
+    """The verified resume state of a trial, or None. Rank 0 chooses (and repairs) and tells the
+    other ranks, so every rank resumes from the same file, or none does."""
+    chosen = choose_resume_checkpoint(path, name) if ctx.is_main else None
+    chosen = all_gather_objects(chosen)[0]
+    return None if chosen is None else torch.load(chosen, map_location=device, weights_only=True)
 
 
 def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> TrialResult:
@@ -232,8 +321,8 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
     out = Path(trial.out_dir)
     ckpt_path, last_path = out / "checkpoint.pt", out / "last.pt"
     best_score, best_epoch, best_state, history, first_epoch = -1.0, -1, None, [], 0
-    if last_path.exists():
-        state = torch.load(last_path, map_location=ctx.device, weights_only=True)
+    state = load_resumable(last_path, ctx.device, trial.name, ctx)
+    if state is not None:
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -277,7 +366,7 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
                 "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
                 "history": history,
-            })  # fmt: skip
+            }, keep_previous=True)  # fmt: skip
             shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_macro_f1"))
             print(f"{trial.name} epoch {epoch:3d}/{cfg.epochs} {shown} {metrics['img_per_s']:.0f} img/s", flush=True)
             if tracker is not None:

@@ -43,8 +43,12 @@ def test_sigkill_mid_training_leaves_nothing_running_and_the_rerun_reuses_finish
         assert flow.poll() is None, flow.stdout.read()
         time.sleep(0.5)
     assert _workers(home), "training never started"
+    servers = [c for c in psutil.Process(flow.pid).children() if "prefect.server.api.server" in " ".join(c.cmdline())]
+    assert len(servers) == 1, "no temporary Prefect server under mlpipe run"
     flow.send_signal(signal.SIGKILL)  # no Prefect hook, no finally block runs
     flow.wait()
+    gone, alive = psutil.wait_procs(servers, timeout=30)  # the watchdog stops the orphaned temporary server
+    assert not alive, "the temporary Prefect server outlived the killed mlpipe run"
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mlpipe").experiment_id
