@@ -35,7 +35,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -47,7 +46,8 @@ from mlpipe.train import worker
 from mlpipe.train.launch import launch
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
 from tests.integration.conftest import BIN, free_port, start, stop, wait_for
-from tests.unit.test_train import FAST, _easy_arrays, _rank_pid, _without_timing
+from tests.flows.test_crash import _workers
+from tests.unit.test_train import FAST, _easy_arrays, _without_timing, kill_rank_when_logged
 
 # A flow small enough to run several times: one trial, one epoch (two where a fault must land mid-training),
 # no threshold for the registry gate, so the first model a test registers becomes @champion.
@@ -75,6 +75,14 @@ def _error_of(state) -> BaseException:
     with pytest.raises(BaseException) as caught:
         state.result()
     return caught.value
+
+
+def _one_line_error(state) -> str:
+    """The failed run's error: an MlpipeError of one line."""
+    err = _error_of(state)
+    assert isinstance(err, MlpipeError), repr(err)
+    assert "\n" not in str(err)
+    return str(err)
 
 
 def _worker_data(tmp_path: Path, n: int) -> tuple[str, str, str]:
@@ -166,20 +174,7 @@ def test_sigkill_of_rank_zero_mid_epoch_resumes_to_the_uninterrupted_result(tmp_
     spec_path.write_text(WorkerSpec(pixels=pixels, val_set=val_set, num_classes=3, tracking_uri=parent.tracking_uri,
                                     trials=trials).model_dump_json())  # fmt: skip
     log_path, killed = tmp_path / "launch.log", []
-
-    def kill_rank_zero_in_trial_one_epoch_two() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if log_path.exists() and "trial-001 epoch   0/3" in log_path.read_text():
-                pid = _rank_pid(str(spec_path), 0)
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_rank_zero_in_trial_one_epoch_two)
-    killer.start()
+    killer = kill_rank_when_logged(spec_path, log_path, 0, "trial-001 epoch   0/3", killed)
     launch(spec_path, nproc=2, max_restarts=1, log_path=log_path, cpu=True)
     killer.join()
     log = log_path.read_text()
@@ -219,15 +214,6 @@ def _snapshot_code(target: Path) -> Path:
     for package in ("mlpipe", "tasks", "flows"):
         shutil.copytree(root / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
     return target
-
-
-def _workers(home: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "mlpipe.train.worker" in cmdline and str(home) in cmdline:
-            found.append(proc)
-    return found
 
 
 @pytest.mark.slow
@@ -395,10 +381,7 @@ def test_a_full_artifact_store_fails_the_run_in_one_line_and_leaves_the_champion
     second = _flow({"train.epochs": 2, "search.grid": {"train.lr": [0.004]}})
     filled.set()
     filler.join()
-    err = _error_of(second)
-    assert isinstance(err, MlpipeError), repr(err)
-    message = str(err)
-    assert "\n" not in message
+    message = _one_line_error(second)
     assert message.startswith(f"MLflow artifact store {(state / 'mlartifacts').as_uri()}"), message
     assert "ENOSPC" in message
     print(f"\nfull artifact store ({'simulated' if artifact_disk.simulated else 'tmpfs'}): {message}")
@@ -524,10 +507,7 @@ def test_the_tracking_server_dying_mid_run_fails_in_bounded_time_and_a_restart_i
     ended = time.monotonic()
     watcher.join()
     assert killed_at, "the server was never killed"
-    err = _error_of(failed)
-    assert isinstance(err, MlpipeError), repr(err)
-    message = str(err)
-    assert "\n" not in message
+    message = _one_line_error(failed)
     assert message.startswith(f"MLflow tracking server {mlflow_server.url} stopped answering during the run"), message
     assert "gave up after 2 retries over about 2 s" in message
     print(f"\nserver killed; the run failed {ended - killed_at[0]:.1f} s later: {message}")

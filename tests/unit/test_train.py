@@ -287,15 +287,36 @@ def _rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
+def kill_rank_when_logged(spec_path, log_path, rank: int, line: str, killed: list[int], timeout_s: float = 300):
+    """A started thread that SIGKILLs `rank` of the launch of `spec_path` once `line` is in its log
+    (the pid goes into `killed`)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def kill() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if log_path.exists() and line in log_path.read_text():
+                pid = _rank_pid(str(spec_path), rank)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
 @pytest.mark.slow
 def test_sigkill_of_one_rank_restarts_and_matches_an_uninterrupted_run(tmp_path, monkeypatch, state):
     """Two gloo ranks; rank 1 is SIGKILLed during epoch 2 of 5; torchrun restarts both, the
     trial resumes from its checkpoint, and the result equals an uninterrupted run. The MLflow
     run ends with exactly one value per step."""
     import os
-    import signal
-    import threading
-    import time
 
     from mlflow.tracking import MlflowClient
 
@@ -322,21 +343,8 @@ def test_sigkill_of_one_rank_restarts_and_matches_an_uninterrupted_run(tmp_path,
         spec_path = tmp_path / f"{name}.json"
         spec_path.write_text(spec.model_dump_json())
         log_path = tmp_path / f"{name}.log"
-        killer, killed_pids = None, []
-        if kill:
-            def kill_rank_one_in_epoch_two():
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    if log_path.exists() and "epoch   1/5" in log_path.read_text():
-                        pid = _rank_pid(str(spec_path), 1)
-                        if pid:
-                            os.kill(pid, signal.SIGKILL)
-                            killed_pids.append(pid)
-                            return
-                    time.sleep(0.05)
-
-            killer = threading.Thread(target=kill_rank_one_in_epoch_two)
-            killer.start()
+        killed_pids: list[int] = []
+        killer = kill_rank_when_logged(spec_path, log_path, 1, "epoch   1/5", killed_pids, 120) if kill else None
         launch(spec_path, nproc=2, max_restarts=1, log_path=log_path, cpu=True)
         if killer:
             killer.join()
