@@ -9,6 +9,7 @@ a small report), so Prefect passes and persists kilobytes, not arrays.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -110,8 +111,15 @@ def stage_dir(stage: str, key: str) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():  # same key, recomputed: swap by renames so the folder is never half there
-            final.rename(stale)
-        tmp.rename(final)
+            with contextlib.suppress(FileNotFoundError):  # another run swapped it away first
+                final.rename(stale)
+        try:
+            tmp.rename(final)
+        except OSError as error:
+            # Another run placed the same key between the check and the rename: same inputs, same code,
+            # the same stage output. Keep theirs.
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(stale, ignore_errors=True)
