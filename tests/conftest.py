@@ -10,12 +10,23 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 from mlpipe.config import PipelineConfig  # noqa: E402
 from mlpipe.sample import write_sample_digits  # noqa: E402
+from tests.privacy import plant_canaries  # noqa: E402
+
+# Real servers on 127.0.0.1 (PostgreSQL, S3, MLflow, Prefect + worker), started once for the session
+# by whichever test first needs them: the integration tests and the reliability load test share them.
+pytest_plugins = ["tests.servers"]
 
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """The embedded dataset, written once per session; tests copy it before changing it."""
     return write_sample_digits(tmp_path_factory.mktemp("sample") / "digits")
+
+
+@pytest.fixture(scope="session")
+def canary_sample(tmp_path_factory) -> Path:
+    """The embedded dataset with personal-data canaries planted (tests.privacy)."""
+    return plant_canaries(write_sample_digits(tmp_path_factory.mktemp("canary-sample") / "digits"))
 
 
 @pytest.fixture

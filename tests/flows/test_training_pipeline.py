@@ -22,6 +22,7 @@ import mlpipe.resample
 import mlpipe.split
 from mlpipe.config import PipelineConfig
 from mlpipe.sample import PERSONAL_COLUMNS
+from tests.privacy import CANARIES, files_under, plant_canaries, scan
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "anonymize", "label", "split", "resample", "train", "search", "evaluate"]
@@ -246,50 +247,13 @@ def test_pseudonym_key_from_a_prefect_secret_block(harness):
         pseudonym_key(AnonymizeConfig(key_secret_block="absent-key"))
 
 
-CANARIES = {
-    "exif": "CANARYARTISTQZ",
-    "gps": "CANARYGPSAREAQZ",
-    "png_text": "CANARYPNGTEXTQZ",
-    "file_name": "CANARYFILEQZ",
-    "name": "Canary Qzname",
-    "email": "canary.qz@example.org",
-    "phone": "+1-555-867-5309",
-    "note_ssn": "219-09-9999",
-}
-
-
-def _plant_canaries(root: Path) -> None:
-    """Canary values in every field kind of the sample: EXIF Artist and GPS, a PNG text chunk,
-    a file name, the personal columns and the free-text note."""
-    from PIL import Image, PngImagePlugin
-
-    manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
-    for i in range(10, 16):
-        source = root / manifest.at[i, "image"]
-        target = source.with_name(f"{CANARIES['file_name']}_{i}.png")
-        img = Image.open(source)
-        exif = Image.Exif()
-        exif[0x013B] = CANARIES["exif"]  # Artist
-        exif.get_ifd(0x8825)[0x001C] = CANARIES["gps"]  # GPSAreaInformation
-        text = PngImagePlugin.PngInfo()
-        text.add_text("Comment", CANARIES["png_text"])
-        img.save(target, exif=exif, pnginfo=text)
-        source.unlink()
-        manifest.loc[i, ["image", "name", "email", "phone"]] = [
-            target.relative_to(root).as_posix(), CANARIES["name"], CANARIES["email"], CANARIES["phone"]
-        ]
-        manifest.at[i, "note"] = f"{CANARIES['name']} ({CANARIES['email']}), SSN {CANARIES['note_ssn']}, call {CANARIES['phone']}"
-    manifest.to_csv(root / "manifest.csv", index=False)
-
-
 def test_canaries_never_reach_anything_the_pipeline_writes(harness, env, tmp_path):
     from prefect.settings import get_current_settings
 
     from flows.training_pipeline import training_pipeline
     from mlpipe.sample import write_sample_digits
 
-    root = write_sample_digits(tmp_path / "canary-data")
-    _plant_canaries(root)
+    root = plant_canaries(write_sample_digits(tmp_path / "canary-data"))
     config = PipelineConfig().with_overrides({
         "source.uri": str(root), "experiment": "canary", "train.epochs": 2, "search.grid": {"train.lr": [0.003]},
     })  # fmt: skip
@@ -298,10 +262,6 @@ def test_canaries_never_reach_anything_the_pipeline_writes(harness, env, tmp_pat
     summary = state.result()
     assert summary["metrics"]["test_macro_f1"] > 0  # it really ran
 
-    def scan(files):
-        return [(str(p), kind) for p in files for kind, value in CANARIES.items()
-                if value in p.read_bytes().decode("latin-1") + "\n" + p.name]  # fmt: skip
-
     # The scanner sees every canary where it was planted ...
     assert {kind for _, kind in scan([p for p in root.rglob("*") if p.is_file()])} == set(CANARIES)
     # ... and in nothing the pipeline wrote.
@@ -309,7 +269,6 @@ def test_canaries_never_reach_anything_the_pipeline_writes(harness, env, tmp_pat
     database = settings.server.database.connection_url.get_secret_value()
     assert "sqlite" in database
     places = [Path(env), Path(settings.home), Path(database.split("///", 1)[1])]  # MLflow + state, Prefect home, DB
-    written = [f for place in places for f in ([place] if place.is_file() else place.rglob("*"))
-               if f.is_file() and "sample" not in f.parts and tmp_path not in f.parents]  # fmt: skip
+    written = [f for f in files_under(*places, besides=[tmp_path]) if "sample" not in f.parts]
     assert len(written) > 50 and any(f.suffix == ".pt" for f in written) and any(f.suffix == ".db" for f in written)
     assert scan(written) == []

@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.kubernetes.dry_run import PREFECT_FILE, TEMPLATE
-from tests.integration.conftest import BIN, ROOT
+from tests.servers import BIN, ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.integration.conftest import S3_ACCESS_VARS, ArtifactStore
+from tests.servers import S3_ACCESS_VARS, ArtifactStore
 
 pytestmark = pytest.mark.slow
 CHANGED = {"experiment": "deployed", "train": {"epochs": 2, "nproc": 1}, "search": {"grid": {"train.lr": [0.004]}},
@@ -95,7 +95,7 @@ def test_mlpipe_serve_registers_a_served_deployment_with_its_schedule(prefect_st
     import sys
     import time
 
-    from tests.integration.conftest import start, stop
+    from tests.servers import start, stop
 
     log = tmp_path / "serve.log"
     served = start([sys.executable, "-m", "flows.cli", "serve", "--name", "it-serve", "--cron", "0 3 * * *",

@@ -35,7 +35,7 @@ from unittest import mock
 import pytest
 import requests
 
-from tests.integration.conftest import BIN, PG_BIN, _as_postgres, free_port, start, stop, wait_for
+from tests.servers import BIN, PG_BIN, _as_postgres, free_port, start, stop, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -16,6 +16,12 @@ user relies on asserted.
                                                a restart within the retry window is ridden out     same port)
     a checkpoint file truncated                detected, the previous good one used (or the        here
                                                trial starts over); metrics as if uninterrupted
+
+Every flow here reads the embedded sample with personal-data canaries planted (tests/privacy.py),
+and after each test the canary scan runs over everything it wrote: the state directory (stage
+files, checkpoints, the local MLflow store and artifacts), the MLflow server's database and
+artifacts, the Prefect database its flows ran on and every log. None may hold a canary, faults
+and failure messages included.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -45,9 +50,10 @@ from mlpipe.errors import MlpipeError
 from mlpipe.train import worker
 from mlpipe.train.launch import launch
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
-from tests.integration.conftest import BIN, free_port, start, stop, wait_for
+from tests.privacy import files_under, scan
+from tests.servers import BIN, free_port, start, stop, wait_for
 from tests.flows.test_crash import _workers
-from tests.unit.test_train import FAST, _easy_arrays, _without_timing, kill_rank_when_logged
+from tests.unit.test_train import FAST, _without_timing, kill_rank_when_logged, worker_data
 
 # A flow small enough to run several times: one trial, one epoch (two where a fault must land mid-training),
 # no threshold for the registry gate, so the first model a test registers becomes @champion.
@@ -64,10 +70,27 @@ def harness():
         yield
 
 
-def _flow(overrides: dict):
+@pytest.fixture(autouse=True)
+def source(canary_sample, tmp_path, request) -> Path:
+    """The data every flow here reads: the sample with canaries planted. After the test, the
+    canary scan over all it wrote (under tmp_path; and the test harness's Prefect database)."""
+    yield canary_sample
+    places = [tmp_path]
+    if "harness" in request.fixturenames:
+        from prefect.settings import get_current_settings
+
+        database = get_current_settings().server.database.connection_url.get_secret_value()
+        places.append(Path(database.split("///", 1)[1]))
+    written = files_under(*places)
+    assert written
+    assert scan(written) == []
+
+
+def _flow(source: Path, overrides: dict):
     from flows.training_pipeline import training_pipeline
 
-    return training_pipeline(PipelineConfig().with_overrides({**FLOW, **overrides}), return_state=True)
+    config = PipelineConfig().with_overrides({**FLOW, "source.uri": str(source), **overrides})
+    return training_pipeline(config, return_state=True)
 
 
 def _error_of(state) -> BaseException:
@@ -85,17 +108,6 @@ def _one_line_error(state) -> str:
     return str(err)
 
 
-def _worker_data(tmp_path: Path, n: int) -> tuple[str, str, str]:
-    """pixels.npy, train.npz, val.npz of the easy 3-class problem."""
-    images, y = _easy_arrays(n, 0)
-    val_images, val_y = _easy_arrays(60, 1)
-    np.save(tmp_path / "pixels.npy", np.concatenate([images, val_images]))
-    np.savez(tmp_path / "val.npz", pixel_index=np.arange(n, n + 60), y=val_y)
-    np.savez(tmp_path / "train.npz", pixel_index=np.arange(n), synthetic_images=np.zeros((0, 8, 8, 1), np.uint8), y=y,
-             synthetic=np.zeros(n, bool), class_weight=np.ones(3, np.float32))  # fmt: skip
-    return str(tmp_path / "pixels.npy"), str(tmp_path / "train.npz"), str(tmp_path / "val.npz")
-
-
 def _history(folder: Path) -> list[dict]:
     return _without_timing(json.loads((folder / "result.json").read_text())["history"])
 
@@ -108,7 +120,7 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_good_one_used(tmp_p
     """A trial paused after 2 of 3 epochs; its `last.pt` cut to half its size (and, in the second
     case, `last.prev.pt` too). Resumed, it completes: the log names the unreadable file and the one
     used, and the history equals an uninterrupted 3-epoch run's."""
-    pixels, train_set, val_set = _worker_data(tmp_path, 120)
+    pixels, train_set, val_set = worker_data(tmp_path, 120)
     cfg = TrainConfig(**{**FAST, "epochs": 3, "patience": 10, "augment": TrainConfig().augment})
     (tmp_path / "clean").mkdir()
     (tmp_path / "cut").mkdir()
@@ -159,7 +171,7 @@ def test_sigkill_of_rank_zero_mid_epoch_resumes_to_the_uninterrupted_result(tmp_
     torchrun restarts both ranks, trial-000 is skipped as done, trial-001 resumes; the two results
     are equal, and MLflow holds one value per epoch for trial-001."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    pixels, train_set, val_set = _worker_data(tmp_path, 12_000)  # about 2 s an epoch: room to land the kill
+    pixels, train_set, val_set = worker_data(tmp_path, 12_000)  # about 2 s an epoch: room to land the kill
     cfg = TrainConfig(**{**FAST, "epochs": 3, "batch_size": 32, "patience": 10, "nproc": 2, "max_restarts": 1,
                          "augment": TrainConfig().augment})  # fmt: skip
     parent = tracking.start_run("faults", "ddp", {}, {})
@@ -199,12 +211,15 @@ SEARCH = ["--set", "train.epochs=3", "--set", "train.nproc=1", "--set", "search.
           "--set", "evaluate.bootstrap_resamples=100"]  # fmt: skip
 
 
-def _mlpipe(home: Path, code: Path, *args: str) -> subprocess.Popen:
+def _mlpipe(home: Path, code: Path, output: Path, *args: str) -> subprocess.Popen:
+    """`mlpipe ARGS`, printing into `output` (a file the canary scan reads too, as it reads the
+    Prefect database in PREFECT_HOME)."""
     env = {**os.environ, "MLPIPE_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-           "PYTHONPATH": str(code)}  # fmt: skip
+           "PYTHONPATH": str(code), "PREFECT_HOME": str(home / "prefect")}  # fmt: skip
     env.pop("PREFECT_API_URL", None)  # its own temporary Prefect server, as a user's `mlpipe run`
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=home, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    with output.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=home, text=True,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def _snapshot_code(target: Path) -> Path:
@@ -217,7 +232,7 @@ def _snapshot_code(target: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_flow_killed_during_the_second_trial_reruns_without_repeating_the_first(tmp_path):
+def test_a_flow_killed_during_the_second_trial_reruns_without_repeating_the_first(tmp_path, source):
     """A grid of two trials trained one after the other (3 epochs each); `mlpipe run` is
     SIGKILLed once the second trial has saved its first epoch. The rerun takes the first trial
     as it is (its files untouched, not one epoch trained again, its curves copied into the new
@@ -226,11 +241,12 @@ def test_a_flow_killed_during_the_second_trial_reruns_without_repeating_the_firs
     home = tmp_path / "state"
     home.mkdir()
     code = _snapshot_code(tmp_path / "code")
-    flow = _mlpipe(home, code, "run", *SEARCH)
+    killed_log, rerun_log = tmp_path / "killed.log", tmp_path / "rerun.log"
+    flow = _mlpipe(home, code, killed_log, "run", *SEARCH, "--set", f"source.uri={source}")
     second: Path | None = None
     deadline = time.time() + 420
     while time.time() < deadline:
-        assert flow.poll() is None, flow.stdout.read()
+        assert flow.poll() is None, killed_log.read_text()
         if second is None:
             for spec in home.glob("work/train/.tmp-*/launch-0.json"):
                 with contextlib.suppress(OSError, ValueError, IndexError):
@@ -254,9 +270,8 @@ def test_a_flow_killed_during_the_second_trial_reruns_without_repeating_the_firs
         time.sleep(0.5)
     assert not _workers(home)
 
-    rerun = _mlpipe(home, code, "run", *SEARCH)
-    out, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, out
+    rerun = _mlpipe(home, code, rerun_log, "run", *SEARCH, "--set", f"source.uri={source}")
+    assert rerun.wait(timeout=600) == 0, rerun_log.read_text()
     assert kept == {name: ((first / name).read_bytes(), (first / name).stat().st_mtime_ns) for name in kept}
     (train_dir,) = [p for p in home.glob("work/train/*") if not p.name.startswith(".")]
     report = json.loads((train_dir / "report.json").read_text())
@@ -343,6 +358,8 @@ class ArtifactDisk:
 def artifact_disk(state, monkeypatch):
     disk = ArtifactDisk(state / "mlartifacts", monkeypatch)
     yield disk
+    stored = files_under(disk.root)
+    assert scan(stored) == []  # the canary scan, before the tmpfs (and what it holds) goes
     disk.close()
 
 
@@ -352,12 +369,12 @@ def _champion_record(client: MlflowClient, name: str) -> tuple[str, dict[str, st
 
 
 @pytest.mark.slow
-def test_a_full_artifact_store_fails_the_run_in_one_line_and_leaves_the_champion(harness, state, artifact_disk):
+def test_a_full_artifact_store_fails_the_run_in_one_line_and_leaves_the_champion(harness, state, artifact_disk, source):
     """A first run makes version 1 @champion. The second (another learning rate: a new trial)
     finds the artifact store full from its trial's first epoch on: it fails with one line naming
     the store, every checkpoint on disk loads, @champion is still version 1 with the same tags,
     its checkpoint in the store still loads, and no MLflow run is left RUNNING."""
-    first = _flow({"train.epochs": 2})
+    first = _flow(source, {"train.epochs": 2})
     assert first.is_completed(), first
     summary = first.result()
     client = MlflowClient(summary["tracking_uri"])
@@ -378,7 +395,7 @@ def test_a_full_artifact_store_fails_the_run_in_one_line_and_leaves_the_champion
 
     filler = threading.Thread(target=fill_once_the_new_trial_trains, daemon=True)
     filler.start()
-    second = _flow({"train.epochs": 2, "search.grid": {"train.lr": [0.004]}})
+    second = _flow(source, {"train.epochs": 2, "search.grid": {"train.lr": [0.004]}})
     filled.set()
     filler.join()
     message = _one_line_error(second)
@@ -489,7 +506,7 @@ def _when_logged(server: MlflowServer, then, timeout_s: float = 300) -> threadin
 
 @pytest.mark.slow
 def test_the_tracking_server_dying_mid_run_fails_in_bounded_time_and_a_restart_is_ridden_out(
-    harness, state, mlflow_server, monkeypatch
+    harness, state, mlflow_server, monkeypatch, source
 ):  # fmt: skip
     """Killed after the first stage logged, the server stays down: the run fails within a bounded
     time (short retry settings here; mlpipe's defaults are in `tracking.HTTP_RETRY_DEFAULTS`), with
@@ -503,7 +520,7 @@ def test_the_tracking_server_dying_mid_run_fails_in_bounded_time_and_a_restart_i
     assert tracking.retry_window_s() == 2.0
     killed_at = []
     watcher = _when_logged(mlflow_server, lambda: (mlflow_server.kill(), killed_at.append(time.monotonic())))
-    failed = _flow({})
+    failed = _flow(source, {})
     ended = time.monotonic()
     watcher.join()
     assert killed_at, "the server was never killed"
@@ -530,7 +547,7 @@ def test_the_tracking_server_dying_mid_run_fails_in_bounded_time_and_a_restart_i
         outage.append(time.monotonic() - began)
 
     watcher = _when_logged(mlflow_server, restart)
-    survived = _flow({})
+    survived = _flow(source, {})
     watcher.join()
     print(f"server down {outage[0] if outage else None:.1f} s during the second run (retry window "
           f"{tracking.retry_window_s():.0f} s)")

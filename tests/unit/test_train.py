@@ -22,6 +22,17 @@ def _easy_arrays(n, seed):
     return images, y
 
 
+def worker_data(folder, n: int) -> tuple[str, str, str]:
+    """pixels.npy, train.npz, val.npz of the easy 3-class problem: n training items, 60 validation items."""
+    images, y = _easy_arrays(n, 0)
+    val_images, val_y = _easy_arrays(60, 1)
+    np.save(folder / "pixels.npy", np.concatenate([images, val_images]))
+    np.savez(folder / "val.npz", pixel_index=np.arange(n, n + 60), y=val_y)
+    np.savez(folder / "train.npz", pixel_index=np.arange(n), synthetic_images=np.zeros((0, 8, 8, 1), np.uint8), y=y,
+             synthetic=np.zeros(n, bool), class_weight=np.ones(3, np.float32))  # fmt: skip
+    return str(folder / "pixels.npy"), str(folder / "train.npz"), str(folder / "val.npz")
+
+
 def _without_timing(history):
     return [{k: v for k, v in epoch.items() if k != "img_per_s"} for epoch in history]
 
@@ -323,22 +334,16 @@ def test_sigkill_of_one_rank_restarts_and_matches_an_uninterrupted_run(tmp_path,
     from mlpipe import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    n = 12_000  # about 2 s an epoch here: time to land the kill inside epoch 2
-    images, y = _easy_arrays(n, 0)
-    val_images, val_y = _easy_arrays(60, 1)
-    np.save(tmp_path / "pixels.npy", np.concatenate([images, val_images]))
-    np.savez(tmp_path / "val.npz", pixel_index=np.arange(n, n + 60), y=val_y)
-    np.savez(tmp_path / "train.npz", pixel_index=np.arange(n), synthetic_images=np.zeros((0, 8, 8, 1), np.uint8), y=y,
-             synthetic=np.zeros(n, bool), class_weight=np.ones(3, np.float32))  # fmt: skip
+    pixels, train_set, val_set = worker_data(tmp_path, 12_000)  # about 2 s an epoch here: time to land the kill in epoch 2
     cfg = TrainConfig(**{**FAST, "epochs": 5, "batch_size": 32, "patience": 10, "augment": TrainConfig().augment})
     parent = tracking.start_run("elastic", "parent", {}, {})
 
     def run(name: str, kill: bool) -> dict:
         (tmp_path / name).mkdir()
         run_id = tracking.start_child_run(parent, name, {})
-        spec = WorkerSpec(pixels=str(tmp_path / "pixels.npy"), val_set=str(tmp_path / "val.npz"), num_classes=3,
+        spec = WorkerSpec(pixels=pixels, val_set=val_set, num_classes=3,
                           tracking_uri=os.environ["MLFLOW_TRACKING_URI"],
-                          trials=[TrialSpec(name="trial-000", train=cfg, train_set=str(tmp_path / "train.npz"),
+                          trials=[TrialSpec(name="trial-000", train=cfg, train_set=train_set,
                                             out_dir=str(tmp_path / name), run_id=run_id)])  # fmt: skip
         spec_path = tmp_path / f"{name}.json"
         spec_path.write_text(spec.model_dump_json())

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PG_BIN = next((p for p in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
 
@@ -133,6 +133,7 @@ class PrefectStack:
     ui_url: str
     env: dict[str, str]
     home: Path  # MLPIPE_HOME of the worker's flow runs
+    base: Path  # everything the stack writes: PREFECT_HOME (its database), server and worker logs, `home`
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +156,8 @@ def prefect_stack(mlflow_server, tmp_path_factory) -> PrefectStack:
         done = subprocess.run(prefect + cmd, env=env, cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         assert done.returncode == 0, f"prefect {' '.join(cmd)}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
     worker_log = base / "worker.log"
-    worker = start(prefect + ["worker", "start", "--pool", "mlpipe-process", "--limit", "2"], worker_log, env, cwd=ROOT)
-    yield PrefectStack(api_url=api, ui_url=f"http://127.0.0.1:{port}", env=env, home=base / "mlpipe-home")
+    worker = start(prefect + ["worker", "start", "--pool", "mlpipe-process", "--limit", "2"], worker_log,
+                   {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=ROOT)  # polls every 2 s, not 10: a freed slot is used at once
+    yield PrefectStack(api_url=api, ui_url=f"http://127.0.0.1:{port}", env=env, home=base / "mlpipe-home", base=base)
     for proc in (worker, server):
         stop(proc)
