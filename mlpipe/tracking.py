@@ -446,6 +446,26 @@ def champion(ref: RunRef, registered_name: str, workdir: Path) -> dict | None:
     return {"version": str(version.version), "checkpoint": path, "class_names": names}
 
 
+ALIAS_ATTEMPTS = 8
+
+
+def set_alias(client: MlflowClient, registered_name: str, alias: str, version: str) -> None:
+    """Point `alias` at `version`, even while other runs set the same alias. MLflow's stores set an
+    alias by a read and then an insert or update (`session.merge`), so when two runs set an alias
+    that does not exist yet at the same moment, one insert collides with the other's and the
+    server answers with a unique-constraint error (seen with 8 runs on PostgreSQL). The second try
+    finds the row and updates it: the last writer wins, as with any alias."""
+    for attempt in range(1, ALIAS_ATTEMPTS + 1):
+        try:
+            client.set_registered_model_alias(registered_name, alias, version)
+            return
+        except MlflowException as err:
+            text = str(err).lower()
+            if attempt == ALIAS_ATTEMPTS or not ("unique constraint" in text or "uniqueviolation" in text):
+                raise
+            time.sleep(0.05 * attempt)
+
+
 def record_gate(ref: RunRef, registered_name: str, version: str, gate: dict) -> None:
     """The gate's decision onto the new version (tags) and the aliases: `champion` on promotion,
     `challenger` otherwise."""
@@ -455,7 +475,7 @@ def record_gate(ref: RunRef, registered_name: str, version: str, gate: dict) -> 
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, value)
     alias = "champion" if gate["decision"] == "promote" else "challenger"
-    client.set_registered_model_alias(registered_name, alias, version)
+    set_alias(client, registered_name, alias, version)
     set_tags(ref, {"mlpipe.gate.decision": gate["decision"]})
 
 
@@ -471,7 +491,7 @@ def promote(registered_name: str, version: str, reason: str, uri: str | None = N
         previous = str(client.get_model_version_by_alias(registered_name, "champion").version)
     except MlflowException:
         previous = None
-    client.set_registered_model_alias(registered_name, "champion", version)
+    set_alias(client, registered_name, "champion", version)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     client.set_model_version_tag(registered_name, version, "mlpipe.gate.decision", "manual promote")
     client.set_model_version_tag(registered_name, version, "mlpipe.gate.reasons", f"{reason} at {stamp}; previous champion {previous}")

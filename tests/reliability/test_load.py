@@ -135,3 +135,39 @@ def test_eight_runs_submitted_at_once_all_complete_once_each_two_at_a_time_and_l
     leaked = [k for k in keys if canaries_in(k + s3.get_object(Bucket=artifact_store.bucket, Key=k)["Body"].read()
                                              .decode("latin-1"))]  # fmt: skip
     assert leaked == []
+
+
+def test_runs_that_set_the_same_new_alias_at_once_all_succeed(mlflow_server):
+    """What the load test found: MLflow's server sets an alias by a read and then an insert, so two
+    runs setting a new alias at the same moment collided (a unique-constraint error on PostgreSQL
+    failed one of the 8 runs). `tracking.set_alias` retries that collision; here 8 threads set each
+    of 10 new aliases at once, each to its own version."""
+    import threading
+
+    from mlpipe import tracking
+
+    client = MlflowClient(mlflow_server)
+    name = "alias-race"
+    client.create_registered_model(name)
+    with_artifact = client.create_run(client.create_experiment("alias-race")).info.run_id
+    versions = [client.create_model_version(name, f"runs:/{with_artifact}/model", with_artifact).version
+                for _ in range(LOAD)]  # fmt: skip
+    errors: list[BaseException] = []
+    for round_ in range(10):
+        alias = f"race{round_}"
+        barrier = threading.Barrier(LOAD)
+
+        def set_at_once(version: str, alias: str = alias, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                tracking.set_alias(client, name, alias, version)
+            except BaseException as err:  # noqa: BLE001 - collected and asserted below
+                errors.append(err)
+
+        threads = [threading.Thread(target=set_at_once, args=(str(v),)) for v in versions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert str(client.get_model_version_by_alias(name, alias).version) in {str(v) for v in versions}
+    assert errors == []
