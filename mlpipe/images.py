@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,6 +17,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Perceptual hashes of tiny images say little: an 8x8 scan of a "1" hashes like every other "1".
 MIN_SIDE_FOR_PHASH = 32
 PHASH_SIDE, PHASH_BITS = 32, 8
+
+Background = Literal["auto", "white", "black"]
+BACKGROUND_LEVELS = {"white": 255, "black": 0}  # 8-bit level of the flat colour behind transparent pixels
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+# `ingest.max_pixels` is the only pixel limit: `decode` compares width x height from the header
+# with it before anything is decoded. Pillow's own check (`MAX_IMAGE_PIXELS`, about 89.5 Mpx: a
+# DecompressionBombWarning, an error above twice that) would refuse images the user allowed, and
+# making its warning an error takes `warnings.catch_warnings`, process-wide state that threads
+# decoding at the same time undo for each other (the quarantine then changed from run to run).
+Image.MAX_IMAGE_PIXELS = None
 
 
 class Quarantined(Exception):
@@ -40,11 +50,19 @@ class Summary(NamedTuple):
     source_mode: str
 
 
-def decode(data: bytes, image_size: int, channels: int, max_pixels: int) -> Decoded:
-    """Decode one file's bytes. Callers turn Pillow's DecompressionBombWarning into an error
-    around their loop (`decode_into` does): set per image, it costs as much as a small PNG's hash."""
+def decode(data: bytes, image_size: int, channels: int, max_pixels: int, background: Background = "auto") -> Decoded:
+    """Decode one file's bytes into `image_size` x `image_size` x `channels` uint8 pixels.
+
+    `max_pixels` (width x height, read from the header before decoding) is the only size limit;
+    larger images raise `Quarantined("over the pixel limit")`. `background` is what transparent
+    pixels are composited over (see `normalize_mode`). Raises `Quarantined` with the reason for
+    empty, unidentifiable, truncated or corrupt data. Touches no `warnings` state, so the same
+    bytes give the same result on any thread, every time.
+    """
     if not data:
         raise Quarantined("empty file")
+    if Image.MAX_IMAGE_PIXELS is not None:  # set again by other code in this process: max_pixels decides
+        Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > max_pixels:  # checked on the header, before decoding
@@ -54,8 +72,8 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int) -> Deco
             img.load()
             source_mode = img.mode
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when nothing turns
-            normalized = normalize_mode(img, channels)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            normalized = normalize_mode(img, channels, background)
+    except Image.DecompressionBombError:  # only if Pillow's limit was set again while this image opened
         raise Quarantined("over the pixel limit") from None
     except UnidentifiedImageError:
         raise Quarantined("not an image") from None
@@ -80,36 +98,35 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int) -> Deco
 
 
 def decode_into(pixels_path: str, rows: list[tuple[int, object]], image_size: int, channels: int, max_pixels: int,
-                read=None) -> list[tuple[int, Summary | Quarantined]]:  # fmt: skip
+                background: Background = "auto", read=None) -> list[tuple[int, Summary | Quarantined]]:  # fmt: skip
     """Decode `(row, path)` pairs, write each image's pixels into row `row` of the memory-mapped
     cache, and return (row, hashes) or (row, reason). Perceptual hashes are computed here too,
     for the whole chunk at once, so that the work is spread over the workers.
 
-    Runs in worker processes (local files) or threads (`read` given, for other filesystems).
+    Runs in worker processes (local files) or threads (`read` given, for other filesystems); it
+    shares no state between calls, so the outcome does not depend on which thread ran what.
     """
     cache = np.load(pixels_path, mmap_mode="r+")
     results: list[tuple[int, Decoded | Quarantined]] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        for row, item in rows:
-            if isinstance(item, Quarantined):
-                results.append((row, item))
-                continue
-            try:
-                if read is None:
-                    with open(item, "rb") as f:
-                        data = f.read()
-                else:
-                    data = read(item)
-                decoded = decode(data, image_size, channels, max_pixels)
-            except Quarantined as why:
-                results.append((row, why))
-                continue
-            except OSError:
-                results.append((row, Quarantined("unreadable file")))
-                continue
-            cache[row] = decoded.pixels
-            results.append((row, decoded))
+    for row, item in rows:
+        if isinstance(item, Quarantined):
+            results.append((row, item))
+            continue
+        try:
+            if read is None:
+                with open(item, "rb") as f:
+                    data = f.read()
+            else:
+                data = read(item)
+            decoded = decode(data, image_size, channels, max_pixels, background)
+        except Quarantined as why:
+            results.append((row, why))
+            continue
+        except OSError:
+            results.append((row, Quarantined("unreadable file")))
+            continue
+        cache[row] = decoded.pixels
+        results.append((row, decoded))
     cache.flush()
     del cache
     thumbs = [d.thumb for _, d in results if isinstance(d, Decoded) and d.thumb is not None]
@@ -121,13 +138,16 @@ def decode_into(pixels_path: str, rows: list[tuple[int, object]], image_size: in
     ]  # fmt: skip
 
 
-def normalize_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Any Pillow mode to 8-bit L (channels=1) or RGB (channels=3).
+def normalize_mode(img: Image.Image, channels: int, background: Background = "auto") -> Image.Image:
+    """Any Pillow mode to 8-bit L (channels=1) or RGB (channels=3), same width and height.
 
     16-bit and 32-bit integer images are scaled by their type's range (not clipped, which would
-    turn most 16-bit scans white); alpha is composited over black; palette images are expanded
-    with their transparency; CMYK goes through Pillow's conversion.
+    turn most 16-bit scans white); CMYK, YCbCr and the rest go through Pillow's conversion.
+    Transparency of every kind (an alpha band: RGBA, LA, PA; a palette's tRNS alphas or
+    transparent index; a PNG colour key in L, RGB, 1 or 16-bit images, `img.info["transparency"]`)
+    is composited over a flat background (`flatten_alpha`), so what the picture shows stays visible.
     """
+    key_alpha = _colour_key_alpha(img)  # before any conversion: the key is in the file's own values
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(img)
         scale = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and array.max(initial=0) <= 65535) else None
@@ -139,12 +159,62 @@ def normalize_mode(img: Image.Image, channels: int) -> Image.Image:
         img = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, rgba).convert("RGB")
+    elif img.mode in ("PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+    elif key_alpha is not None:
+        img = img.convert("L" if img.mode in ("1", "L") else "RGB")
+        img.putalpha(key_alpha)  # L -> LA, RGB -> RGBA
+    if img.mode in ("RGBA", "LA"):
+        img = flatten_alpha(img, background)
     target = "L" if channels == 1 else "RGB"
     return img if img.mode == target else img.convert(target)
+
+
+def flatten_alpha(img: Image.Image, background: Background = "auto") -> Image.Image:
+    """An RGBA (LA) image composited over a flat colour: RGB (L), same size, 8-bit.
+
+    `background`: "white" (255), "black" (0), or "auto": white when the visible pixels are dark,
+    black otherwise. "Dark" means the alpha-weighted mean luminance (ITU-R 601, 0-255) of the
+    colour under the alpha is below 128, so black ink on a transparent canvas lands on white and
+    white ink on black; an image with nothing visible (alpha 0 everywhere) gets black. Fully
+    opaque images come back unchanged whatever the setting.
+    """
+    alpha = img.getchannel("A")
+    colour = img.convert("RGB" if img.mode == "RGBA" else "L")  # drops alpha, keeps the colour under it
+    low, _ = alpha.getextrema()
+    if low == 255:
+        return colour
+    level = _auto_background(colour, alpha) if background == "auto" else BACKGROUND_LEVELS[background]
+    fill = level if colour.mode == "L" else (level, level, level)
+    return Image.composite(colour, Image.new(colour.mode, colour.size, fill), alpha)
+
+
+def _auto_background(colour: Image.Image, alpha: Image.Image) -> int:
+    """255 (white) when the alpha-weighted mean luminance of `colour` is below 128, else 0."""
+    luma = np.asarray(colour if colour.mode == "L" else colour.convert("L"))
+    weights = np.asarray(alpha)
+    total_weight = int(weights.sum(dtype=np.uint64))
+    if total_weight == 0:
+        return 0
+    step = max(1, (1 << 20) // max(1, luma.shape[1]))  # about a megapixel at a time: bounded memory on huge scans
+    weighted = sum(
+        int(np.einsum("ij,ij->", luma[r : r + step], weights[r : r + step], dtype=np.uint64))
+        for r in range(0, luma.shape[0], step)
+    )
+    return 255 if weighted < 128 * total_weight else 0
+
+
+def _colour_key_alpha(img: Image.Image) -> Image.Image | None:
+    """An L alpha mask (0 where the pixel equals the PNG colour key, 255 elsewhere) for a
+    non-palette image with `img.info["transparency"]`; None when there is no such key."""
+    key = img.info.get("transparency")
+    if key is None or isinstance(key, bytes) or img.mode in ("P", *ALPHA_MODES):
+        return None
+    array = np.asarray(img.convert("L") if img.mode == "1" else img)  # Pillow gives mode 1's key as 0 or 255
+    if np.ndim(key) != array.ndim - 2 or (array.ndim == 3 and len(key) != array.shape[2]):  # a level, or one per band
+        return None
+    match = array == key if array.ndim == 2 else (array == np.asarray(key, dtype=array.dtype)).all(axis=2)
+    return Image.fromarray(np.where(match, 0, 255).astype(np.uint8), mode="L")
 
 
 def phash_thumbnail(img: Image.Image) -> np.ndarray | None:

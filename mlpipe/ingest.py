@@ -132,7 +132,13 @@ def open_source(source: SourceConfig) -> Source:
 
 def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]:
     """(the manifest as text columns, sha256 of what was read): CSV, Parquet or JSONL, or an
-    ImageFolder listing. The file is read once; the digest is of those same bytes."""
+    ImageFolder listing. The file is read once; the digest is of those same bytes.
+
+    Every column is text, the same in every format: a CSV cell as written (`keep_default_na=False`,
+    an empty cell is ""); a JSONL value as its JSON text (`_read_jsonl`); a Parquet value as
+    Python's `str` of it, integers with nulls included ("0", never "0.0"). Nulls, missing keys
+    and NaN are "", like CSV's empty cell. Raises `MlpipeError` for an unreadable manifest.
+    """
     if source.layout == "imagefolder":
         listing = _imagefolder_listing(src, source)
         return listing, hashlib.sha256(listing.to_csv(index=False).encode()).hexdigest()
@@ -142,14 +148,14 @@ def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]
     suffix = posixpath.splitext(source.manifest)[1].lower()
     try:
         data = src.fs.cat_file(path)
-        if suffix == ".parquet":
-            frame = pd.read_parquet(io.BytesIO(data))
+        if suffix == ".parquet":  # nullable dtypes: an integer column with nulls stays integer (Int64), not float
+            frame = pd.read_parquet(io.BytesIO(data), dtype_backend="numpy_nullable")
         elif suffix in (".jsonl", ".ndjson"):
-            frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)
+            frame = _read_jsonl(data)
         else:  # text as text: the manifest is data to validate, not to interpret
             frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding="utf-8")
         frame.columns = [str(c) for c in frame.columns]
-        frame = frame.astype(object).where(frame.notna(), "").astype(str)
+        frame = frame.astype(object).where(frame.notna(), "").astype(str)  # null -> "", as CSV's empty cell
     except Exception as exc:  # noqa: BLE001 - hostile bytes: pyarrow alone raises KeyError, TypeError, ArrowException
         raise MlpipeError(f"manifest {source.manifest} is not readable: {type(exc).__name__}") from None
     if source.image_column not in frame.columns:
@@ -160,6 +166,57 @@ def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]
     if reserved:
         raise MlpipeError(f"manifest uses reserved column name(s): {', '.join(sorted(reserved))}")
     return frame.reset_index(drop=True), hashlib.sha256(data).hexdigest()
+
+
+class _JsonFloat(float):
+    """A JSON number with a fraction or exponent that remembers how it was written ("0.50", "1e3")."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _JsonFloat:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+_JSON_CONSTANTS = {"NaN": None, "Infinity": "inf", "-Infinity": "-inf"}  # NaN is a null, as in Parquet and pandas
+
+
+def _json_text(value: object) -> str | None:
+    """A top-level JSON value as manifest text: strings as they are, numbers as written
+    (0 -> "0", 0.5 -> "0.5", 1.0 -> "1.0", 1e3 -> "1e3"), true/false as written, null -> None (""), NaN -> None,
+    +-Infinity -> "inf"/"-inf", arrays and objects as compact JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, _JsonFloat):
+        return value.text
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _read_jsonl(data: bytes) -> pd.DataFrame:
+    """JSON Lines (one object per non-blank line, UTF-8) as text columns, in first-seen key order,
+    without pandas' type inference: a column of integers with nulls stays "0", "1", "2" (pandas
+    reads it as float, "0.0"). A missing key or null is None (made "" by the caller). Raises
+    ValueError for a line that is not a JSON object or a string that is not valid Unicode
+    (a lone surrogate escape), RecursionError for absurd nesting."""
+    records = []
+    # split("\n"), not splitlines(): U+2028 and friends may sit inside a JSON string
+    for number, line in enumerate(data.decode("utf-8-sig").split("\n"), start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line, parse_float=_JsonFloat, parse_constant=_JSON_CONSTANTS.__getitem__)
+        if not isinstance(record, dict):
+            raise ValueError(f"line {number} is not a JSON object")
+        records.append({key: _json_text(value) for key, value in record.items()})
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    table = {key: [record.get(key) for record in records] for key in columns}
+    for key, values in table.items():  # lone surrogates ("\udc80") parse, but no file system or Parquet takes them
+        (key + "".join(v for v in values if v is not None)).encode("utf-8")
+    return pd.DataFrame(table, columns=columns, dtype=object)
 
 
 def _imagefolder_listing(src: Source, source: SourceConfig) -> pd.DataFrame:
@@ -266,7 +323,7 @@ def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: P
     workers = config.workers if config.workers != "auto" else min(8, cores)
     pending = sum(not isinstance(c, Quarantined) for c in checked)
     task = partial(decode_into, str(pixels_path), image_size=config.image_size, channels=config.channels,
-                   max_pixels=config.max_pixels)  # fmt: skip
+                   max_pixels=config.max_pixels, background=config.background)  # fmt: skip
     if src.local and workers > 1 and pending >= PROCESS_POOL_MIN_IMAGES:
         Image.init()  # import Pillow's plugins before forking: a child must never need the import lock
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))

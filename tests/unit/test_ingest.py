@@ -1,3 +1,4 @@
+import csv
 import io
 import json
 import os
@@ -10,7 +11,7 @@ from PIL import Image
 
 from mlpipe.config import IngestConfig, SourceConfig
 from mlpipe.errors import MlpipeError
-from mlpipe.ingest import Source, ingest, near_duplicate_groups
+from mlpipe.ingest import Source, ingest, near_duplicate_groups, open_source, read_manifest
 from mlpipe.split import combined_groups
 
 CFG = IngestConfig(image_size=16)
@@ -274,3 +275,85 @@ def test_a_symlinked_folder_out_of_the_root_is_refused(state, tmp_path):
     result = _run(root)
     assert result.report["quarantine_reasons"] == {"path escapes the dataset root": 2}
     _accounted(result.report)
+
+
+# --- issue 16: decoding keeps what the picture shows; every manifest column is text -----------------
+
+
+def test_case3_black_strokes_on_transparent_png_train_as_120_distinct_images(state, tmp_path):
+    """Field case 3: black ink on a transparent canvas (LA) used to decode to 120 black squares,
+    119 of them removed as exact duplicates."""
+    from tests.field_cases import ink_on_transparent, write_shapes
+
+    root = write_shapes(tmp_path / "d", ["bar", "flat", "ring"], 40, image=ink_on_transparent)
+    r = ingest(SourceConfig(uri=str(root)), IngestConfig(image_size=32)).report
+    _accounted(r)
+    assert (r["kept"], r["duplicates"], r["quarantined"]) == (120, 0, 0)
+    assert r["source_modes"] == {"LA": 120}
+
+
+def _as_csv_would_read(rows: list[dict], path) -> pd.DataFrame:
+    """The same rows written as CSV by hand (None: an empty cell; not pandas, which would write a
+    column of integers with nulls as 0.0) and read by read_manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([["" if row.get(c) is None else str(row[c]) for c in columns] for row in rows])
+    source = SourceConfig(uri=str(path.parent), manifest=path.name)
+    return read_manifest(open_source(source), source)[0]
+
+
+def _read(root, manifest) -> pd.DataFrame:
+    source = SourceConfig(uri=str(root), manifest=manifest)
+    return read_manifest(open_source(source), source)[0]
+
+
+def test_case19_jsonl_integer_labels_with_nulls_read_exactly_as_csv(state, tmp_path):
+    """Field case 19: integer class codes with some nulls stay "0", "1", "2" (not "0.0");
+    the nulls are "", like CSV's empty cell."""
+    from tests.field_cases import write_shapes
+
+    root = write_shapes(tmp_path / "d", ["c0", "c1", "c2"], 40, manifest="jsonl",
+                        label=lambda c, i, name: None if i % 13 == 12 else c)  # fmt: skip
+    frame = _read(root, "manifest.jsonl")
+    assert sorted(frame["label"].unique()) == ["", "0", "1", "2"]
+    assert (frame["label"] == "").sum() == 9
+    rows = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    pd.testing.assert_frame_equal(frame, _as_csv_would_read(rows, tmp_path / "csv" / "m.csv"))
+
+
+def test_jsonl_values_are_their_json_text(state, tmp_path):
+    lines = [
+        {"image": "0.png", "label": 0, "score": 0.5, "ratio": 1.0, "flag": True, "tags": [1, "a"]},
+        {"image": "1.png", "label": None, "score": 2.25, "extra": "x"},  # a null and missing keys
+    ]
+    root = tmp_path / "d"
+    root.mkdir()
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"image": "2.png", "score": 1e3, "ratio": 0.50}\n'
+    (root / "m.jsonl").write_text(text + "\n")  # numbers as a person writes them, and a blank last line
+    frame = _read(root, "m.jsonl")
+    assert frame.to_dict("list") == {
+        "image": ["0.png", "1.png", "2.png"], "label": ["0", "", ""], "score": ["0.5", "2.25", "1e3"],
+        "ratio": ["1.0", "", "0.50"], "flag": ["true", "", ""], "tags": ['[1,"a"]', "", ""], "extra": ["", "x", ""],
+    }  # fmt: skip
+
+
+def test_parquet_integer_columns_with_nulls_read_exactly_as_csv(state, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "d"
+    root.mkdir()
+    rows = [{"image": f"{i}.png", "label": [0, 1, None, 2][i], "code": [7, None, 300, 9][i],
+             "score": [0.5, 1.0, None, 2.25][i], "name": ["a", None, "", "b"][i]} for i in range(4)]  # fmt: skip
+    table = pa.table({"image": [r["image"] for r in rows], "label": pa.array([r["label"] for r in rows], pa.int64()),
+                      "code": pa.array([r["code"] for r in rows], pa.uint16()),
+                      "score": pa.array([r["score"] for r in rows], pa.float64()),
+                      "name": [r["name"] for r in rows]})  # fmt: skip
+    pq.write_table(table, root / "m.parquet")
+    frame = _read(root, "m.parquet")
+    assert frame["label"].tolist() == ["0", "1", "", "2"] and frame["code"].tolist() == ["7", "", "300", "9"]
+    assert frame["score"].tolist() == ["0.5", "1.0", "", "2.25"]  # real floats stay floats
+    pd.testing.assert_frame_equal(frame, _as_csv_would_read(rows, tmp_path / "csv" / "m.csv"))
