@@ -30,11 +30,6 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # l
 # The temporary server's start, not 20 s: on a busy 2-core machine it takes longer.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-from mlpipe.store import state_path  # noqa: E402 (imports neither Prefect nor MLflow)
-
-# Cached stage results (small JSON handles) beside the stage folders they name, unless set.
-os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(state_path() / "prefect-results"))
-
 from flows import ephemeral  # noqa: E402
 
 from mlpipe.config import load_config  # noqa: E402
@@ -143,6 +138,27 @@ def _environ(**updates: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _results_in_state_dir() -> Iterator[None]:
+    """Cached stage results (small JSON handles) beside the stage folders they name: in the state
+    directory as it is resolved when the flow starts (`MLPIPE_HOME`, else `./.mlpipe`), unless
+    PREFECT_LOCAL_STORAGE_PATH is set. Applied here, not when this module is imported: an import
+    (a test's, a library user's) must not point Prefect at the working directory's `.mlpipe`.
+    Prefect reads its settings once, at its own import, so the setting goes into the current
+    settings context (this process, `main` called in-process included) and into the environment
+    (flow-run processes `flow.serve` starts); both are restored after the block."""
+    if os.environ.get("PREFECT_LOCAL_STORAGE_PATH"):
+        yield
+        return
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from mlpipe.store import state_path
+
+    path = state_path() / "prefect-results"
+    with _environ(PREFECT_LOCAL_STORAGE_PATH=str(path)), temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: path}):
+        yield
+
+
 def _promote(model: str, version: str, reason: str) -> int:
     from mlpipe import tracking
 
@@ -159,7 +175,8 @@ def _serve(name: str, cron: str | None, timezone: str, config) -> int:
     from flows.training_pipeline import training_pipeline
 
     schedules = [Cron(cron, timezone=timezone)] if cron else []
-    training_pipeline.serve(name=name, schedules=schedules, parameters={"config": config.model_dump(mode="json")})
+    with _results_in_state_dir():
+        training_pipeline.serve(name=name, schedules=schedules, parameters={"config": config.model_dump(mode="json")})
     return 0
 
 
@@ -227,7 +244,7 @@ def _run(config, ready: Callable[[], None] = lambda: None, then: Callable[[dict]
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(ExpectedErrorTraceback())
     logging.getLogger("mlpipe").setLevel(logging.INFO)
-    with ephemeral.flow_run_settings():
+    with _results_in_state_dir(), ephemeral.flow_run_settings():
         state = training_pipeline(config, return_state=True)
     ephemeral.settle_and_stop(str(state.state_details.flow_run_id))
     try:
@@ -251,7 +268,7 @@ def _print_summary(summary: dict) -> None:
     print(f"MLflow run:        {summary['run_id']}")
     print(f"Tracking URI:      {summary['tracking_uri']}")
     print(f"Registered model:  {summary['registered_model']} version {summary['version']}")
-    headline = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "log_loss", "ece")
+    headline = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "pr_auc", "roc_auc_ovr", "log_loss", "ece")
     print("Test metrics:      " + "  ".join(f"{k}={metrics[f'test_{k}']:.4f}" for k in headline if f"test_{k}" in metrics))
     print(f"Registry gate:     {summary['gate']}")
 

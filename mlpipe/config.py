@@ -43,7 +43,18 @@ class SourceConfig(_Section):
 class IngestConfig(_Section):
     image_size: int = Field(16, ge=4, le=1024, description="Side of the square training resolution in pixels.")
     channels: Literal[1, 3] = Field(1, description="1 for grayscale, 3 for RGB.")
-    max_pixels: int = Field(40_000_000, ge=1, description="Images larger than this are quarantined (decompression bombs).")
+    max_pixels: int = Field(
+        40_000_000, ge=1,
+        description="The only pixel limit: an image whose header says width x height is above this is quarantined "
+        "('over the pixel limit') before decoding (decompression bombs). Pillow's own limit (about 89.5 Mpx) is off, "
+        "so raising this admits larger scans; decoding one takes about width x height x bands bytes of memory.",
+    )  # fmt: skip
+    background: Literal["auto", "white", "black"] = Field(
+        "auto",
+        description="What transparent pixels (alpha, palette transparency, PNG colour keys) are composited over. "
+        "auto: white when the visible pixels are dark on average (alpha-weighted mean luminance below 128 of 255), "
+        "else black, so black strokes on a transparent canvas stay visible; white or black: always that colour.",
+    )
     min_rows: int = Field(1, ge=1, description="Fewer surviving rows than this stop the run.")
     near_duplicate_distance: int | None = Field(
         2, ge=0, le=15, description="Max perceptual-hash distance of near-duplicates (kept together by split); null: off."
@@ -345,6 +356,26 @@ class EvaluateConfig(_Section):
     )
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples for CIs and the gate.")
     seed: int = Field(0, description="Seed of the bootstrap.")
+    positive_class: str | None = Field(
+        None, min_length=1,
+        description="Two classes only: the class whose probability is scored (ROC-AUC, PR-AUC) and thresholded. "
+        "None: the minority class of the training split (a tie: the later class in the class map).",
+    )  # fmt: skip
+    threshold: Literal["auto"] | float = Field(
+        "auto",
+        description="Two classes only: predict the positive class when its probability is >= this (0 < t < 1). "
+        "auto: chosen on the validation split by `threshold_rule`, recorded, and applied unchanged to the test set.",
+    )
+    threshold_rule: Literal["f1", "youden"] = Field(
+        "f1", description="threshold auto: maximize the positive class's F1, or Youden's J (TPR - FPR), on validation data."
+    )
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_inside_0_1(cls, value: str | float) -> str | float:
+        if not isinstance(value, str) and not 0 < value < 1:
+            raise ValueError(f"must be 'auto' or a probability strictly between 0 and 1 (got {value})")
+        return value
 
 
 class PipelineConfig(_Section):
@@ -366,6 +397,21 @@ class PipelineConfig(_Section):
                 f"train.nnodes {self.train.nnodes} needs search.max_parallel 1 (one rendezvous endpoint serves "
                 f"one launch at a time; got {self.search.max_parallel!r})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _train_fits_the_images(self) -> PipelineConfig:
+        """Probe train.augment and train.model against ingest.channels and ingest.image_size (see
+        `mlpipe.train.compat`). Keys the grid varies are probed per combination by `_grid_is_valid`."""
+        from mlpipe.train import compat  # lazy: albumentations and torch load on the first validation only
+
+        varied = {key.split(".")[1] for key in self.search.grid if key.startswith("train.")}
+        channels, size = self.ingest.channels, self.ingest.image_size
+        problem = None if "augment" in varied else compat.augmentation_problem(self.train.augment, channels, size)
+        if problem is None and "model" not in varied:
+            problem = compat.model_problem(self.train.model, channels, size)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

@@ -17,8 +17,9 @@ import torch  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix  # noqa: E402
 
 from mlpipe.config import EvaluateConfig  # noqa: E402
+from mlpipe.errors import MlpipeError  # noqa: E402
 from mlpipe.gate import decide  # noqa: E402
-from mlpipe.metrics import bootstrap_ci, classification_metrics, evaluation_metrics  # noqa: E402
+from mlpipe.metrics import apply_threshold, bootstrap_ci, choose_threshold, evaluation_metrics  # noqa: E402
 from mlpipe.split import class_names, load_split  # noqa: E402
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json  # noqa: E402
 from mlpipe.train.model import ServingModel, load_checkpoint  # noqa: E402
@@ -47,17 +48,20 @@ def confusion_figure(y: np.ndarray, pred: np.ndarray, names: list[str]):
     return fig
 
 
-def curves_figure(y: np.ndarray, proba: np.ndarray, names: list[str]):
-    """One-vs-rest ROC and precision-recall curves per class."""
+def curves_figure(y: np.ndarray, proba: np.ndarray, names: list[str], positive: int | None = None):
+    """ROC and precision-recall curves: of the positive class (two classes), else one vs rest per class."""
     from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
 
     fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for k, name in enumerate(names):
-        if (y == k).any():
-            RocCurveDisplay.from_predictions(y == k, proba[:, k], name=name, ax=roc, plot_chance_level=k == 0)
-            PrecisionRecallDisplay.from_predictions(y == k, proba[:, k], name=name, ax=pr)
-    roc.set_title("ROC, one vs rest")
-    pr.set_title("Precision-recall, one vs rest")
+    shown = [positive] if positive is not None else range(len(names))
+    for k in shown:
+        if (y == k).any() and not (y == k).all():
+            chance = k == shown[0]
+            RocCurveDisplay.from_predictions(y == k, proba[:, k], name=names[k], ax=roc, plot_chance_level=chance)
+            PrecisionRecallDisplay.from_predictions(y == k, proba[:, k], name=names[k], ax=pr)
+    kind = f"positive class '{names[positive]}'" if positive is not None else "one vs rest"
+    roc.set_title(f"ROC, {kind}")
+    pr.set_title(f"Precision-recall, {kind}")
     for ax in (roc, pr):
         ax.legend(fontsize="x-small")
     fig.tight_layout()
@@ -81,9 +85,10 @@ def reliability_figure(y: np.ndarray, proba: np.ndarray, ece: float, bins: int =
     return fig
 
 
-def misclassified_figure(images: np.ndarray, y: np.ndarray, proba: np.ndarray, names: list[str], limit: int = 24):
-    """The most confident mistakes: anonymized pixels only, labelled true -> predicted."""
-    pred = proba.argmax(axis=1)
+def misclassified_figure(images: np.ndarray, y: np.ndarray, proba: np.ndarray, names: list[str], limit: int = 24,
+                         pred: np.ndarray | None = None):  # fmt: skip
+    """The most confident mistakes: anonymized pixels only, labelled true -> predicted (`pred`; default argmax)."""
+    pred = proba.argmax(axis=1) if pred is None else pred
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-proba[wrong, pred[wrong]], kind="stable")][:limit]
     cols = 6
@@ -127,9 +132,13 @@ def model_card(report: dict, best: StageResult, splits: StageResult, links: dict
         f"- resampling: {best.report.get('winner_params', {}).get('resample.strategy', 'as configured')} "
         "(training split only)",
         "",
+        "## Decision rule",
+        *_decision_lines(report["decision_rule"]),
+        "",
         "## Test metrics (the test set read once)",
         *(f"- {name.removeprefix('test_')}: {figure(name)}" for name in metrics),
         f"- majority-class baseline macro-F1: {report['majority_class_macro_f1']:.4f}",
+        *(f"- {name.removeprefix('test_')}: not reported ({why})" for name, why in report["undefined_metrics"].items()),
         "",
         "## Registry gate",
         f"- decision: {gate['decision']} (champion before: {gate.get('champion_version')})",
@@ -151,19 +160,31 @@ def evaluate(
     matches) on the same items, and the registry gate's decision."""
     model = load_checkpoint(best.file("checkpoint"))
     names = class_names(splits)
-    images, y = load_split(splits, "test")  # the one read of the test set
-    proba = predict_proba(model, images)
-    pred = proba.argmax(axis=1)
-
-    metrics = evaluation_metrics(y, proba)
-    intervals = bootstrap_ci(y, pred, len(names), config.bootstrap_resamples, config.seed)
-    per_class = classification_report(y, pred, labels=np.arange(len(names)), target_names=names, output_dict=True, zero_division=0)
-    champion_pred, note = None, None
+    champion_model, note = None, None
     if champion is not None and champion["class_names"] != names:
         note = f"champion version {champion['version']} skipped: its class map differs from this run's"
     elif champion is not None:
-        champion_pred = predict_proba(load_checkpoint(champion["checkpoint"]), images).argmax(axis=1)
+        champion_model = load_checkpoint(champion["checkpoint"])
+    # Two classes: the positive class and the threshold are fixed before the test set is read,
+    # on validation data only; both models get their operating point by the same rule.
+    rule, champion_rule = decision_rule(names, splits, config, model, bool(best.report.get("refit"))), None
+    if champion_model is not None and rule["kind"] == "threshold":
+        champion_rule = decision_rule(names, splits, config, champion_model)
+    images, y = load_split(splits, "test")  # the one read of the test set
+    proba = predict_proba(model, images)
+    pred = predict_labels(proba, rule)
+
+    undefined: dict[str, str] = {}
+    positive = rule.get("positive_index", 1)
+    metrics = evaluation_metrics(y, proba, pred, positive, undefined)
+    intervals = bootstrap_ci(y, pred, len(names), config.bootstrap_resamples, config.seed)
+    per_class = classification_report(y, pred, labels=np.arange(len(names)), target_names=names, output_dict=True, zero_division=0)
+    champion_pred = None
+    if champion_model is not None:
+        champion_pred = predict_labels(predict_proba(champion_model, images), champion_rule or rule)
     gate = decide(y, pred, champion_pred, names, config, note)
+    if champion_rule is not None:
+        gate["champion_threshold"] = champion_rule["threshold"]
     gate["champion_version"] = champion["version"] if champion else None
     report = {
         "winner": best.report["winner"],
@@ -172,6 +193,8 @@ def evaluate(
         "test_items": len(y),
         "input_shape": [int(images.shape[3]), int(images.shape[1]), int(images.shape[2])],  # C, H, W
         "metrics": metrics,
+        "undefined_metrics": undefined,  # left out, never NaN: name -> why
+        "decision_rule": rule,
         "confidence_intervals_95": intervals,
         "bootstrap": {"resamples": config.bootstrap_resamples, "seed": config.seed},
         "majority_class_macro_f1": _majority_macro_f1(y, len(names)),
@@ -184,15 +207,18 @@ def evaluate(
     with stage_dir("evaluate", key) as out:
         figures = {
             "confusion_matrix.png": confusion_figure(y, pred, names),
-            "roc_pr_curves.png": curves_figure(y, proba, names),
+            "roc_pr_curves.png": curves_figure(y, proba, names, rule.get("positive_index")),
             "reliability.png": reliability_figure(y, proba, metrics["test_ece"]),
-            "misclassified.png": misclassified_figure(images, y, proba, names),
+            "misclassified.png": misclassified_figure(images, y, proba, names, pred=pred),
             "gradcam.png": gradcam_figure(model, model.arch, images, y, names),
         }
         for name, fig in figures.items():
             fig.savefig(out / name, dpi=110, metadata={"Software": None})
             plt.close(fig)
-        pd.DataFrame({"y": y, "pred": pred, "confidence": proba.max(axis=1)}).to_csv(out / "predictions.csv", index=False)
+        table = {"y": y, "pred": pred, "confidence": proba[np.arange(len(y)), pred]}
+        if rule["kind"] == "threshold":
+            table[f"p_{rule['positive_class']}"] = proba[:, positive]
+        pd.DataFrame(table).to_csv(out / "predictions.csv", index=False)
         report["onnx"] = onnx_parity(model, images, out / "model.onnx")
         write_json(out / "gate.json", gate)
         (out / "model_card.md").write_text(model_card(report, best, splits, links or {}), encoding="utf-8")
@@ -266,6 +292,76 @@ def artifact_files(report: dict) -> tuple[str, ...]:
 
 def _majority_macro_f1(y: np.ndarray, num_classes: int) -> float:
     """The floor any useful model must clear: always predicting the most common test class."""
-    proba = np.zeros((len(y), num_classes))
-    proba[:, np.bincount(y, minlength=num_classes).argmax()] = 1.0
-    return classification_metrics(y, proba, prefix="m")["m_macro_f1"]
+    from sklearn.metrics import f1_score
+
+    pred = np.full(len(y), np.bincount(y, minlength=num_classes).argmax())
+    return float(f1_score(y, pred, labels=np.arange(num_classes), average="macro", zero_division=0))
+
+
+def positive_class(names: list[str], splits: StageResult, config: EvaluateConfig) -> tuple[int, str]:
+    """(index, why) of the positive class of a two-class run: `evaluate.positive_class` if set,
+    else the minority class of the training split (its counts from the split report; a tie goes
+    to the later class in the class map, scikit-learn's pos_label=1 convention)."""
+    if config.positive_class is not None:
+        if config.positive_class not in names:
+            raise MlpipeError(f"evaluate.positive_class '{config.positive_class}' is not a class of this run "
+                              f"(classes: {', '.join(names)})")  # fmt: skip
+        return names.index(config.positive_class), "evaluate.positive_class"
+    counts = splits.report["class_counts"]["train"]
+    sizes = [int(counts.get(name, 0)) for name in names]
+    index = 1 if sizes[0] == sizes[1] else int(np.argmin(sizes))
+    tie = ", a tie: the later class in the class map" if sizes[0] == sizes[1] else ""
+    return index, f"minority class of the training split ({sizes[index]} of {sum(sizes)} items{tie})"
+
+
+def decision_rule(names: list[str], splits: StageResult, config: EvaluateConfig, model: ServingModel,
+                  refit: bool = False) -> dict:  # fmt: skip
+    """How probabilities become labels. Three or more classes: argmax. Two: the positive class's
+    probability against a threshold, `evaluate.threshold` as given or ("auto") chosen on the
+    validation split by `evaluate.threshold_rule` (`mlpipe.metrics.choose_threshold`). Only
+    validation data is read here, never test. In a refit (train+val) the validation items were
+    also training items, so an "auto" threshold fits them more closely than new data; noted."""
+    if len(names) != 2:
+        defaults = type(config).model_fields
+        ignored = [key for key in ("positive_class", "threshold") if getattr(config, key) != defaults[key].default]
+        return {"kind": "argmax", "note": f"{len(names)} classes: the most probable class is predicted"
+                + (f"; evaluate.{' and evaluate.'.join(ignored)} ignored (two classes only)" if ignored else "")}
+    index, why = positive_class(names, splits, config)
+    rule = {"kind": "threshold", "positive_class": names[index], "positive_index": index, "positive_class_source": why,
+            "negative_class": names[1 - index]}  # fmt: skip
+    if config.threshold != "auto":
+        rule.update(threshold=float(config.threshold), threshold_source="evaluate.threshold")
+    else:
+        images, y = load_split(splits, "val")  # validation only
+        chosen = choose_threshold(y == index, predict_proba(model, images)[:, index], config.threshold_rule)
+        if chosen is None:
+            rule.update(threshold=0.5, threshold_source="0.5: the validation split cannot choose one "
+                        "(a single class or one distinct score)")  # fmt: skip
+        else:
+            label = {"f1": "F1-optimal", "youden": "Youden's J (TPR - FPR) maximal"}[config.threshold_rule]
+            rule.update(threshold=chosen[0], threshold_source=f"auto: {label} on the validation split ({len(y)} items)",
+                        threshold_rule=config.threshold_rule, validation_value=round(chosen[1], 6))  # fmt: skip
+            if refit:
+                rule["note"] = ("the model was refit on train+val, so the validation items chose the threshold "
+                                "after training on them: it may suit new data less well than on them")  # fmt: skip
+    rule["apply"] = (f"predict '{names[index]}' when the registered model's probability column {index} "
+                     f"('{names[index]}') is >= {rule['threshold']:.6g}, else '{names[1 - index]}'")  # fmt: skip
+    return rule
+
+
+def predict_labels(proba: np.ndarray, rule: dict) -> np.ndarray:
+    """Hard labels from probabilities under a `decision_rule`."""
+    if rule["kind"] == "threshold":
+        return apply_threshold(proba, rule["positive_index"], rule["threshold"])
+    return proba.argmax(axis=1)
+
+
+def _decision_lines(rule: dict) -> list[str]:
+    if rule["kind"] != "threshold":
+        return [f"- {rule['note']}"]
+    return [
+        f"- positive class: {rule['positive_class']} ({rule['positive_class_source']})",
+        f"- threshold: {rule['threshold']:.6g} ({rule['threshold_source']})",
+        f"- apply: {rule['apply']}",
+        *([f"- note: {rule['note']}"] if "note" in rule else []),
+    ]

@@ -1,48 +1,188 @@
-"""Classification metrics shared by validation (in the worker) and the final test evaluation."""
+"""Classification metrics shared by validation (in the worker) and the final test evaluation.
+
+Any class count from two up. Two classes are a binary task: ROC-AUC and PR-AUC are computed on
+the positive class's probability (`test_roc_auc`, `test_pr_auc`) and hard labels come from a
+decision threshold on that probability (`choose_threshold`, `apply_threshold`). Three and more
+classes get one-vs-rest areas (`test_roc_auc_ovr`, `test_pr_auc_ovr`) and argmax labels.
+
+No metric is ever NaN or None: a metric that is undefined on the data at hand (an area with a
+single class present in `y_true`, say) is left out, and the reason is written into the
+`undefined` dict the caller passes (evaluate records it in its report).
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    roc_auc_score,
+)
 
 
-def classification_metrics(y_true: np.ndarray, proba: np.ndarray, prefix: str) -> dict[str, float]:
-    """Accuracy, balanced accuracy and macro-F1 from argmax; one-vs-rest ROC-AUC from probabilities.
+def _defined(out: dict[str, float], undefined: dict[str, str] | None) -> dict[str, float]:
+    """Floats only, finite only: a non-finite value is dropped (and named in `undefined`), never returned."""
+    kept = {}
+    for name, value in out.items():
+        value = float(value)
+        if math.isfinite(value):
+            kept[name] = value
+        elif undefined is not None:
+            undefined[name] = f"not finite ({value})"
+    return kept
+
+
+def ranking_metrics(
+    y_true: np.ndarray, proba: np.ndarray, prefix: str, positive: int = 1, pr_auc: bool = False,
+    undefined: dict[str, str] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Areas from probabilities. Two classes: `{prefix}_roc_auc` (and `{prefix}_pr_auc`, average
+    precision) of class `positive` scored by its own probability. More: one-vs-rest macro
+    `{prefix}_roc_auc_ovr` (and `{prefix}_pr_auc_ovr`), only when every class occurs in `y_true`."""
+    num_classes = proba.shape[1]
+    present = len(np.unique(y_true))
+    out: dict[str, float] = {}
+    if num_classes < 2 or present < 2:  # one class: every area is undefined (scikit-learn answers NaN)
+        suffix = "" if num_classes == 2 else "_ovr"
+        for name in [f"{prefix}_roc_auc{suffix}"] + ([f"{prefix}_pr_auc{suffix}"] if pr_auc else []):
+            _note(undefined, name, f"y_true holds {present} class(es) of {num_classes}; an area needs two")
+        return out
+    if num_classes == 2:
+        is_positive, score = y_true == positive, proba[:, positive]
+        out[f"{prefix}_roc_auc"] = roc_auc_score(is_positive, score)
+        if pr_auc:
+            out[f"{prefix}_pr_auc"] = average_precision_score(is_positive, score)
+        return _defined(out, undefined)
+    names = [f"{prefix}_roc_auc_ovr"] + ([f"{prefix}_pr_auc_ovr"] if pr_auc else [])
+    if present < num_classes:
+        for name in names:
+            _note(undefined, name, f"y_true holds {present} of the {num_classes} classes; one-vs-rest needs all")
+        return out
+    labels = np.arange(num_classes)
+    out[f"{prefix}_roc_auc_ovr"] = roc_auc_score(y_true, proba, multi_class="ovr", labels=labels)
+    if pr_auc:
+        onehot = (y_true[:, None] == labels[None, :]).astype(int)  # label_binarize gives 1 column for 2 classes
+        out[f"{prefix}_pr_auc_ovr"] = average_precision_score(onehot, proba, average="macro")
+    return _defined(out, undefined)
+
+
+def _note(undefined: dict[str, str] | None, name: str, why: str) -> None:
+    if undefined is not None:
+        undefined[name] = why
+
+
+def classification_metrics(
+    y_true: np.ndarray, proba: np.ndarray, prefix: str, y_pred: np.ndarray | None = None,
+    undefined: dict[str, str] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Accuracy, balanced accuracy and macro-F1 from hard labels (`y_pred`; default argmax), ROC-AUC
+    from probabilities (binary on class 1, whose area equals class 0's; one-vs-rest for more classes).
 
     ROC-AUC needs scores, not hard labels: computing it from predictions (as the seed material
     does) measures a single threshold and calls it an area.
     """
     num_classes = proba.shape[1]
-    y_pred = proba.argmax(axis=1)
+    y_pred = proba.argmax(axis=1) if y_pred is None else y_pred
     labels = np.arange(num_classes)
     out = {
         f"{prefix}_accuracy": accuracy_score(y_true, y_pred),
         f"{prefix}_balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
         f"{prefix}_macro_f1": f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
     }
-    if len(np.unique(y_true)) == num_classes:
-        out[f"{prefix}_roc_auc_ovr"] = roc_auc_score(y_true, proba, multi_class="ovr", labels=labels)
-    return {k: float(v) for k, v in out.items()}
+    out = _defined(out, undefined)
+    out.update(ranking_metrics(y_true, proba, prefix, undefined=undefined))
+    return out
 
 
-def evaluation_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    """The evaluation set: accuracy, balanced accuracy, macro and weighted P/R/F1, one-vs-rest
-    ROC-AUC and PR-AUC (from probabilities), log loss and expected calibration error."""
-    from sklearn.metrics import average_precision_score, log_loss, precision_recall_fscore_support
-    from sklearn.preprocessing import label_binarize
+def evaluation_metrics(
+    y_true: np.ndarray, proba: np.ndarray, y_pred: np.ndarray | None = None, positive: int = 1,
+    undefined: dict[str, str] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """The evaluation set: accuracy, balanced accuracy, macro and weighted P/R/F1 from hard labels
+    (`y_pred`, e.g. thresholded; default argmax), ROC-AUC and PR-AUC from probabilities (binary:
+    of class `positive`, plus its sensitivity and specificity; else one-vs-rest), log loss and
+    expected calibration error."""
+    from sklearn.metrics import log_loss, precision_recall_fscore_support
 
     labels = np.arange(proba.shape[1])
-    y_pred = proba.argmax(axis=1)
-    out = classification_metrics(y_true, proba, prefix="test")
+    y_pred = proba.argmax(axis=1) if y_pred is None else y_pred
+    out: dict[str, float] = {}
+    for name, value in classification_metrics(y_true, proba, "test", y_pred, undefined).items():
+        if "_auc" not in name:  # the areas come below, with PR-AUC
+            out[name] = value
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
         out.update({f"test_{average}_precision": p, f"test_{average}_recall": r, f"test_{average}_f1": f})
-    if len(np.unique(y_true)) == len(labels):
-        out["test_pr_auc_ovr"] = average_precision_score(label_binarize(y_true, classes=labels), proba, average="macro")
+    if len(labels) == 2:
+        is_pos, said_pos = y_true == positive, y_pred == positive
+        if is_pos.any():
+            out["test_sensitivity"] = (is_pos & said_pos).sum() / is_pos.sum()
+        else:
+            _note(undefined, "test_sensitivity", "no positive item in y_true")
+        if (~is_pos).any():
+            out["test_specificity"] = (~is_pos & ~said_pos).sum() / (~is_pos).sum()
+        else:
+            _note(undefined, "test_specificity", "no negative item in y_true")
+    out.update(ranking_metrics(y_true, proba, "test", positive, pr_auc=True, undefined=undefined))
     normalized = proba / proba.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 only approximately
-    out["test_log_loss"] = log_loss(y_true, np.clip(normalized, 1e-15, 1), labels=labels)
+    if len(labels) >= 2:
+        out["test_log_loss"] = log_loss(y_true, np.clip(normalized, 1e-15, 1), labels=labels)
+    else:
+        _note(undefined, "test_log_loss", "one class: scikit-learn's log loss needs two labels")
     out["test_ece"] = expected_calibration_error(y_true, proba)
-    return {k: float(v) for k, v in out.items()}
+    return _defined(out, undefined)
+
+
+ThresholdRule = Literal["f1", "youden"]
+
+
+def choose_threshold(
+    is_positive: np.ndarray, score: np.ndarray, rule: ThresholdRule = "f1"
+) -> tuple[float, float] | None:
+    """The decision threshold on a positive-class score that maximizes `rule` on these (validation)
+    items; returns (threshold, the rule's value there), or None when the items cannot choose one
+    (a single class present, or all scores equal). A pure function: no state, no randomness.
+
+    Rules:
+    - "f1": the F1-optimal threshold, the F1 score (harmonic mean of precision and recall of the
+      positive class) maximized over all thresholds (e.g. Lipton, Elkan & Naryanaswamy 2014,
+      "Thresholding classifiers to maximize F1 score").
+    - "youden": Youden's J statistic, J = TPR - FPR = sensitivity + specificity - 1 (Youden 1950,
+      "Index for rating diagnostic tests", Cancer 3:32-35), maximized over the ROC curve.
+
+    Candidates are the midpoints between consecutive distinct scores, so every candidate splits
+    the items differently and the chosen one lies strictly inside (0, 1) with a margin on both
+    sides. Ties on the rule go to the candidate nearest 0.5. Apply it with `apply_threshold`
+    (positive when score >= threshold).
+    """
+    is_positive = np.asarray(is_positive, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    positives, negatives = int(is_positive.sum()), int((~is_positive).sum())
+    distinct = np.unique(score)
+    if positives == 0 or negatives == 0 or len(distinct) < 2:
+        return None
+    candidates = (distinct[:-1] + distinct[1:]) / 2
+    tp = positives - np.searchsorted(np.sort(score[is_positive]), candidates, side="right")
+    fp = negatives - np.searchsorted(np.sort(score[~is_positive]), candidates, side="right")
+    if rule == "f1":
+        value = 2 * tp / (2 * tp + fp + (positives - tp))  # 2TP / (2TP + FP + FN); TP + FP > 0 at every candidate
+    elif rule == "youden":
+        value = tp / positives - fp / negatives
+    else:
+        raise ValueError(f"unknown threshold rule {rule!r} (f1 or youden)")
+    best = np.flatnonzero(value >= value.max() - 1e-12)
+    pick = best[np.argmin(np.abs(candidates[best] - 0.5))]
+    return float(candidates[pick]), float(value[pick])
+
+
+def apply_threshold(proba: np.ndarray, positive: int, threshold: float) -> np.ndarray:
+    """Binary hard labels: `positive` where its probability is >= threshold, the other class elsewhere."""
+    return np.where(proba[:, positive] >= threshold, positive, 1 - positive)
 
 
 def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:

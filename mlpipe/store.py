@@ -15,12 +15,15 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from mlpipe.errors import MlpipeError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 KEY_LIBRARIES = ("torch", "numpy", "pandas", "scikit-learn", "imbalanced-learn", "albumentations", "pillow")
@@ -100,7 +103,10 @@ class StageResult(BaseModel):
 def stage_dir(stage: str, key: str) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `<state>/work/<stage>/<key>` only on success.
 
-    Readers never see a half-written output, and a failed stage leaves nothing behind.
+    Readers never see a half-written output, and a failed stage leaves nothing behind in `work/`.
+    Its logs (`*.log`, the torchrun launch logs) are kept in `<state>/failed/<stage>-<key>-<time>/`
+    (`kept_logs(err)`), and an `MlpipeError` that names a file of the temporary folder names the
+    kept copy instead.
     """
     final = state_dir() / "work" / stage / key
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -120,9 +126,43 @@ def stage_dir(stage: str, key: str) -> Iterator[Path]:
             # the same stage output. Keep theirs.
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
                 raise
+    except BaseException as err:
+        _keep_logs(stage, key, tmp, err)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _keep_logs(stage: str, key: str, tmp: Path, err: BaseException) -> None:
+    """Move a failed stage's logs out of its temporary folder before that is removed, and point
+    the error at them. Never raises: the stage's own error is the one to report."""
+    logs = sorted(tmp.glob("*.log"))
+    if not logs:
+        return
+    with contextlib.suppress(OSError):
+        parent = state_dir() / "failed"
+        parent.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for n in range(1, 1000):  # two failures of one stage key within a second: -2, -3, ...
+            kept = parent / (f"{stage}-{key}-{stamp}" + (f"-{n}" if n > 1 else ""))
+            with contextlib.suppress(FileExistsError):
+                kept.mkdir(mode=0o700)
+                break
+        for path in logs:
+            os.replace(path, kept / path.name)
+        with contextlib.suppress(AttributeError, TypeError):  # an exception type that takes no attributes
+            err.kept_logs = kept
+        cause: BaseException | None = err
+        while isinstance(cause, MlpipeError):  # its message and a wrapped one's: "...; first: <launch error>"
+            if cause.args and isinstance(cause.args[0], str):
+                cause.args = (cause.args[0].replace(str(tmp), str(kept)), *cause.args[1:])
+            cause = cause.__cause__
+
+
+def kept_logs(err: BaseException) -> Path | None:
+    """Where `stage_dir` kept the logs of the stage that failed with `err` (None: it kept none)."""
+    return getattr(err, "kept_logs", None)
 
 
 def final_path(stage: str, key: str) -> Path:

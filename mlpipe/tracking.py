@@ -361,6 +361,14 @@ def log_stage(ref: RunRef, stage: str, report: dict[str, Any], files: list[Path]
         _write(ref, client.log_artifact, target, str(path), artifact_path=stage)
 
 
+def log_kept_logs(ref: RunRef, folder: Path | None) -> None:
+    """A failed stage's kept logs (`store.kept_logs`) in the parent run, under `failed/<folder>/`.
+    Never raises: called while the stage's own error is on its way to the user."""
+    if folder is not None:
+        with contextlib.suppress(Exception):
+            _write(ref, _client(ref.tracking_uri).log_artifacts, ref.run_id, str(folder), f"failed/{folder.name}")
+
+
 def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
     _write(ref, _client(ref.tracking_uri).log_text, ref.run_id, text, artifact_file)
 

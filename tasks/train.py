@@ -3,7 +3,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mlpipe import tracking
 from mlpipe.config import SearchConfig, Trial
-from mlpipe.store import StageResult
+from mlpipe.store import StageResult, kept_logs
 from mlpipe.train.launch import Launch
 from mlpipe.train.launch import train as train_trials
 from mlpipe.tracking import RunRef
@@ -22,7 +22,8 @@ def train(
         with gpu_slots(trials):
             result = train_trials(splits, resampled, trials, run_ids, run.tracking_uri, training_progress(), search,
                                   fan_out(search, train_launch))  # fmt: skip
-    except BaseException:
+    except BaseException as err:
+        tracking.log_kept_logs(run, kept_logs(err))  # the launch logs of the failed stage
         for run_id in run_ids.values():
             tracking.end_run(run, run_id, failed=True)
         raise

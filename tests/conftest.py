@@ -1,8 +1,76 @@
+import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Tests never read or write a user's state: not the checkout's `.mlpipe` (the default state
+# directory of a run started there), not $MLPIPE_HOME, Prefect's home (~/.prefect: profiles,
+# database, result storage) or a tracking server the shell points at. Set before anything imports
+# Prefect, which reads its settings once; a test that needs its own sets its own (the `state`
+# fixture, the subprocess helpers), everything else lands in this session's folder.
+SESSION_STATE = Path(tempfile.mkdtemp(prefix="mlpipe-test-session-"))
+for _name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_PROFILES_PATH"):
+    os.environ.pop(_name, None)
+os.environ["MLPIPE_HOME"] = str(SESSION_STATE / "mlpipe-home")
+os.environ["PREFECT_HOME"] = str(SESSION_STATE / "prefect-home")
+
+CHECKOUT_STATE = Path(__file__).resolve().parents[1] / ".mlpipe"
+
+
+def state_listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every entry under `root` (the folder itself included) as (size, mtime_ns); {} when absent.
+    A file written, replaced, appended to or removed, or one created in a folder, changes it."""
+    if not root.exists():
+        return {}
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for path in [Path(folder), *(Path(folder, n) for n in dirs + files)]:
+            with contextlib.suppress(FileNotFoundError):
+                st = path.lstat()
+                out[path.relative_to(root).as_posix()] = (st.st_size if not path.is_dir() else -1, st.st_mtime_ns)
+    return out
+
+
+CHECKOUT_BEFORE = state_listing(CHECKOUT_STATE)  # at the session's start, before any test ran
+
+
+def checkout_state_changes() -> list[str]:
+    """What changed in the checkout's `.mlpipe` since the session started, one line each."""
+    after = state_listing(CHECKOUT_STATE)
+    lines = [f"added   {p}" for p in sorted(after.keys() - CHECKOUT_BEFORE.keys())]
+    lines += [f"removed {p}" for p in sorted(CHECKOUT_BEFORE.keys() - after.keys())]
+    lines += [f"changed {p}" for p in sorted(after.keys() & CHECKOUT_BEFORE.keys()) if after[p] != CHECKOUT_BEFORE[p]]
+    return lines
+
+
+@pytest.fixture
+def checkout_changes():
+    return checkout_state_changes
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The checkout guard (tests/test_checkout_untouched.py) runs after every other test."""
+    items.sort(key=lambda item: item.path.name == "test_checkout_untouched.py")
+
+
+def pytest_sessionfinish(session) -> None:
+    """The same check after everything (fixture teardowns too), also when the guard test was not
+    selected: a suite that touched the checkout's state fails, whatever its tests said."""
+    changes = checkout_state_changes()
+    if changes:
+        shown = "\n  ".join(changes[:20]) + (f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else "")
+        session.config.get_terminal_writer().line(
+            f"\nFAILED: the tests changed the checkout's state directory {CHECKOUT_STATE} "
+            f"(tests must use a temporary MLPIPE_HOME):\n  {shown}", red=True, bold=True)  # fmt: skip
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure() -> None:
+    shutil.rmtree(SESSION_STATE, ignore_errors=True)
+
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

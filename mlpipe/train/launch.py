@@ -104,7 +104,7 @@ def launch(
     spec_path: Path, nproc: int, max_restarts: int, log_path: Path, cpu: bool,
     threads: int | None = None, devices: str | None = None, nodes: Nodes | None = None,
 ) -> None:  # fmt: skip
-    """Run torchrun, stream its output to the log, fail with the last error line. With `nodes`,
+    """Run torchrun, stream its output to the log, fail with the worker's exception. With `nodes`,
     announced to `mlpipe join` on the other nodes while it runs."""
     env = torchrun_env(cpu, nproc, threads, devices)
     if nodes is None:
@@ -134,7 +134,8 @@ def torchrun_env(cpu: bool, nproc: int, threads: int | None, devices: str | None
 
 
 def run_torchrun(argv: list[str], log_path: Path, env: dict[str, str]) -> None:
-    """Run torchrun's `argv`, stream its output to the log, fail with the last error line.
+    """Run torchrun's `argv`, stream its output to the log; fail with the worker's exception (its
+    `mlpipe-worker-error:` line), else with torchrun's exit code and last error line.
 
     torchrun runs in a process group of its own. Whatever ends this call early (an exception,
     Prefect's cancellation signal, Ctrl-C, SIGTERM) takes the whole group down with it, and a
@@ -142,6 +143,7 @@ def run_torchrun(argv: list[str], log_path: Path, env: dict[str, str]) -> None:
     worker outlives its run.
     """
     tail: deque[str] = deque(maxlen=40)
+    raised: re.Match | None = None  # the first worker exception in the output: the cause, not a consequence
     with open(log_path, "w", encoding="utf-8") as sink, _sigterm_raises():
         proc = subprocess.Popen(
             argv,
@@ -153,13 +155,34 @@ def run_torchrun(argv: list[str], log_path: Path, env: dict[str, str]) -> None:
                 sink.write(line)
                 sink.flush()  # the log is live: `tail -f` shows each epoch as it ends (Progress follows it)
                 tail.append(line.rstrip())
+                raised = raised or WORKER_ERROR.search(line)
             code = proc.wait()
         except BaseException:
             stop_process_group(proc)
             raise
     if code != 0:
-        errors = [t for t in tail if "Error" in t or "error" in t] or list(tail) or ["no output"]
-        raise MlpipeError(f"training failed (torchrun exit code {code}): {errors[-1].strip()}")
+        raise MlpipeError(failure_message(code, raised, list(tail), log_path))
+
+
+# The line `mlpipe.train.worker.error_line` prints before a worker's exception propagates.
+WORKER_ERROR = re.compile(r"mlpipe-worker-error: (?P<trial>\S+) rank (?P<rank>\d+): (?P<error>.+)$")
+# torchrun's summary: its root cause's `traceback :` field, and lines that name no cause.
+ROOT_CAUSE = re.compile(r"^\s*traceback\s*:\s*(?P<cause>.+)$")
+NO_CAUSE = ("To enable traceback", "error_file:", "ChildFailedError")
+
+
+def failure_message(code: int, raised: re.Match | None, tail: list[str], log_path: Path) -> str:
+    """`training failed: ValueError: ... (trial-000, rank 0; full log: ...)` from the worker's own
+    error line; without one (a worker killed by a signal, torchrun failing before any worker ran),
+    torchrun's exit code and its root cause or last error line."""
+    if raised is not None:
+        where = f"{raised['trial']}, rank {raised['rank']}" if raised["trial"] != "-" else f"rank {raised['rank']}"
+        return f"training failed: {raised['error'].strip()} ({where}; full log: {log_path})"
+    causes = [m["cause"] for m in map(ROOT_CAUSE.match, tail)
+              if m and not m["cause"].startswith(("To enable", "Traceback"))]  # fmt: skip
+    errors = [t for t in tail if ("Error" in t or "error" in t) and not any(n in t for n in NO_CAUSE)]
+    last = (causes or errors or tail or ["no output"])[-1].strip()
+    return f"training failed (torchrun exit code {code}): {last} (full log: {log_path})"
 
 
 def join(idle_exit_s: float | None = None, poll_s: float = 1.0) -> dict[str, str | None]:

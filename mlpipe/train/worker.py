@@ -36,6 +36,7 @@ import copy
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -433,7 +434,30 @@ def _metric_logger(spec: WorkerSpec, trial: TrialSpec, ctx: DistContext):
     return tracking.metric_logger(trial.run_id, spec.tracking_uri)
 
 
+ERROR_MARK = "mlpipe-worker-error:"  # the launcher finds a failed worker's exception by this line
+
+
+def error_line(err: BaseException, trial: str | None) -> str:
+    """A worker's exception as the one line the launcher reports: `mlpipe-worker-error: trial-000
+    rank 0: ValueError: <first line of the message, at most 300 characters>` (`-` before any trial)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    first = first if len(first) <= 300 else first[:299] + "\u2026"
+    rank = os.environ.get("RANK", "0")
+    return f"{ERROR_MARK} {trial or '-'} rank {rank}: {type(err).__name__}" + (f": {first}" if first else "")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Any exception leaves one `error_line` in the output before it propagates (under torchrun
+    `record` also writes it to torchrun's error file, so torchrun's summary shows the traceback)."""
+    current: list[str | None] = [None]  # the trial being trained, for the error line
+    try:
+        _main(argv, current)
+    except Exception as err:
+        print(error_line(err, current[0]), file=sys.stderr, flush=True)
+        raise
+
+
+def _main(argv: list[str] | None, current: list[str | None]) -> None:
     parser = argparse.ArgumentParser(description="mlpipe training worker (run under torchrun)")
     parser.add_argument("--spec", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -449,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
             path = Path(trial.out_dir) / "result.json"
             if path.exists() and is_done(TrialResult.model_validate_json(path.read_text()), trial.stop_after, trial.train.epochs):
                 continue  # finished before a restart (torchrun re-runs the whole spec) or in an earlier rung
+            current[0] = trial.name
             tracker = _metric_logger(spec, trial, ctx)
             if tracker is not None:
                 tracker.start_system_metrics()
@@ -467,4 +492,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)()
