@@ -271,6 +271,9 @@ def _print_summary(summary: dict) -> None:
     headline = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "pr_auc", "roc_auc_ovr", "log_loss", "ece")
     print("Test metrics:      " + "  ".join(f"{k}={metrics[f'test_{k}']:.4f}" for k in headline if f"test_{k}" in metrics))
     print(f"Registry gate:     {summary['gate']}")
+    print("Data accounting (rows per stage):")
+    for line in summary.get("accounting", []):
+        print(f"  {line}")
 
 
 if __name__ == "__main__":

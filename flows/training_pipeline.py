@@ -6,7 +6,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from mlpipe.config import PipelineConfig
-from tasks import anonymize, evaluate, ingest, label, pipeline_run, refit, resample, search, split, train
+from tasks import account, anonymize, evaluate, ingest, label, pipeline_run, refit, resample, search, split, train
 from tasks.run import end_mlflow_runs
 
 
@@ -29,4 +29,5 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noq
         best = search(trained, config.search, run)
         final = refit(best, splits, trials, config.search, run)
         outcome = evaluate(final, splits, config.evaluate, run)
-    return {"flow_run_id": str(flow_run.id), **run.model_dump(), **outcome}
+        accounting = account(snapshot, dataset, labelled, splits, final, run)
+    return {"flow_run_id": str(flow_run.id), **run.model_dump(), **outcome, "accounting": accounting}

@@ -31,6 +31,7 @@ import pandas as pd
 from PIL import Image
 
 from mlpipe.config import AnonymizeConfig, ColumnPolicy, SourceConfig
+from mlpipe.accounting import check_drop
 from mlpipe.errors import MlpipeError
 from mlpipe.ingest import NEAR_DUP, PIXEL_INDEX, ROW, SHA, snapshot_rows
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, state_dir, write_json
@@ -304,6 +305,8 @@ def anonymize(
     out, suppressed, k_achieved = k_anonymize(out, quasi, config.k)
     if out.empty:
         raise MlpipeError(f"k-anonymity (k={config.k}) over {', '.join(quasi)} suppressed every row; generalize more")
+    check_drop("anonymize", len(out) + suppressed, {f"suppressed by k-anonymity (k={config.k})": suppressed},
+               config.max_drop_fraction)
     report = {
         "rows": len(out),
         "quasi_identifiers": quasi,

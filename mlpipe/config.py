@@ -60,6 +60,9 @@ class IngestConfig(_Section):
         2, ge=0, le=15, description="Max perceptual-hash distance of near-duplicates (kept together by split); null: off."
     )
     workers: int | Literal["auto"] = Field("auto", description="Decoding processes (threads for remote sources); auto: cores, at most 8.")
+    max_drop_fraction: float = Field(
+        0.2, ge=0, le=1, description="Quarantined rows and exact duplicates: past this share of the rows, ingest stops."
+    )
 
     _workers_positive = field_validator("workers")(_at_least_one_or_auto)
 
@@ -120,6 +123,9 @@ class AnonymizeConfig(_Section):
         None, description="Prefect Secret block holding the HMAC key; when set it is required and wins over key_env."
     )
     k: int = Field(5, ge=1, description="k-anonymity over the quasi-identifier columns: smaller groups are suppressed.")
+    max_drop_fraction: float = Field(
+        0.2, ge=0, le=1, description="Rows suppressed by k-anonymity. Past this share of its rows removed, the stage stops (raise it to accept)."
+    )
 
 
 class LabelConfig(_Section):
@@ -152,9 +158,19 @@ class LabelConfig(_Section):
     find_label_issues: bool = Field(
         True,
         description="Flag likely label errors with cleanlab (out-of-fold probabilities of a cheap model on "
-        "thumbnails) and send them to review.",
+        "thumbnails); advisory: flagged items keep their label and are listed in label_issues.csv for review.",
     )
     issue_folds: int = Field(5, ge=2, le=20, description="Cross-validation folds for the label-error model.")
+    issue_min_accuracy: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Label-error flags are computed only when the flagging model's out-of-fold accuracy reaches "
+        "this: a weak model flags hard but correct items (cleanlab's own caveat).",
+    )
+    max_drop_fraction: float = Field(
+        0.2, ge=0, le=1, description="Items that had votes but get no training label (review, ties); unlabelled items do not count. Past this share of its rows removed, the stage stops (raise it to accept)."
+    )
 
     @model_validator(mode="after")
     def _preferred_annotator_is_a_column(self) -> LabelConfig:

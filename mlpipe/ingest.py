@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mlpipe.config import IngestConfig, SourceConfig
+from mlpipe.accounting import check_drop
 from mlpipe.errors import MlpipeError
 from mlpipe.images import Quarantined, Summary, decode_into
 from mlpipe.sample import materialize_sample
@@ -369,6 +370,8 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_pat
             f"ingest.min_rows is {config.min_rows} ({summary})"
         )
 
+    check_drop("ingest", rows_in, {**{f"quarantined ({r})": n for r, n in reasons.items()},
+                                   "exact duplicates (identical decoded pixels)": len(duplicates)}, config.max_drop_fraction)
     groups = near_duplicate_groups(phashes, config.near_duplicate_distance)
     # The cache keeps a slot per manifest row (empty for rejected rows): workers wrote in place.
     items = pd.DataFrame({ROW: kept_rows, SHA: hashes, PIXEL_INDEX: kept_rows,

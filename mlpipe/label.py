@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mlpipe.accounting import check_drop
 from mlpipe.anonymize import ITEM_ID, NEAR_DUP_GROUP
 from mlpipe.config import LabelConfig
 from mlpipe.errors import MlpipeError
@@ -249,25 +250,38 @@ def thumbnails(pixels: np.ndarray, index: np.ndarray, side: int = 16, chunk: int
     return np.concatenate(out)
 
 
-def likely_label_errors(features: np.ndarray, y: np.ndarray, folds: int, seed: int = 0) -> tuple[np.ndarray, str | None]:
-    """cleanlab's `find_label_issues` on out-of-fold probabilities of a logistic regression:
-    (mask of likely label errors, None) or (all-False mask, why it was skipped)."""
+def likely_label_errors(features: np.ndarray, y: np.ndarray, folds: int, min_accuracy: float,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, float | None, str | None]:  # fmt: skip
+    """cleanlab's `find_label_issues` on out-of-fold probabilities of a logistic regression over
+    (N, F) features and (N,) class codes. Returns (mask of likely label errors, out-of-fold
+    probabilities, the model's out-of-fold accuracy, None), or an all-False mask and why it was skipped.
+
+    A flag is only as good as the model behind it: cleanlab ranks items the model finds surprising,
+    so a weak model (out-of-fold accuracy below `min_accuracy`) flags hard but correct items
+    (cleanlab/cleanlab#685). Then nothing is flagged and the report says why.
+    """
     from cleanlab.filter import find_label_issues
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    none = np.zeros(len(y), dtype=bool)
     classes, codes = np.unique(y, return_inverse=True)
     smallest = int(np.bincount(codes).min()) if len(codes) else 0
     if len(classes) < 2 or smallest < 2:
-        return np.zeros(len(y), dtype=bool), "skipped: needs two classes with at least two items each"
+        return none, None, None, "skipped: needs two classes with at least two items each"
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     cv = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
     probs = cross_val_predict(model, features, codes, cv=cv, method="predict_proba")
+    accuracy = float((probs.argmax(axis=1) == codes).mean())
+    if accuracy < min_accuracy:
+        return none, probs, accuracy, (f"skipped: the flagging model's out-of-fold accuracy {accuracy:.3f} is below "
+                                       f"label.issue_min_accuracy {min_accuracy:g}; its flags would be guesses")
     # n_jobs=1: cleanlab's process pool would fork the caller (a Prefect task, whose SIGTERM
     # handler then prints a traceback when the pool is shut down); the filter itself is cheap.
-    return find_label_issues(labels=codes, pred_probs=probs, filter_by="prune_by_noise_rate", n_jobs=1), None
+    flagged = find_label_issues(labels=codes, pred_probs=probs, filter_by="prune_by_noise_rate", n_jobs=1)
+    return flagged, probs, accuracy, None
 
 
 def label(dataset: StageResult, config: LabelConfig) -> StageResult:
@@ -304,21 +318,36 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
             raise MlpipeError(f"unknown label(s) not in label.classes: {', '.join(unknown)}")
     if not found:
         raise MlpipeError("no item has a label: every item is unlabelled or tied")
+    if len(found) == 1:
+        raise MlpipeError(f"only one class ({found[0]!r}) has labelled items; a classifier needs at least two")
     class_names = list(dict.fromkeys(allowed)) if allowed is not None else found
     class_map = {name: index for index, name in enumerate(class_names)}
 
-    issues = {"enabled": config.find_label_issues, "flagged": 0, "skipped": None}
+    # Advisory: flagged items keep their label, in training and in the test set alike (dropping
+    # them would make the test set easier than the data); reviewers get the list.
+    issues = {"enabled": config.find_label_issues, "flagged": 0, "skipped": None, "model_oof_accuracy": None,
+              "action": "flagged items stay labelled (advisory); see label_issues.csv"}
+    suspects = pd.DataFrame(columns=[ITEM_ID, "given_label", "suggested_label", "given_label_probability"])
     if config.find_label_issues:
         candidates = labels.notna() & ~reviewed  # a reviewer's decision is not second-guessed
         pixels = np.load(dataset.file("pixels"), mmap_mode="r")
         features = thumbnails(pixels, items.loc[candidates, PIXEL_INDEX].to_numpy())
-        flagged, issues["skipped"] = likely_label_errors(
-            features, labels[candidates].map(class_map).to_numpy(dtype=int), config.issue_folds
+        codes = labels[candidates].map(class_map).to_numpy(dtype=int)
+        flagged, probs, accuracy, issues["skipped"] = likely_label_errors(
+            features, codes, config.issue_folds, config.issue_min_accuracy
         )
-        suspects = candidates[candidates].index[flagged]
-        labels[suspects] = None
-        review_reason[suspects] = "likely label error"
+        issues["model_oof_accuracy"] = None if accuracy is None else round(accuracy, 4)
+        where = np.flatnonzero(flagged)
+        if len(where):
+            present = np.unique(codes)  # the columns of probs
+            suspects = pd.DataFrame({
+                ITEM_ID: items.loc[candidates, ITEM_ID].to_numpy()[where],
+                "given_label": labels[candidates].to_numpy()[where],
+                "suggested_label": [class_names[present[k]] for k in probs[where].argmax(axis=1)],
+                "given_label_probability": probs[where, np.searchsorted(present, codes[where])].round(4),
+            })
         issues["flagged"] = len(suspects)
+        issues["flagged_fraction"] = round(len(suspects) / max(int(candidates.sum()), 1), 4)
 
     labelled = items[labels.notna()].copy()
     labelled[LABEL] = labels[labels.notna()]
@@ -328,6 +357,11 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
 
     multi = len(config.columns) > 1
     unanimous = votes.nunique(axis=1).eq(1) & votes.ne("").all(axis=1)
+    voted = votes.ne("").any(axis=1)
+    check_drop("label", len(items), {
+        **{f"sent to review ({why})": n for why, n in Counter(review.loc[voted[queued], "reason"]).items()},
+        "dropped ties": int(dropped.sum()),
+    }, config.max_drop_fraction)  # items nobody voted on are waiting for labels, not lost
     report = {
         "items": len(items),
         "labelled": len(labelled),
@@ -347,6 +381,7 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     with stage_dir("label", key) as out:
         labelled.to_parquet(out / "items.parquet", index=False)
         review.to_csv(out / "review_queue.csv", index=False)
+        suspects.to_csv(out / "label_issues.csv", index=False)
         write_json(out / "review_tasks.json", label_studio_tasks(review))
         write_json(out / "label_map.json", class_map)
         write_json(out / "report.json", report)

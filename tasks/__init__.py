@@ -1,5 +1,6 @@
 """Prefect tasks: one thin wrapper per stage around `mlpipe/`, adding MLflow logging and a Prefect artifact."""
 
+from tasks.account import account
 from tasks.anonymize import anonymize
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
@@ -11,4 +12,4 @@ from tasks.search import search
 from tasks.split import split
 from tasks.train import train
 
-__all__ = ["anonymize", "evaluate", "ingest", "label", "pipeline_run", "refit", "resample", "search", "split", "train"]
+__all__ = ["account", "anonymize", "evaluate", "ingest", "label", "pipeline_run", "refit", "resample", "search", "split", "train"]

@@ -12,9 +12,9 @@ from tasks._publish import cached_stage
 @task(name="label", cache_policy=StageCache(stage="label", modules=("mlpipe.label",),
       fingerprint=lambda inputs: {"reviewed": reviewed_digest(inputs["config"])}), **PERSISTED)  # fmt: skip
 def labelled(dataset: StageResult, config: LabelConfig) -> StageResult:
-    """Consensus over annotators; ties, unlabelled items and likely label errors go to the review queue."""
+    """Consensus over annotators; ties and unlabelled items go to the review queue; likely label errors are flagged (kept)."""
     return label_items(dataset, config)
 
 
 def label(dataset: StageResult, config: LabelConfig, run: RunRef) -> StageResult:
-    return cached_stage(labelled, run, dataset, config, files=("label_map.json", "review_queue.csv", "review_tasks.json"))
+    return cached_stage(labelled, run, dataset, config, files=("label_map.json", "review_queue.csv", "review_tasks.json", "label_issues.csv"))

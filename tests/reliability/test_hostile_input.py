@@ -48,7 +48,7 @@ from mlpipe.errors import MlpipeError
 from mlpipe.ingest import ROW, ingest, open_source, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
-CFG = IngestConfig(image_size=8)
+CFG = IngestConfig(image_size=8, max_drop_fraction=1.0)  # hostile rows are the point here; the drop limit has its own tests
 FORMATS = ("csv", "jsonl", "parquet")
 FUZZ = settings(max_examples=60, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from mlpipe.anonymize import anonymize
-from mlpipe.config import AnonymizeConfig, IngestConfig, LabelConfig, SourceConfig
+from mlpipe.config import AnonymizeConfig, IngestConfig, LabelConfig, PipelineConfig, SourceConfig
 from mlpipe.errors import MlpipeError
 from mlpipe.ingest import ingest
 from mlpipe.label import label, majority_vote
@@ -39,7 +39,7 @@ def test_labels_class_map_and_review_queue(dataset):
     items = pd.read_parquet(result.file("items.parquet"))
     review = pd.read_csv(result.file("review_queue.csv"))
     assert len(items) + len(review) == result.report["items"]
-    assert set(review["reason"]) == {"tie", "unlabelled", "likely label error"}
+    assert set(review["reason"]) == {"tie", "unlabelled"}  # label-error flags are advisory (label_issues.csv)
     assert not set(review["item_id"]) & set(items["item_id"])  # review items never reach training
     assert (items["y"] == items["label"].map(class_map)).all()
     assert 0.05 < result.report["disagreement_fraction"] < 0.15
@@ -70,16 +70,16 @@ def test_exact_duplicates_labelled_differently_go_to_review(state, tmp_path):
 
     root = tmp_path / "d"
     (root / "img").mkdir(parents=True)
-    for i in range(3):
+    for i in range(4):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / "img" / f"{i}.png")
     (root / "img" / "copy.png").write_bytes((root / "img" / "0.png").read_bytes())
-    pd.DataFrame({"image": ["img/0.png", "img/1.png", "img/2.png", "img/copy.png"],
-                  "grade": ["a", "b", "b", "c"]}).to_csv(root / "manifest.csv", index=False)  # fmt: skip
+    pd.DataFrame({"image": ["img/0.png", "img/1.png", "img/2.png", "img/3.png", "img/copy.png"],
+                  "grade": ["a", "b", "b", "d", "c"]}).to_csv(root / "manifest.csv", index=False)  # fmt: skip
     source = SourceConfig(uri=str(root))
-    data = anonymize(ingest(source, IngestConfig()), AnonymizeConfig(policy={"grade": "keep"}), source)
-    result = label(data, LabelConfig(columns=["grade"]))
+    data = anonymize(ingest(source, IngestConfig(max_drop_fraction=0.5)), AnonymizeConfig(policy={"grade": "keep"}), source)
+    result = label(data, LabelConfig(columns=["grade"], max_drop_fraction=0.5))
     assert result.report["review_queue"] == {"duplicate label conflict": 1}
-    assert result.report["labelled"] == 2
+    assert result.report["labelled"] == 3
 
 
 def test_agreement_is_krippendorffs_alpha_overall_and_per_class(dataset):
@@ -215,22 +215,58 @@ def test_likely_label_errors_finds_planted_flips(dataset):
     rng = np.random.default_rng(0)
     flipped = rng.choice(len(y), 30, replace=False)
     y[flipped] = (y[flipped] + rng.integers(1, 10, 30)) % 10
-    flagged, skipped = likely_label_errors(features, y, folds=5)
-    assert skipped is None
+    flagged, _, accuracy, skipped = likely_label_errors(features, y, folds=5, min_accuracy=0.8)
+    assert skipped is None and accuracy > 0.8
     assert flagged[flipped].sum() >= 24  # measured 28 of 30
     assert flagged.sum() - flagged[flipped].sum() < 0.05 * len(y)  # measured 30 of 1058
 
 
-def test_label_issues_go_to_review_not_relabelled(dataset):
+def test_label_issues_are_flagged_for_review_and_stay_in_training_and_test(dataset):
     result = label(dataset, LabelConfig())
-    review = pd.read_csv(result.file("review_queue.csv"))
-    suspects = set(review.loc[review["reason"] == "likely label error", "item_id"])
-    assert len(suspects) == result.report["label_issues"]["flagged"] > 0
+    issues = pd.read_csv(result.file("label_issues.csv"))
+    assert len(issues) == result.report["label_issues"]["flagged"] > 0
+    assert result.report["label_issues"]["model_oof_accuracy"] > 0.8
     items = pd.read_parquet(result.file("items.parquet"))
-    assert not suspects & set(items["item_id"])  # excluded from training, not silently relabelled
+    assert set(issues["item_id"]) <= set(items["item_id"])  # kept: the test set is never made easier
     unflagged = pd.read_parquet(label(dataset, LabelConfig(find_label_issues=False)).file("items.parquet"))
-    kept = unflagged[~unflagged["item_id"].isin(suspects)].set_index("item_id")["label"]
-    assert items.set_index("item_id")["label"].sort_index().equals(kept.sort_index())
+    assert items.set_index("item_id")["label"].sort_index().equals(unflagged.set_index("item_id")["label"].sort_index())
+    flagged = items.set_index("item_id").loc[issues["item_id"], "label"].astype(str)
+    assert (flagged.to_numpy() == issues["given_label"].astype(str).to_numpy()).all()  # not silently relabelled
+    review = pd.read_csv(result.file("review_queue.csv"))
+    assert "likely label error" not in set(review["reason"])
+
+
+def test_a_weak_flagging_model_flags_nothing_and_says_why(state, tmp_path):
+    """Field case case10 (cleanlab/cleanlab#685): 120 correctly labelled shapes; the thumbnail
+    model reaches about half accuracy, and its flags would remove correct labels."""
+    from tests.field_cases import CASE_OVERRIDES, write_shapes
+
+    root = write_shapes(tmp_path / "data", ["bar", "flat", "ring"], 40)
+    config = PipelineConfig().with_overrides({**CASE_OVERRIDES, "source.uri": str(root)})
+    labelled = label(anonymize(ingest(config.source, config.ingest), config.anonymize, config.source), config.label)
+    issues = labelled.report["label_issues"]
+    assert issues["flagged"] == 0 and issues["skipped"].startswith("skipped: the flagging model's out-of-fold accuracy")
+    assert issues["model_oof_accuracy"] < 0.8
+    assert labelled.report["labelled"] == 120
+
+
+def test_one_class_is_refused_at_label_time(state, tmp_path):
+    """Field case case12: only 'normal' scans were exported."""
+    from tests.field_cases import CASE_OVERRIDES, write_shapes
+
+    root = write_shapes(tmp_path / "data", ["normal"], 30)
+    config = PipelineConfig().with_overrides({**CASE_OVERRIDES, "source.uri": str(root)})
+    dataset = anonymize(ingest(config.source, config.ingest), config.anonymize, config.source)
+    with pytest.raises(MlpipeError, match=r"^only one class \('normal'\) has labelled items; a classifier needs at least two$"):
+        label(dataset, config.label)
+
+
+def test_label_stops_when_more_than_the_limit_loses_its_label(dataset):
+    # The sample's 3-way ties: 12 of 1096 items; a limit below that share stops, naming the reason.
+    with pytest.raises(MlpipeError, match=r"^label removed 12 of 1096 rows \(1%: 12 sent to review \(tie\)\); "
+                                          r"label.max_drop_fraction is 0.005"):
+        label(dataset, LabelConfig(find_label_issues=False, max_drop_fraction=0.005))
+    assert label(dataset, LabelConfig(find_label_issues=False, max_drop_fraction=0.02)).report["labelled"] == 1058
 
 
 def test_tiny_classes_skip_the_label_error_model():
@@ -238,7 +274,7 @@ def test_tiny_classes_skip_the_label_error_model():
 
     from mlpipe.label import likely_label_errors
 
-    flagged, skipped = likely_label_errors(np.zeros((3, 4)), np.array([0, 0, 1]), folds=5)
+    flagged, _, _, skipped = likely_label_errors(np.zeros((3, 4)), np.array([0, 0, 1]), folds=5, min_accuracy=0.8)
     assert not flagged.any() and skipped.startswith("skipped")
 
 

@@ -1,0 +1,66 @@
+"""Data accounting: every row that enters a stage leaves it kept or removed for a named reason,
+and a stage that removes more than the user's limit stops instead of training on what is left.
+
+Pure functions over the stage reports; the CLI prints `lines(...)` and tracking logs `ledger(...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mlpipe.errors import MlpipeError
+
+
+def check_drop(stage: str, rows_in: int, removed: Mapping[str, int], limit: float) -> None:
+    """Raise a one-line `MlpipeError` when `sum(removed) / rows_in > limit` (the stage's
+    `max_drop_fraction`), naming the stage, the count and each reason."""
+    total = sum(removed.values())
+    if rows_in and total / rows_in > limit:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(removed.items(), key=lambda kv: -kv[1]) if n)
+        raise MlpipeError(
+            f"{stage} removed {total} of {rows_in} rows ({total / rows_in:.0%}: {reasons}); "
+            f"{stage}.max_drop_fraction is {limit:g}: fix the data or raise the limit"
+        )
+
+
+def ledger(ingest: dict, anonymize: dict, label: dict, split: dict) -> list[dict]:
+    """One entry per stage from the stage reports: rows in, rows out and what went where.
+    Rows out of one stage are rows into the next; `closes` says that the entry adds up."""
+    label_out = {
+        "labelled": label["labelled"],
+        **{f"review: {why}": n for why, n in label["review_queue"].items()},
+        "dropped ties": label.get("dropped_ties", 0),
+    }
+    sizes = split["sizes"]
+    entries = [
+        {"stage": "ingest", "rows_in": ingest["rows_in"], "kept": ingest["kept"],
+         "removed": {**{f"quarantined: {r}": n for r, n in ingest["quarantine_reasons"].items()},
+                     "exact duplicates": ingest["duplicates"]}},
+        {"stage": "anonymize", "rows_in": ingest["kept"], "kept": anonymize["rows"],
+         "removed": {f"suppressed (k-anonymity, k={anonymize['k']})": anonymize["rows_suppressed"]}},
+        {"stage": "label", "rows_in": label["items"], "kept": label["labelled"],
+         "removed": {k: v for k, v in label_out.items() if k != "labelled"},
+         "flagged_kept": label.get("label_issues", {}).get("flagged", 0)},
+        {"stage": "split", "rows_in": label["labelled"], "kept": sum(sizes.values()), "removed": {}, "sizes": sizes},
+    ]
+    for entry in entries:
+        entry["closes"] = entry["kept"] + sum(entry["removed"].values()) == entry["rows_in"]
+    return entries
+
+
+def lines(entries: list[dict], trained_on: int | None = None, evaluated_on: int | None = None) -> list[str]:
+    """The account as one line per stage, for the end of `mlpipe run`."""
+    out = []
+    for e in entries:
+        removed = ", ".join(f"{why} {n}" for why, n in e["removed"].items() if n) or "none removed"
+        extra = f"; {e['flagged_kept']} likely label errors flagged, kept" if e.get("flagged_kept") else ""
+        if e["stage"] == "split":
+            s = e["sizes"]
+            out.append(f"split      {e['rows_in']} in: train {s['train']}, val {s['val']}, test {s['test']}")
+        else:
+            out.append(f"{e['stage']:<10} {e['rows_in']} in, {e['kept']} kept; {removed}{extra}")
+    if trained_on is not None:
+        out.append(f"train      trained on {trained_on}")
+    if evaluated_on is not None:
+        out.append(f"evaluate   evaluated on {evaluated_on} (the whole test split)")
+    return out
