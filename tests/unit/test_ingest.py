@@ -14,7 +14,7 @@ from mlpipe.errors import MlpipeError
 from mlpipe.ingest import Source, ingest, near_duplicate_groups, open_source, read_manifest
 from mlpipe.split import combined_groups
 
-CFG = IngestConfig(image_size=16)
+CFG = IngestConfig(image_size=16, max_drop_fraction=1.0)  # broken rows are the point here; the drop limit has its own tests
 
 
 def _png(pixels, mode=None, **save) -> bytes:
@@ -87,7 +87,7 @@ def test_missing_absolute_escaping_and_oversized_rows(state, tmp_path):
     outside.write_bytes(_png(_digit(5)))
     root = _dataset(tmp_path / "d", {"ok.png": _png(_digit()), "big.png": _png(_digit(size=300))},
                     ["ok.png", "gone.png", str(outside), "../outside.png", "sub/../../outside.png", "big.png", ""])  # fmt: skip
-    result = ingest(SourceConfig(uri=str(root)), IngestConfig(image_size=16, max_pixels=200 * 200))
+    result = ingest(SourceConfig(uri=str(root)), IngestConfig(image_size=16, max_pixels=200 * 200, max_drop_fraction=1.0))
     r = result.report
     _accounted(r)
     assert r["kept"] == 1
@@ -251,7 +251,7 @@ def test_too_few_survivors_is_an_error(state, tmp_path):
         _run(root)
     ok = _dataset(tmp_path / "e", {"a.png": _png(_digit()), "b.png": b""})
     with pytest.raises(MlpipeError, match="1 of 2 rows survive, ingest.min_rows is 2"):
-        ingest(SourceConfig(uri=str(ok)), IngestConfig(min_rows=2))
+        ingest(SourceConfig(uri=str(ok)), IngestConfig(min_rows=2, max_drop_fraction=1.0))
 
 
 def test_batched_perceptual_hash_equals_imagehash():
