@@ -26,11 +26,6 @@ def check_drop(stage: str, rows_in: int, removed: Mapping[str, int], limit: floa
 def ledger(ingest: dict, anonymize: dict, label: dict, split: dict) -> list[dict]:
     """One entry per stage from the stage reports: rows in, rows out and what went where.
     Rows out of one stage are rows into the next; `closes` says that the entry adds up."""
-    label_out = {
-        "labelled": label["labelled"],
-        **{f"review: {why}": n for why, n in label["review_queue"].items()},
-        "dropped ties": label.get("dropped_ties", 0),
-    }
     sizes = split["sizes"]
     entries = [
         {"stage": "ingest", "rows_in": ingest["rows_in"], "kept": ingest["kept"],
@@ -39,7 +34,8 @@ def ledger(ingest: dict, anonymize: dict, label: dict, split: dict) -> list[dict
         {"stage": "anonymize", "rows_in": ingest["kept"], "kept": anonymize["rows"],
          "removed": {f"suppressed (k-anonymity, k={anonymize['k']})": anonymize["rows_suppressed"]}},
         {"stage": "label", "rows_in": label["items"], "kept": label["labelled"],
-         "removed": {k: v for k, v in label_out.items() if k != "labelled"},
+         "removed": {**{f"review: {why}": n for why, n in label["review_queue"].items()},
+                     "dropped ties": label.get("dropped_ties", 0)},
          "flagged_kept": label.get("label_issues", {}).get("flagged", 0)},
         {"stage": "split", "rows_in": label["labelled"], "kept": sum(sizes.values()), "removed": {}, "sizes": sizes},
     ]
