@@ -267,9 +267,14 @@ def _print_summary(summary: dict) -> None:
     print(f"MLflow experiment: {summary['experiment_name']} (id {summary['experiment_id']})")
     print(f"MLflow run:        {summary['run_id']}")
     print(f"Tracking URI:      {summary['tracking_uri']}")
-    print(f"Registered model:  {summary['registered_model']} version {summary['version']}")
+    registered_as = summary.get("registered_as", "deep model")
+    print(f"Registered model:  {summary['registered_model']} version {summary['version']}"
+          + (f" (the {registered_as}, not the deep model)" if registered_as != "deep model" else ""))  # fmt: skip
     headline = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "pr_auc", "roc_auc_ovr", "log_loss", "ece")
     print("Test metrics:      " + "  ".join(f"{k}={metrics[f'test_{k}']:.4f}" for k in headline if f"test_{k}" in metrics))
+    if summary.get("baselines"):
+        print("Baselines:         " + "  ".join(f"{name} macro_f1={m['test_macro_f1']:.4f}" for name, m in summary["baselines"].items())
+              + f" (best on validation: {summary['best_baseline']})")  # fmt: skip
     print(f"Registry gate:     {summary['gate']}")
     print("Data accounting (rows per stage):")
     for line in summary.get("accounting", []):

@@ -214,6 +214,11 @@ class ResampleConfig(_Section):
     max_synthetic_values: int = Field(
         500_000_000, ge=1, description="SMOTE/ADASYN refuse training sets with more items x pixel values than this."
     )
+    drop_label_issues: bool = Field(
+        False,
+        description="Leave the items the label stage flagged as likely label errors out of the training split "
+        "(opt-in; counted in the resample report). Validation and test always keep them.",
+    )
     seed: int = Field(0)
 
 
@@ -238,14 +243,34 @@ def default_augmentation() -> dict[str, Any]:
 
 
 class TrainConfig(_Section):
-    model: Literal["small_cnn", "resnet18", "resnet34", "resnet50", "convnext_tiny", "efficientnet_b0"] = Field(
-        "small_cnn", description="Architecture: a small CNN for tiny images, or a torchvision model."
+    model: str = Field(
+        "small_cnn",
+        description="Architecture: small_cnn (mlpipe's VGG-style network, sized to ingest.image_size) or any timm "
+        "architecture name (timm.list_models(): resnet18, convnext_tiny, efficientnet_b0, ...).",
     )
     pretrained: str | None = Field(
-        None, description="Local file with weights (a state dict) to start from; never downloaded."
+        None,
+        description="Starting weights. A timm pretrained tag (e.g. a1_in1k, or resnet18.tv_in1k for torchvision's "
+        "ImageNet weights), downloaded once into the standard cache; a local weights file (.pth, .safetensors: "
+        "timm's or torchvision's state dict); or a local folder holding that cache (air-gapped machines). "
+        "null: random initialization.",
     )
-    freeze: Literal["none", "backbone"] = Field("none", description="backbone: train only the classifier head.")
-    epochs: int = Field(20, ge=1, le=1000)
+    freeze: Literal["none", "backbone"] = Field("none", description="backbone: train only the classifier head, throughout.")
+    freeze_epochs: int = Field(
+        0, ge=0, le=1000, description="Epochs at the start in which only the classifier head learns, then all layers "
+        "(fastai's fine_tune freezes for 1); for pretrained weights.",
+    )  # fmt: skip
+    backbone_lr_scale: float | Literal["auto"] = Field(
+        "auto",
+        description="The backbone's learning rate as a share of train.lr (the head gets train.lr). auto: 0.1 with "
+        "pretrained weights (discriminative fine-tuning, Howard and Ruder 2018), 1 from scratch.",
+    )
+    steps: int = Field(
+        1000, ge=1, le=10_000_000,
+        description="Training budget in optimizer steps: epochs = ceil(steps / steps per epoch), so a small dataset "
+        "gets as many updates as a large one. train.epochs, when set, replaces it.",
+    )  # fmt: skip
+    epochs: int | None = Field(None, ge=1, le=100_000, description="Budget in epochs instead of train.steps; null: from steps.")
     batch_size: int = Field(64, ge=1, le=65536, description="Per-process batch size.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw")
     lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate (after warmup, before the schedule decays it).")
@@ -256,7 +281,10 @@ class TrainConfig(_Section):
     scheduler: Literal["cosine", "onecycle", "step", "constant"] = Field(
         "cosine", description="Learning-rate schedule, stepped per batch, after the warmup."
     )
-    warmup_epochs: float = Field(0.0, ge=0, description="Linear warmup (epochs; fractions allowed).")
+    warmup_epochs: float | Literal["auto"] = Field(
+        "auto", description="Linear warmup (epochs; fractions allowed). auto: 5% of the budget (Goyal et al. 2017 warm "
+        "up large learning rates), at least one step.",
+    )  # fmt: skip
     step_epochs: int = Field(10, ge=1, description="step schedule: multiply the rate by step_gamma every this many epochs.")
     step_gamma: float = Field(0.1, gt=0, le=1)
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this value; null: no clipping.")
@@ -265,7 +293,9 @@ class TrainConfig(_Section):
         "off", description="torch.compile mode; compiling costs start-up time (minutes for max-autotune)."
     )
     nccl_timeout_s: int = Field(600, ge=10, le=86400, description="Collective timeout: a hung rank fails the job after this.")
-    patience: int = Field(5, ge=1, description="Early stopping: epochs without validation macro-F1 gain.")
+    patience: int | Literal["auto"] = Field(
+        "auto", description="Early stopping: epochs without validation macro-F1 gain. auto: a quarter of the epochs, at least 5."
+    )
     augment: dict[str, Any] | None = Field(
         default_factory=default_augmentation,
         description="albumentations policy in its dict serialization (A.to_dict); null for none.",
@@ -292,6 +322,25 @@ class TrainConfig(_Section):
     seed: int = Field(0)
 
     _nproc_positive = field_validator("nproc")(_at_least_one_or_auto)
+    _patience_positive = field_validator("patience")(_at_least_one_or_auto)
+
+    @field_validator("model")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        from mlpipe.train.model import is_known
+
+        if not is_known(value):
+            raise ValueError(f"unknown architecture '{value}': small_cnn or a timm name (timm.list_models())")
+        return value
+
+    @field_validator("backbone_lr_scale", "warmup_epochs")
+    @classmethod
+    def _share_or_auto(cls, value: float | str, info) -> float | str:
+        low_ok = info.field_name == "warmup_epochs"
+        if not isinstance(value, str) and (value < 0 or (value == 0 and not low_ok) or
+                                           (info.field_name == "backbone_lr_scale" and value > 1)):
+            raise ValueError("must be 'auto' or " + ("at least 0" if low_ok else "in (0, 1]"))
+        return value
 
     @field_validator("rdzv_endpoint")
     @classmethod
@@ -385,6 +434,14 @@ class EvaluateConfig(_Section):
     threshold_rule: Literal["f1", "youden"] = Field(
         "f1", description="threshold auto: maximize the positive class's F1, or Youden's J (TPR - FPR), on validation data."
     )
+    baseline: bool = Field(
+        True, description="Fit a logistic regression and an RBF SVC on pixels (chosen on validation data), report them "
+        "beside the deep model, and refuse to promote a deep model that does not beat the best of them.",
+    )  # fmt: skip
+    allow_baseline_champion: bool = Field(
+        False, description="Register the best baseline instead of the deep model when it beats the deep model on the "
+        "test set and meets evaluate.thresholds (needs evaluate.baseline).",
+    )  # fmt: skip
 
     @field_validator("threshold")
     @classmethod
@@ -392,6 +449,12 @@ class EvaluateConfig(_Section):
         if not isinstance(value, str) and not 0 < value < 1:
             raise ValueError(f"must be 'auto' or a probability strictly between 0 and 1 (got {value})")
         return value
+
+    @model_validator(mode="after")
+    def _baseline_champion_needs_baselines(self) -> EvaluateConfig:
+        if self.allow_baseline_champion and not self.baseline:
+            raise ValueError("evaluate.allow_baseline_champion needs evaluate.baseline: true (no baseline is fitted)")
+        return self
 
 
 class PipelineConfig(_Section):

@@ -16,12 +16,15 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix  # noqa: E402
 
+from mlpipe import baseline as classical  # noqa: E402
 from mlpipe.config import EvaluateConfig  # noqa: E402
 from mlpipe.errors import MlpipeError  # noqa: E402
-from mlpipe.gate import decide  # noqa: E402
-from mlpipe.metrics import apply_threshold, bootstrap_ci, choose_threshold, evaluation_metrics  # noqa: E402
-from mlpipe.split import class_names, load_split  # noqa: E402
-from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json  # noqa: E402
+from mlpipe.gate import baseline_check_name, decide, paired_difference  # noqa: E402
+from mlpipe.metrics import (  # noqa: E402
+    apply_threshold, bootstrap_ci, bootstrap_indices, choose_threshold, evaluation_metrics, fast_scores,
+)  # fmt: skip
+from mlpipe.split import class_names, load_index, load_split  # noqa: E402
+from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json  # noqa: E402
 from mlpipe.train.model import ServingModel, load_checkpoint  # noqa: E402
 
 
@@ -140,9 +143,15 @@ def model_card(report: dict, best: StageResult, splits: StageResult, links: dict
         f"- majority-class baseline macro-F1: {report['majority_class_macro_f1']:.4f}",
         *(f"- {name.removeprefix('test_')}: not reported ({why})" for name, why in report["undefined_metrics"].items()),
         "",
+        "## Classical baselines (same split)",
+        *_baseline_lines(report),
+        "",
         "## Registry gate",
+        f"- registered: {gate['registered']['model']} ({gate['registered']['why']})",
         f"- decision: {gate['decision']} (champion before: {gate.get('champion_version')})",
         *(f"- {name}: {'passed' if c['passed'] else 'FAILED'} ({c['value']})" for name, c in gate["checks"].items()),
+        *([f"- the deep model's own gate: {gate['deep_model_gate']['decision']} "
+           f"({'; '.join(gate['deep_model_gate']['reasons'])})"] if "deep_model_gate" in gate else []),  # fmt: skip
         "",
         "## Known limits",
         "- Metrics hold for data like the test split: same sources, same label process, same class mix.",
@@ -156,20 +165,27 @@ def evaluate(
     best: StageResult, splits: StageResult, config: EvaluateConfig, champion: dict | None = None,
     links: dict[str, str] | None = None,
 ) -> tuple[StageResult, ServingModel]:  # fmt: skip
-    """The winner on the test set, once; the current champion (if any, and if its class map
-    matches) on the same items, and the registry gate's decision."""
+    """The winner on the test set, once; the classical baselines (`evaluate.baseline`) and the
+    current champion (if any, and if its class map matches; a deep model or a baseline) on the
+    same items, and the registry gate's decision. Returns the stage result and the model to
+    register: the deep model, or the best baseline when `evaluate.allow_baseline_champion` lets it
+    take the deep model's place (`choose_registered`)."""
     model = load_checkpoint(best.file("checkpoint"))
     names = class_names(splits)
     champion_model, note = None, None
     if champion is not None and champion["class_names"] != names:
         note = f"champion version {champion['version']} skipped: its class map differs from this run's"
     elif champion is not None:
-        champion_model = load_checkpoint(champion["checkpoint"])
+        champion_model = load_model(champion["checkpoint"])
     # Two classes: the positive class and the threshold are fixed before the test set is read,
-    # on validation data only; both models get their operating point by the same rule.
+    # on validation data only; every model gets its operating point by the same rule.
     rule, champion_rule = decision_rule(names, splits, config, model, bool(best.report.get("refit"))), None
     if champion_model is not None and rule["kind"] == "threshold":
         champion_rule = decision_rule(names, splits, config, champion_model)
+    # The baselines are fitted, chosen and given their rule on train and val, before the test read.
+    baselines = fit_split_baselines(splits, len(names), config.seed) if config.baseline else {}
+    baseline_rules = {name: decision_rule(names, splits, config, b.module) for name, b in baselines.items()}
+    best_baseline = max(baselines, key=lambda n: baselines[n].val_macro_f1) if baselines else None  # first on a tie
     images, y = load_split(splits, "test")  # the one read of the test set
     proba = predict_proba(model, images)
     pred = predict_labels(proba, rule)
@@ -182,7 +198,13 @@ def evaluate(
     champion_pred = None
     if champion_model is not None:
         champion_pred = predict_labels(predict_proba(champion_model, images), champion_rule or rule)
-    gate = decide(y, pred, champion_pred, names, config, note)
+    scored = {name: score_baseline(b, baseline_rules[name], images, y, len(names)) for name, b in baselines.items()}
+    baseline_preds = {name: entry.pop("pred") for name, entry in scored.items()}
+    versus = (best_baseline, baseline_preds[best_baseline]) if baselines else None
+    gate = decide(y, pred, champion_pred, names, config, note, versus)
+    gate, chosen = choose_registered(gate, y, pred, champion_pred, names, config, note, versus,
+                                     baselines.get(best_baseline), baseline_rules.get(best_baseline))  # fmt: skip
+    serving = chosen or model
     if champion_rule is not None:
         gate["champion_threshold"] = champion_rule["threshold"]
     gate["champion_version"] = champion["version"] if champion else None
@@ -202,8 +224,13 @@ def evaluate(
         "class_names": names,
         "gate": gate,
         "registered_model_name": config.registered_model_name,
+        "baselines": scored,  # fitted on train, chosen on val; test metrics on these same items
+        "best_baseline": best_baseline,  # chosen on validation macro-F1, never on test
+        "baseline_metrics": {f"baseline_{name}_{metric}": value for name, entry in scored.items()
+                             for metric, value in entry.items() if metric.startswith("test_")},  # fmt: skip
     }
-    key = stable_hash(best.key, splits.key, config, champion and champion["version"], code_version("mlpipe.evaluate"))[:16]
+    key = stable_hash(best.key, splits.key, config, champion and champion["version"],
+                      code_version("mlpipe.evaluate", "mlpipe.baseline", "mlpipe.gate"))[:16]  # fmt: skip
     with stage_dir("evaluate", key) as out:
         figures = {
             "confusion_matrix.png": confusion_figure(y, pred, names),
@@ -220,10 +247,88 @@ def evaluate(
             table[f"p_{rule['positive_class']}"] = proba[:, positive]
         pd.DataFrame(table).to_csv(out / "predictions.csv", index=False)
         report["onnx"] = onnx_parity(model, images, out / "model.onnx")
+        checkpoint = best.file("checkpoint")
+        if serving is not model:  # a baseline is registered: its own checkpoint, for later champion comparisons
+            torch.save(classical.checkpoint(serving, images.shape[3], len(names)), out / "checkpoint.pt")
+            checkpoint = final_path("evaluate", key) / "checkpoint.pt"
         write_json(out / "gate.json", gate)
         (out / "model_card.md").write_text(model_card(report, best, splits, links or {}), encoding="utf-8")
         write_json(out / "report.json", report)
-    return StageResult.at("evaluate", key, report, checkpoint=best.file("checkpoint")), model
+    return StageResult.at("evaluate", key, report, checkpoint=checkpoint), serving
+
+
+def load_model(path):
+    """The model a registered version's checkpoint describes: a deep model (`load_checkpoint`) or
+    a baseline (`{"kind": "baseline", ...}`, `mlpipe.baseline.from_checkpoint`). Both are read
+    with `weights_only=True`: a checkpoint is data, never code. (A deep checkpoint is read twice.)"""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and ckpt.get("kind") == "baseline":
+        return classical.from_checkpoint(ckpt)
+    return load_checkpoint(path)
+
+
+def _capped_items(splits: StageResult, part: str, cap: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(images uint8 NHWC, labels, the part's size) of at most about `cap` items of one split file
+    (the baseline's class-proportional subsample), reading only their pixels from the cache."""
+    index, y = load_index(splits, [f"{part}.npz"])
+    rows = classical.subsample(y, cap, seed)
+    return np.ascontiguousarray(np.load(splits.file("pixels"), mmap_mode="r")[index[rows]]), y[rows], len(y)
+
+
+def fit_split_baselines(splits: StageResult, num_classes: int, seed: int) -> dict[str, classical.Baseline]:
+    """The classical baselines on the split stage's own training items (never a resampled set;
+    in kfold mode train.npz holds folds 1..k-1 and val.npz fold 0), chosen on the validation items."""
+    train_images, train_y, total = _capped_items(splits, "train", classical.LR_MAX_ITEMS, seed)
+    val_images, val_y, _ = _capped_items(splits, "val", classical.VAL_MAX_ITEMS, seed)
+    return classical.fit_baselines(train_images, train_y, val_images, val_y, num_classes, seed, train_total=total)
+
+
+def score_baseline(fitted: classical.Baseline, rule: dict, images: np.ndarray, y: np.ndarray, k: int) -> dict:
+    """A baseline on the test items: its summary, test accuracy, balanced accuracy and macro-F1
+    (hard labels by its `decision_rule`), the torch module's parity with scikit-learn on these
+    items (`check_parity` raises on a mismatch), and its predictions under "pred"."""
+    pred = predict_labels(predict_proba(fitted.module, images), rule)
+    scores = {f"test_{m}": float(v[0]) for m, v in fast_scores(y[None], pred[None], k).items() if m != "recall"}
+    parity = classical.check_parity(fitted, images[: classical.PARITY_MAX_ITEMS])
+    return {**fitted.summary(), **dict(sorted(scores.items())), "decision_rule": rule, "torch_parity": parity,
+            "pred": pred}  # fmt: skip
+
+
+def choose_registered(gate: dict, y: np.ndarray, pred: np.ndarray, champion_pred: np.ndarray | None, names: list[str],
+                      config: EvaluateConfig, note: str | None, versus: tuple[str, np.ndarray] | None,
+                      fitted: classical.Baseline | None, rule: dict | None) -> tuple[dict, torch.nn.Module | None]:  # fmt: skip
+    """Which model is registered, recorded under gate["registered"]; returns (gate, the baseline's
+    module, or None for the deep model). `versus` and `fitted`: the best baseline's (name, test
+    predictions) and fit. The deep model, unless `evaluate.allow_baseline_champion` is set, the
+    deep model failed its baseline check, the best baseline beats the deep model by the same rule
+    with the roles swapped (strictly ahead on the full test set and in at least half of the paired
+    bootstrap resamples) and meets `evaluate.thresholds`: then the baseline is registered, and the
+    gate is decided again with the baseline as the challenger (against the champion, if any); the
+    deep model's gate is kept under "deep_model_gate"."""
+    registered = {"model": "deep model", "why": "the search winner"}
+    if versus is None or gate["checks"][baseline_check_name(versus[0], config.gate_metric)]["passed"]:
+        return {**gate, "registered": registered}, None
+    name, theirs = versus
+    if not config.allow_baseline_champion:
+        registered["why"] = f"the search winner; baseline {name} beat it, evaluate.allow_baseline_champion is false"
+        return {**gate, "registered": registered}, None
+    ahead = paired_difference(y, theirs, pred, len(names), config.gate_metric,
+                              bootstrap_indices(len(y), config.bootstrap_resamples, config.seed))  # fmt: skip
+    scores = {m: float(v[0]) for m, v in fast_scores(y[None], theirs[None], len(names)).items() if m != "recall"}
+    floors = [f"{m} {scores[m]:.4f} < {floor}" for m, floor in config.thresholds.items() if scores[m] < floor]
+    if not (ahead["difference"] > 0 and ahead["share_ahead"] >= 0.5) or floors:
+        why = "; ".join(floors) or (f"it does not beat the deep model (difference {ahead['difference']:.4f}, ahead in "
+                                    f"{ahead['share_ahead']:.0%} of resamples)")  # fmt: skip
+        registered["why"] = f"the search winner; baseline {name} not registered instead: {why}"
+        return {**gate, "registered": registered}, None
+    deep_gate = {k: gate[k] for k in ("decision", "reasons", "checks", "challenger")}
+    gate = decide(y, theirs, champion_pred, names, config, note)
+    why = (f"evaluate.allow_baseline_champion: it beat the deep model on {config.gate_metric} (difference "
+           f"{ahead['difference']:.4f}, ahead in {ahead['share_ahead']:.0%} of paired bootstrap resamples) and meets "
+           "evaluate.thresholds")  # fmt: skip
+    gate["reasons"].append(f"registered baseline {name} instead of the deep model ({why})")  # onto the version's tags
+    registered = {"model": f"baseline {name}", "params": fitted.params, "decision_rule": rule, "why": why}
+    return {**gate, "registered": registered, "deep_model_gate": deep_gate}, fitted.module
 
 
 def gradcam_figure(model: ServingModel, arch: str, images: np.ndarray, y: np.ndarray, names: list[str], per_class: int = 2):
@@ -237,7 +342,7 @@ def gradcam_figure(model: ServingModel, arch: str, images: np.ndarray, y: np.nda
     batch = torch.from_numpy(images[chosen]).permute(0, 3, 1, 2).float()
     with torch.no_grad():
         pred = model(batch).argmax(dim=1)
-    cam = LayerGradCam(model, last_conv_layer(model.model, arch))
+    cam = LayerGradCam(model, last_conv_layer(model.model))
     heat = LayerAttribution.interpolate(cam.attribute(batch, target=pred), tuple(batch.shape[2:]), "bilinear")
     heat = heat.detach().clamp(min=0).squeeze(1).numpy()
     model.zero_grad(set_to_none=True)  # the attribution's gradients must not travel with the model
@@ -354,6 +459,20 @@ def predict_labels(proba: np.ndarray, rule: dict) -> np.ndarray:
     if rule["kind"] == "threshold":
         return apply_threshold(proba, rule["positive_index"], rule["threshold"])
     return proba.argmax(axis=1)
+
+
+def _baseline_lines(report: dict) -> list[str]:
+    if not report["baselines"]:
+        return ["- not fitted (evaluate.baseline: false)"]
+    lines = [f"- features: {classical.FEATURES}", "- fitted on the training split, hyperparameters chosen on the "
+             "validation split's macro-F1; the best on validation is the one the gate compares against"]  # fmt: skip
+    for name, entry in report["baselines"].items():
+        test = ", ".join(f"{m.removeprefix('test_')} {v:.4f}" for m, v in entry.items() if m.startswith("test_"))
+        notes = f"; {'; '.join(entry['notes'])}" if entry["notes"] else ""
+        lines.append(f"- {name}: {entry['params']}; {entry['train_items']} training items{notes}; validation "
+                     f"macro_f1 {entry['val_macro_f1']:.4f}; test {test}")  # fmt: skip
+    lines.append(f"- best on validation: {report['best_baseline']}")
+    return lines
 
 
 def _decision_lines(rule: dict) -> list[str]:

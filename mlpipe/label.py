@@ -23,6 +23,7 @@ from mlpipe.ingest import PIXEL_INDEX
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_json
 
 LABEL, TARGET = "label", "y"
+LABEL_ISSUE = "label_issue"  # flagged as a likely label error (advisory)
 
 
 def normalize(value: str, synonyms: dict[str, str] | None = None) -> str:
@@ -328,6 +329,7 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     issues = {"enabled": config.find_label_issues, "flagged": 0, "skipped": None, "model_oof_accuracy": None,
               "action": "flagged items stay labelled (advisory); see label_issues.csv"}
     suspects = pd.DataFrame(columns=[ITEM_ID, "given_label", "suggested_label", "given_label_probability"])
+    suspected = pd.Series(False, index=items.index)
     if config.find_label_issues:
         candidates = labels.notna() & ~reviewed  # a reviewer's decision is not second-guessed
         pixels = np.load(dataset.file("pixels"), mmap_mode="r")
@@ -338,6 +340,7 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
         )
         issues["model_oof_accuracy"] = None if accuracy is None else round(accuracy, 4)
         where = np.flatnonzero(flagged)
+        suspected[candidates[candidates].index[where]] = True
         if len(where):
             present = np.unique(codes)  # the columns of probs
             suspects = pd.DataFrame({
@@ -352,6 +355,7 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
     labelled = items[labels.notna()].copy()
     labelled[LABEL] = labels[labels.notna()]
     labelled[TARGET] = labelled[LABEL].map(class_map).astype(int)
+    labelled[LABEL_ISSUE] = suspected[labels.notna()]  # kept: resample.drop_label_issues may leave them out of training
     queued = labels.isna() & ~dropped
     review = pd.DataFrame({ITEM_ID: items.loc[queued, ITEM_ID], "reason": review_reason[queued]})
 

@@ -27,7 +27,7 @@ from sklearn.utils.class_weight import compute_class_weight  # noqa: E402
 
 from mlpipe.config import ResampleConfig, Trial  # noqa: E402
 from mlpipe.errors import MlpipeError  # noqa: E402
-from mlpipe.split import class_names, cv_folds, load_index, load_labels  # noqa: E402
+from mlpipe.split import class_names, cv_folds, load_labels, training_items  # noqa: E402
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json  # noqa: E402
 
 
@@ -145,7 +145,7 @@ def _training_sets(splits: StageResult, cfg: ResampleConfig, names: list[str], p
     entries = {}
     with stage_dir("resample-sets", set_key) as out:
         for fold, parts, _ in cv_folds(splits):
-            index, y = load_index(splits, parts)
+            index, y, left_out = training_items(splits, parts, cfg.drop_label_issues)
             result = training_set(pixels, index, y, cfg, names)
             np.savez(out / f"train{fold}.npz", **result)
             entries[fold] = {
@@ -155,6 +155,7 @@ def _training_sets(splits: StageResult, cfg: ResampleConfig, names: list[str], p
                 "synthetic": int(result["synthetic"].sum()),
                 "class_weight": [round(float(w), 4) for w in result["class_weight"]],
                 "weighted_sampler": bool(len(result["sampler_weight"])),
+                "label_issues_left_out": left_out,
             }
         write_json(out / "entries.json", entries)
     return folder, entries, False

@@ -19,7 +19,7 @@ from mlpipe.anonymize import ITEM_ID, NEAR_DUP_GROUP
 from mlpipe.config import SplitConfig
 from mlpipe.errors import MlpipeError
 from mlpipe.ingest import PIXEL_INDEX
-from mlpipe.label import LABEL, TARGET
+from mlpipe.label import LABEL, LABEL_ISSUE, TARGET
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, write_csv, write_json
 
 SPLITS = ("train", "val", "test")
@@ -152,7 +152,9 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
             f"group moves a share by {step:.3f}); too few groups per class to stratify this closely"
         )
 
-    table = items[[ITEM_ID, group_col, "group", LABEL, TARGET, PIXEL_INDEX, "split", "fold"]].sort_values(ITEM_ID)
+    if LABEL_ISSUE not in items:  # a label stage output from before the flag column
+        items[LABEL_ISSUE] = False
+    table = items[[ITEM_ID, group_col, "group", LABEL, TARGET, PIXEL_INDEX, "split", "fold", LABEL_ISSUE]].sort_values(ITEM_ID)
     report = {
         "sizes": {name: int((items["split"] == name).sum()) for name in SPLITS},
         "groups": {name: int(items.loc[items["split"] == name, "group"].nunique()) for name in SPLITS},
@@ -176,10 +178,12 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
         _chart(report, out / "class_counts.png")
         for name in SPLITS:
             part = table[table["split"] == name]
-            np.savez(out / f"{name}.npz", pixel_index=part[PIXEL_INDEX].to_numpy(), y=part[TARGET].to_numpy())
+            np.savez(out / f"{name}.npz", pixel_index=part[PIXEL_INDEX].to_numpy(), y=part[TARGET].to_numpy(),
+                     label_issue=part[LABEL_ISSUE].to_numpy(bool))  # fmt: skip
         for fold in range(config.folds if config.mode == "kfold" else 0):
             part = table[table["fold"] == fold]
-            np.savez(out / f"fold-{fold}.npz", pixel_index=part[PIXEL_INDEX].to_numpy(), y=part[TARGET].to_numpy())
+            np.savez(out / f"fold-{fold}.npz", pixel_index=part[PIXEL_INDEX].to_numpy(), y=part[TARGET].to_numpy(),
+                     label_issue=part[LABEL_ISSUE].to_numpy(bool))  # fmt: skip
         (out / "label_map.json").write_text(labelled.file("label_map.json").read_text())
         write_json(out / "report.json", report)
     return StageResult.at("split", key, report, pixels=labelled.file("pixels"))
@@ -252,6 +256,18 @@ def load_index(splits: StageResult, parts: list[str]) -> tuple[np.ndarray, np.nd
     """(pixel-cache rows, labels) of the union of split files; no pixels read."""
     loaded = [np.load(splits.file(p)) for p in parts]
     return np.concatenate([p["pixel_index"] for p in loaded]), np.concatenate([p["y"] for p in loaded])
+
+
+def training_items(splits: StageResult, parts: list[str], drop_label_issues: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pixel-cache rows, labels, items left out) of the training parts: with
+    `drop_label_issues` (resample.drop_label_issues, opt-in) the items the label stage flagged as
+    likely label errors are left out. Only training parts come here; validation and test keep theirs."""
+    index, y = load_index(splits, parts)
+    if not drop_label_issues:
+        return index, y, 0
+    flagged = np.concatenate([np.load(splits.file(p)).get("label_issue", np.zeros(0, bool)) for p in parts])
+    keep = ~flagged if len(flagged) == len(y) else np.ones(len(y), bool)
+    return index[keep], y[keep], int((~keep).sum())
 
 
 def load_parts(splits: StageResult, parts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -21,10 +21,13 @@ def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig, run
         champion = tracking.champion(run, config.registered_model_name, Path(scratch))
         links = {"MLflow run": f"{run.tracking_uri} run {run.run_id}", "Prefect flow run": str(flow_run.id)}
         result, model = evaluate_on_test(best, splits, config, champion, links)
-    tracking.log_metrics(run, result.report["metrics"])
     report = result.report
+    tracking.log_metrics(run, {**report["metrics"], **report["baseline_metrics"]})
     publish(run, result, files=artifact_files(report))
     registered = tracking.log_model(run, model, config.registered_model_name, report["input_shape"],
                                     result.file("checkpoint"), report["class_names"])  # fmt: skip
     tracking.record_gate(run, config.registered_model_name, registered["version"], report["gate"])
-    return {"metrics": report["metrics"], "gate": report["gate"]["decision"], **registered}
+    return {"metrics": report["metrics"], "gate": report["gate"]["decision"], **registered,
+            "registered_as": report["gate"]["registered"]["model"], "best_baseline": report["best_baseline"],
+            "baselines": {name: {k: v for k, v in entry.items() if k.startswith("test_")}
+                          for name, entry in report["baselines"].items()}}  # fmt: skip

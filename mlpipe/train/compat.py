@@ -156,7 +156,7 @@ def _forward_fails(name: str, channels: int, size: int) -> str | None:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            build_model(name, channels, 2).eval()(torch.empty(1, channels, size, size))
+            build_model(name, channels, 2, size).eval()(torch.empty(1, channels, size, size))
         return None
     except Exception as err:
         if not _meta_limitation(err):
@@ -164,7 +164,7 @@ def _forward_fails(name: str, channels: int, size: int) -> str | None:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            build_model(name, channels, 2).eval()(torch.zeros(1, channels, size, size))
+            build_model(name, channels, 2, size).eval()(torch.zeros(1, channels, size, size))
         return None
     except Exception as err:
         return _first_line(err)

@@ -41,10 +41,11 @@ import numpy as np
 from mlpipe.config import SearchConfig, TrainConfig, Trial
 from mlpipe.errors import MlpipeError
 from mlpipe.resample import training_set, training_set_for
-from mlpipe.split import class_names, cv_folds, development_parts, load_index
+from mlpipe.split import class_names, cv_folds, development_parts, training_items
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json
 from mlpipe.train.nodes import Nodes, announced, announcements
-from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec, is_done
+from mlpipe.train.model import build_model
+from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec, is_done, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -440,11 +441,13 @@ def train(
     Up to `search.max_parallel` launches run at once, through `run_launches(jobs)` (a Prefect
     task runner in the flow; threads here by default), which returns when all have ended.
     """
+    folds = cv_folds(splits)
+    trials = [budgeted(t, resampled, folds[0][0], search) for t in trials]
+    fetch_weights(trials, splits)
     how = search.model_dump(exclude=EXECUTION_ONLY) if search else None  # how trials run leaves results unchanged
     key = stable_hash(splits.key, resampled.key, [{**t.model_dump(), "train": keyed(t.train)} for t in trials], how,
                       code_version("mlpipe.train"))[:16]  # fmt: skip
     num_classes = len(class_names(splits))
-    folds = cv_folds(splits)
     dirs = {(t.name, fold): trial_dir(splits, resampled, t, fold) for t in trials for fold, _, _ in folds}
     planned = {f"{t.name}-{fold}" if fold else t.name: t.train.epochs
                for t in trials for fold, _, _ in folds if not _done(dirs[t.name, fold], t, None)}  # fmt: skip
@@ -503,6 +506,23 @@ def train(
     return StageResult.at("train", key, report, pixels=splits.file("pixels"))
 
 
+def budgeted(trial: Trial, resampled: StageResult, fold: str, search: SearchConfig | None) -> Trial:
+    """The trial with its train section resolved (`resolve_budget`) for its own training set
+    (SMOTE and oversampling make it larger) and world size."""
+    items = len(np.load(training_set_for(resampled, trial, fold))["y"])
+    world = resolve_nproc(trial.train, search) * trial.train.nnodes
+    return trial.model_copy(update={"train": resolve_budget(trial.train, items, world)})
+
+
+def fetch_weights(trials: list[Trial], splits: StageResult) -> None:
+    """Download (or find in the local cache or file) each distinct `train.pretrained` once, here,
+    before any launch: ranks then read the cache, and a missing file or no network stops the
+    stage in one line instead of in every rank."""
+    shape = np.load(splits.file("pixels"), mmap_mode="r").shape  # (N, H, W, C)
+    for model, weights in sorted({(t.train.model, t.train.pretrained) for t in trials if t.train.pretrained}):
+        build_model(model, shape[3], len(class_names(splits)), shape[1], weights)
+
+
 def _trial_entry(trial: Trial, folds: dict[str, Path], run_id: str | None, cached: bool) -> dict:
     """A trial's report entry; with several folds, metrics are fold means (and their spread).
     A reused trial carries its history, so its new MLflow run still gets the per-epoch curves."""
@@ -557,11 +577,11 @@ def refit(
     validation left to stop on; its checkpoint replaces the search winner's for the test."""
     trial = next(t for t in trials if t.name == best.report["winner"])
     epochs = best.report["winner_best_epoch"] + 1
-    cfg = trial.train.model_copy(update={"epochs": epochs})
-    key = stable_hash(best.key, splits.key, keyed(cfg), code_version("mlpipe.train"))[:16]
-    index, y = load_index(splits, development_parts(splits))
+    index, y, _ = training_items(splits, development_parts(splits), trial.resample.drop_label_issues)
     pixels = np.load(splits.file("pixels"), mmap_mode="r")
     data = training_set(pixels, index, y, trial.resample, class_names(splits))
+    cfg = resolve_budget(trial.train, len(data["y"]), resolve_nproc(trial.train) * trial.train.nnodes, epochs)
+    key = stable_hash(best.key, splits.key, keyed(cfg), code_version("mlpipe.train"))[:16]
     with stage_dir("refit", key) as out:
         np.savez(out / "train.npz", **data)
         spec = WorkerSpec(pixels=str(splits.file("pixels")), val_set=None, num_classes=len(class_names(splits)),

@@ -6,6 +6,8 @@ can look at it.
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, ConfigDict
 
 from mlpipe.config import TrainConfig
@@ -53,3 +55,23 @@ class TrialResult(BaseModel):
 def is_done(result: TrialResult, stop_after: int | None, epochs: int) -> bool:
     """No more training needed: finished, stopped early, or paused at or past the budget."""
     return not result.paused or result.epochs_run >= min(stop_after or epochs, epochs)
+
+
+def resolve_budget(cfg: TrainConfig, train_items: int, world_size: int = 1, epochs: int | None = None) -> TrainConfig:
+    """The train section with every budget field concrete, as the worker needs it:
+
+    - epochs: `epochs` if given (a refit), else train.epochs, else ceil(train.steps / steps per
+      epoch), steps per epoch = ceil(ceil(train_items / world_size) / batch_size) (each rank's
+      DistributedSampler shard, in batches);
+    - patience auto: a quarter of the epochs, at least 5;
+    - warmup_epochs auto: 5% of the epochs (at least one step is taken by the scheduler);
+    - backbone_lr_scale auto: 0.1 with pretrained weights, else 1.
+    """
+    per_epoch = max(1, math.ceil(math.ceil(train_items / world_size) / cfg.batch_size))
+    epochs = epochs or cfg.epochs or max(1, math.ceil(cfg.steps / per_epoch))
+    return cfg.model_copy(update={
+        "epochs": epochs,
+        "patience": max(5, -(-epochs // 4)) if cfg.patience == "auto" else cfg.patience,
+        "warmup_epochs": round(0.05 * epochs, 4) if cfg.warmup_epochs == "auto" else cfg.warmup_epochs,
+        "backbone_lr_scale": (0.1 if cfg.pretrained else 1.0) if cfg.backbone_lr_scale == "auto" else cfg.backbone_lr_scale,
+    })  # fmt: skip

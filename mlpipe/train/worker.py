@@ -55,8 +55,8 @@ from mlpipe.train.data import (
     build_augmentation,
 )
 from mlpipe.train.ddp import DistContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed
-from mlpipe.train.model import build_model, freeze_backbone, load_pretrained
-from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec, is_done
+from mlpipe.train.model import build_model, freeze_backbone, head_parameters
+from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec, is_done, resolve_budget
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
@@ -74,8 +74,11 @@ def normalize_on_device(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tens
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx: DistContext,
-                    grad_clip: float | None = None) -> dict[str, float]:  # fmt: skip
-    """One pass over this rank's shard; loss and accuracy all-reduced over ranks, img/s global."""
+                    grad_clip: float | None = None, frozen: list[nn.Parameter] | None = None) -> dict[str, float]:  # fmt: skip
+    """One pass over this rank's shard; loss and accuracy all-reduced over ranks, img/s global.
+    `frozen` parameters keep their values: their gradients are dropped before the step (the
+    optimizer skips a parameter without a gradient), which works under DDP, whose gradient
+    all-reduce needs every parameter that took part in the forward pass."""
     model.train()
     # Summed on the device: a per-step .item() would stall the GPU on every batch.
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -90,6 +93,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, scaler, amp_dt
             loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        for p in frozen or ():
+            p.grad = None
         if grad_clip is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -124,7 +129,8 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int):
     sched = torch.optim.lr_scheduler
     if cfg.scheduler == "onecycle":
         pct = warmup / total if warmup else 0.3
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=max(pct, 1 / total))
+        peaks = [group["lr"] for group in optimizer.param_groups]  # per group: the backbone's may be scaled
+        return sched.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=max(pct, 1 / total))
     if cfg.scheduler == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
     elif cfg.scheduler == "step":
@@ -280,13 +286,11 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
     norm = (mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1), fmt)
     amp_dtype = resolve_amp(cfg.amp, ctx.device)
 
-    model = build_model(cfg.model, channels, spec.num_classes)
-    if cfg.pretrained:
-        loaded = load_pretrained(model, cfg.pretrained)
-        if ctx.is_main:
-            print(f"{trial.name} pretrained weights: {loaded}", flush=True)
+    cfg = resolve_budget(cfg, len(train_y), ctx.world_size)  # the launcher resolved it already: unchanged then
+    model = build_model(cfg.model, channels, spec.num_classes, int(train_images.shape[1]), cfg.pretrained)
     if cfg.freeze == "backbone":
-        freeze_backbone(model, cfg.model)
+        freeze_backbone(model)
+    backbone, head = head_parameters(model)
     if cfg.sync_batchnorm and ctx.world_size > 1 and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device, memory_format=fmt)
@@ -311,7 +315,8 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
         prefetch_factor=4 if cfg.num_workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds never draw from the global RNG
     )
-    optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    optimizer = _optimizer(cfg, [{"params": [p for p in head if p.requires_grad], "lr": cfg.lr},
+                                 {"params": [p for p in backbone if p.requires_grad], "lr": cfg.lr * cfg.backbone_lr_scale}])
     scheduler = build_scheduler(optimizer, cfg, len(loader))
     weight = torch.as_tensor(data["class_weight"], device=ctx.device)
     loss_fn = focal_loss(weight, cfg.focal_gamma, cfg.label_smoothing) if cfg.loss == "focal" \
@@ -341,7 +346,8 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
     for epoch in range(first_epoch, last_epoch):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout; augmentation is seeded per item
         sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
-        metrics = train_one_epoch(net, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx, cfg.grad_clip)
+        frozen = backbone if epoch < cfg.freeze_epochs else None  # fine-tuning: the head learns first
+        metrics = train_one_epoch(net, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx, cfg.grad_clip, frozen)
         metrics["lr"] = scheduler.get_last_lr()[0]
         if ctx.device.type == "cuda":
             metrics["gpu_mem_mib"] = max(all_gather_objects(torch.cuda.max_memory_allocated(ctx.device) / 2**20))
@@ -419,10 +425,12 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _optimizer(cfg, params):
+    """`params`: parameters, or param groups with their own "lr" (the head's first: the logged lr)."""
+    groups = [g for g in params if not isinstance(g, dict) or g["params"]] if isinstance(params, list) else params
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _metric_logger(spec: WorkerSpec, trial: TrialSpec, ctx: DistContext):

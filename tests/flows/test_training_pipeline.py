@@ -225,14 +225,15 @@ def test_cli_success_prints_the_summary_and_no_traceback(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     at = lines.index("Data accounting (rows per stage):")
-    summary, accounting = lines[at - 7 : at], [line.split()[0] for line in lines[at + 1 :]]
+    summary, accounting = lines[at - 8 : at], [line.split()[0] for line in lines[at + 1 :]]
     assert "Traceback" not in done.stdout + done.stderr
     assert "Error" not in "\n".join(lines[:at]) + done.stderr  # the account below names quarantine reasons
     assert [line.split(":")[0] for line in summary] == [
         "Prefect flow run", "MLflow experiment", "MLflow run", "Tracking URI", "Registered model", "Test metrics",
-        "Registry gate",
+        "Baselines", "Registry gate",
     ]
-    assert "macro_f1=" in summary[-2] and summary[-1].split()[-1] in ("promote", "reject")
+    assert "macro_f1=" in summary[-3] and summary[-1].split()[-1] in ("promote", "reject")
+    assert "logistic_regression macro_f1=" in summary[-2] and "rbf_svc macro_f1=" in summary[-2]
     assert accounting == ["ingest", "anonymize", "label", "split", "train", "evaluate"]
     assert "ingest     1103 in, 1096 kept; " in lines[at + 1]  # the sample's 4 broken rows and 3 duplicates
 

@@ -56,9 +56,10 @@ from tests.flows.test_crash import _workers
 from tests.unit.test_train import FAST, _without_timing, kill_rank_when_logged, worker_data
 
 # A flow small enough to run several times: one trial, one epoch (two where a fault must land mid-training),
-# no threshold for the registry gate, so the first model a test registers becomes @champion.
+# no threshold for the registry gate and no baseline to beat (a one-epoch CNN loses to one), so the first
+# model a test registers becomes @champion.
 FLOW = {"train.epochs": 1, "train.nproc": 1, "search.grid": {"train.lr": [0.003]}, "evaluate.bootstrap_resamples": 100,
-        "evaluate.thresholds": {}}  # fmt: skip
+        "evaluate.thresholds": {}, "evaluate.baseline": False}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -1104,13 +1104,15 @@ def _evil_checkpoint(path: Path, canary: Path, form: str) -> Path:
 
 def _load_at(site: str, path: Path, tmp_path: Path):
     """Each place the pipeline reads a checkpoint it did not just write itself."""
-    from mlpipe.train.model import build_model, load_checkpoint, load_pretrained
+    from mlpipe.train.model import build_model
 
     if site == "train.pretrained":  # the user's file, named in the config
         config = load_config(None, [f"train.pretrained={path}"])
-        return load_pretrained(build_model(config.train.model, 1, 2), config.train.pretrained)
-    if site == "champion checkpoint":  # downloaded from the registry; evaluate loads it like this
-        return load_checkpoint(path)
+        return build_model(config.train.model, 1, 2, config.ingest.image_size, config.train.pretrained)
+    if site == "champion checkpoint":  # downloaded from the registry; evaluate loads it like this (deep or baseline)
+        from mlpipe.evaluate import load_model
+
+        return load_model(path)
     if site == "resume checkpoint":  # a trial folder's last.pt after a restart
         from mlpipe.train.worker import choose_resume_checkpoint
 

@@ -98,7 +98,7 @@ def test_onnx_export_matches_torch_within_1e_4(arch, tmp_path):
     from mlpipe.train.model import ServingModel, build_model
 
     torch.manual_seed(0)
-    model = ServingModel(build_model(arch, 1, 10), torch.tensor([0.3]), torch.tensor([0.2])).eval()
+    model = ServingModel(build_model(arch, 1, 10, 16), torch.tensor([0.3]), torch.tensor([0.2])).eval()
     images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 1), dtype=np.uint8)
     result = onnx_parity(model, images, tmp_path / "model.onnx")
     assert result["exported"], result
@@ -114,7 +114,7 @@ def test_gradcam_figure_from_captum(arch, tmp_path):
     from mlpipe.train.model import ServingModel, build_model
 
     torch.manual_seed(0)
-    model = ServingModel(build_model(arch, 1, 3), torch.tensor([0.3]), torch.tensor([0.2])).eval()
+    model = ServingModel(build_model(arch, 1, 3, 16), torch.tensor([0.3]), torch.tensor([0.2])).eval()
     images = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 1), dtype=np.uint8)
     fig = gradcam_figure(model, arch, images, np.arange(12) % 3, NAMES)
     fig.savefig(tmp_path / "cam.png")

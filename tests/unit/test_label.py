@@ -236,6 +236,35 @@ def test_label_issues_are_flagged_for_review_and_stay_in_training_and_test(datas
     assert "likely label error" not in set(review["reason"])
 
 
+def test_flagged_items_reach_the_test_split_and_leave_training_only_on_request(dataset):
+    """Flags are advisory all the way down: split keeps flagged items in whichever split they fall
+    (the test set included); resample.drop_label_issues leaves them out of the training set only."""
+    import numpy as np
+
+    from mlpipe.resample import resample, training_set_for
+    from mlpipe.split import split
+
+    config = PipelineConfig()
+    labelled = label(dataset, config.label)
+    flagged = set(pd.read_csv(labelled.file("label_issues.csv"))["item_id"])
+    splits = split(labelled, config.split)
+    table = pd.read_csv(splits.file("assignments.csv"))
+    where = table[table["item_id"].isin(flagged)]["split"].value_counts()
+    assert where.sum() == len(flagged) and where.get("test", 0) > 0  # measured: some in each split
+    parts = {name: np.load(splits.file(f"{name}.npz")) for name in ("train", "val", "test")}
+    assert int(parts["test"]["label_issue"].sum()) == where["test"] and len(parts["test"]["y"]) == splits.report["sizes"]["test"]
+
+    trials = config.with_overrides({"search.grid": {"resample.drop_label_issues": [False, True]}}).trials()
+    resampled = resample(splits, trials)
+    kept, dropped = (np.load(training_set_for(resampled, t))["pixel_index"] for t in trials)
+    train_flagged = set(parts["train"]["pixel_index"][parts["train"]["label_issue"]])
+    assert len(kept) == len(parts["train"]["y"]) and train_flagged <= set(kept)
+    assert len(dropped) == len(kept) - len(train_flagged) and not train_flagged & set(dropped)
+    entry = resampled.report["strategies"][next(k for k in resampled.report["strategies"] if k.startswith(
+        __import__("mlpipe.store", fromlist=["stable_hash"]).stable_hash(trials[1].resample)[:12]))]
+    assert entry["label_issues_left_out"] == len(train_flagged)
+
+
 def test_a_weak_flagging_model_flags_nothing_and_says_why(state, tmp_path):
     """Field case case10 (cleanlab/cleanlab#685): 120 correctly labelled shapes; the thumbnail
     model reaches about half accuracy, and its flags would remove correct labels."""

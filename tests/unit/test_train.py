@@ -152,35 +152,93 @@ def test_worker_uses_the_weighted_sampler_when_resample_asks(spec_factory, tmp_p
 # --- models -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "convnext_tiny", "efficientnet_b0"])
-def test_torchvision_architectures_take_grayscale_tiny_images(name):
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "convnext_tiny", "efficientnet_b0", "mobilenetv3_small_050"])
+def test_architectures_take_grayscale_tiny_images(name):
+    """The former torchvision names and any other timm name: one channel, 4 classes, 32 px."""
     from mlpipe.train.model import build_model
 
-    model = build_model(name, in_channels=1, num_classes=4).eval()
+    model = build_model(name, in_channels=1, num_classes=4, image_size=32).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 1, 32, 32)).shape == (2, 4)
 
 
-def test_pretrained_weights_from_a_local_file_and_a_frozen_backbone(tmp_path):
+def _sees_whole_image(model: torch.nn.Module, features, size: int, channels: int = 1) -> bool:
+    """Does the centre unit of the last feature map depend on every corner pixel? Gradients of
+    that unit with respect to the input, in eval mode (batch statistics off). BatchNorm scales are
+    set to 1 first: timm zero-initializes each residual branch's last one (zero_init_last), which
+    at initialization hides every path but the shortcuts; the architecture's field is what counts."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.weight)
+    image = torch.randn(1, channels, size, size, requires_grad=True)
+    out = features(image)
+    out[0, :, out.shape[2] // 2, out.shape[3] // 2].sum().backward()
+    grad = image.grad[0].abs().sum(0)
+    corners = [grad[0, 0], grad[0, -1], grad[-1, 0], grad[-1, -1]]
+    return all(c > 0 for c in corners)
+
+
+@pytest.mark.parametrize("size", [8, 16, 28, 32, 64])
+def test_small_cnn_receptive_field_covers_the_image(size):
+    from mlpipe.train.model import build_model
+
+    model = build_model("small_cnn", 1, 10, size).eval()
+    assert _sees_whole_image(model, model.features, size)
+
+
+def test_resnet_on_64_px_keeps_a_map_that_sees_the_whole_image():
+    """timm's resnet18 at 64 px: the small-image stem keeps a 4 px last map (2 px as timm builds
+    it), and its centre unit still sees every corner."""
+    from mlpipe.train.model import build_model
+
+    model = build_model("resnet18", 1, 10, 64).eval()
+    assert model.forward_features(torch.zeros(1, 1, 64, 64)).shape[-1] == 4
+    assert _sees_whole_image(model, model.forward_features, 64)
+
+
+def test_pretrained_weights_from_local_timm_and_torchvision_files(tmp_path):
+    import timm
     import torchvision
 
-    from mlpipe.train.model import build_model, freeze_backbone, load_pretrained
+    from mlpipe.train.model import build_model, freeze_backbone
 
-    donor = torchvision.models.resnet18(num_classes=1000)  # e.g. torchvision's ImageNet file, saved locally
-    torch.save(donor.state_dict(), tmp_path / "resnet18.pth")
-    model = build_model("resnet18", in_channels=3, num_classes=5)
-    loaded = load_pretrained(model, str(tmp_path / "resnet18.pth"))
-    assert loaded["skipped"] == 2 and loaded["loaded"] == len(donor.state_dict()) - 2  # fc.weight/bias: 1000 classes
-    assert torch.equal(model.body.conv1.weight, donor.conv1.weight)
-    trainable = freeze_backbone(model, "resnet18")
+    timm_donor = timm.create_model("resnet18", num_classes=1000)  # e.g. a timm file saved on a networked machine
+    torch.save(timm_donor.state_dict(), tmp_path / "resnet18_timm.pth")
+    model = build_model("resnet18", in_channels=3, num_classes=5, image_size=32, pretrained=str(tmp_path / "resnet18_timm.pth"))
+    assert torch.equal(model.layer3[0].conv1.weight, timm_donor.layer3[0].conv1.weight)
+    assert torch.equal(model.conv1.weight, timm_donor.conv1.weight)
+    assert model.fc.weight.shape == (5, 512)  # 1000-class head dropped, a fresh 5-class one
+
+    tv_donor = torchvision.models.resnet18(num_classes=1000)  # torchvision's ImageNet file, saved locally
+    torch.save(tv_donor.state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    gray = build_model("resnet18", 1, 5, 32, pretrained=str(tmp_path / "resnet18-f37072fd.pth"))
+    assert torch.equal(gray.layer4[1].conv2.weight, tv_donor.layer4[1].conv2.weight)
+    # one channel: timm sums the RGB filters (adapt_input_conv), so a gray image gets the same response
+    assert torch.allclose(gray.conv1.weight[:, 0], tv_donor.conv1.weight.sum(dim=1))
+
+    trainable = freeze_backbone(gray)
     assert trainable == 512 * 5 + 5
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["body.fc.weight", "body.fc.bias"]
+    assert [n for n, p in gray.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+
+
+def test_pretrained_tag_without_network_is_one_line(monkeypatch):
+    from mlpipe.train.model import build_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MlpipeError, match=r"train.pretrained 'a1_in1k' for resnet18: .*offline: give a local weights file") as err:
+        build_model("resnet18", 1, 3, 32, pretrained="a1_in1k")
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_architecture_is_refused_at_validation():
+    with pytest.raises(Exception, match="unknown architecture 'resnet9000'"):
+        TrainConfig(model="resnet9000")
 
 
 def test_pretrained_file_holding_code_is_refused(tmp_path):
     import pickle
 
-    from mlpipe.train.model import build_model, load_pretrained
+    from mlpipe.train.model import build_model
 
     class Evil:
         def __reduce__(self):
@@ -188,7 +246,45 @@ def test_pretrained_file_holding_code_is_refused(tmp_path):
 
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
     with pytest.raises(pickle.UnpicklingError):
-        load_pretrained(build_model("resnet18", 3, 2), str(tmp_path / "evil.pth"))
+        build_model("small_cnn", 3, 2, 16, pretrained=str(tmp_path / "evil.pth"))
+    with pytest.raises(MlpipeError, match="UnpicklingError"):
+        build_model("resnet18", 3, 2, 32, pretrained=str(tmp_path / "evil.pth"))
+
+
+def test_budget_in_steps_becomes_epochs_and_auto_fields_resolve():
+    from mlpipe.train.spec import resolve_budget
+
+    cfg = resolve_budget(TrainConfig(steps=1000, batch_size=64), train_items=770, world_size=1)
+    assert cfg.epochs == 77 and cfg.patience == 20 and cfg.warmup_epochs == pytest.approx(3.85)  # 13 steps an epoch
+    assert cfg.backbone_lr_scale == 1.0
+    big = resolve_budget(TrainConfig(steps=1000, batch_size=64), train_items=64_000, world_size=2)
+    assert big.epochs == 2 and big.patience == 5  # 500 steps an epoch on each of 2 ranks
+    fixed = resolve_budget(TrainConfig(epochs=3, pretrained="a1_in1k", model="resnet18"), train_items=10)
+    assert fixed.epochs == 3 and fixed.backbone_lr_scale == 0.1
+    assert resolve_budget(fixed, train_items=99_999) == fixed  # resolving twice changes nothing
+
+
+def test_frozen_backbone_epoch_trains_only_the_head():
+    from mlpipe.train.ddp import DistContext
+    from mlpipe.train.model import build_model, head_parameters
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 1, 3, 8)
+    backbone, head = head_parameters(model)
+    before = [p.detach().clone() for p in (*backbone, *head)]
+    images, y = _easy_arrays(32, 0)
+    loader = [(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(y))]
+    optimizer = worker._optimizer(TrainConfig(), [{"params": head, "lr": 1e-2}, {"params": backbone, "lr": 1e-3}])
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    norm = (torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.contiguous_format)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    worker.train_one_epoch(model, loader, optimizer, scheduler, torch.nn.CrossEntropyLoss(), scaler, None, norm, ctx,
+                           frozen=backbone)  # fmt: skip
+    after = [p.detach() for p in (*backbone, *head)]
+    conv = [torch.equal(a, b) for a, b in zip(before[: len(backbone)], after[: len(backbone)], strict=True)]
+    assert all(conv), "a frozen backbone parameter changed"
+    assert not torch.equal(before[-1], after[-1]), "the head did not learn"
 
 
 # --- optimization -------------------------------------------------------------------------------
