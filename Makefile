@@ -24,12 +24,14 @@ run: $(STAMP)
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Debian's PostgreSQL (the integration tests' MLflow server) and Chromium (the Prefect UI test), if missing.
+# Debian's PostgreSQL (the integration tests' MLflow server), Chromium (the Prefect UI test) and
+# Fashion-MNIST (the real-data flow test and the model-quality benchmark), if missing.
 system-packages:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing Debian's$$missing for the integration tests"; \
+	  echo "installing Debian's$$missing for the tests"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi

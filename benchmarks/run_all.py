@@ -1,15 +1,19 @@
 """Every benchmark in benchmarks/ on this machine, one after the other, with its documented
 command, and the table of docs/performance.md made from their JSON lines.
 
-    .venv/bin/python benchmarks/run_all.py                 # all of them (about 45 minutes on 2 cores); prints the table
+    .venv/bin/python benchmarks/run_all.py                 # all of them (about 85 minutes on 2 cores); prints the table
     .venv/bin/python benchmarks/run_all.py --write         # ... and puts it into docs/performance.md
     .venv/bin/python benchmarks/run_all.py --only rerun overhead
+    .venv/bin/python benchmarks/run_all.py --only model_quality --write   # these rows only; the others stay as recorded
 
 The rows are the CPU rows (this machine has no GPU; the GPU commands are in docs/performance.md).
 Each row: the exact command, the measured figure against its anchor (the reference loop, bare
 PIL decoding, the full grid, the first run, or the goal itself where there is no other anchor),
 the ratio and its goal, and the machine. `--write` replaces the rows between the markers in
-docs/performance.md and writes every benchmark's whole JSON line to docs/benchmarks.jsonl.
+docs/performance.md and writes every benchmark's whole JSON line to docs/benchmarks.jsonl; with
+`--only`, the chosen benchmarks' rows and lines replace theirs and the others keep what was
+recorded. A benchmark with no recorded line has a "not measured yet" row. The model-quality panel
+(one row per dataset, from model_quality's line) goes between its own markers.
 Ends with one JSON line; ratio = benchmarks that met their goal / benchmarks run.
 """
 
@@ -31,6 +35,7 @@ ROOT = HERE.parent
 DOC = ROOT / "docs" / "performance.md"
 LINES = ROOT / "docs" / "benchmarks.jsonl"
 BEGIN, END = "<!-- run_all: cpu rows begin -->", "<!-- run_all: cpu rows end -->"
+PANEL_BEGIN, PANEL_END = "<!-- run_all: model-quality panel begin -->", "<!-- run_all: model-quality panel end -->"
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,14 @@ class Benchmark:
 def _ingest(j: dict) -> str:
     return "; ".join(f"{k}: {v['images']:,} images, ingest {v['ingest_s']} s vs bare {v['bare_s']} s ({v['ratio']})"
                      for k, v in j.items() if isinstance(v, dict) and "bare_s" in v) + f"; scaling x10 {j['scaling']}"  # fmt: skip
+
+
+def _quality(j: dict) -> str:
+    entries = j["entries"]
+    worst = min(entries, key=lambda e: -1 if e["ratio"] is None else e["ratio"])
+    slowest = max(entries, key=lambda e: e["seconds"])
+    return (f"{sum(e['met'] for e in entries)} of {len(entries)} datasets met their goal; lowest ratio {worst['ratio']} "
+            f"({worst['name']}); slowest run {slowest['seconds']} s ({slowest['name']}); the panel is below")
 
 
 BENCHMARKS = [
@@ -90,6 +103,8 @@ BENCHMARKS = [
               lambda j: f"split {j['split']['large']:,} rows growth {j['split']['growth']} (bound {j['split']['nlogn_bound']:.2f}); "
                         f"SMOTE {j['smote']['large']:,} items growth {j['smote']['growth']} (bound {j['smote']['nlogn_bound']:.2f})",
               lambda j: j["ratio"] <= 1),
+    Benchmark("model_quality.py", "the best classical baseline (highest test macro-F1, same split), per dataset", _quality,
+              lambda j: j["all_met"] and not j.get("fast")),
     Benchmark("test_suite.py", "the goal (25 minutes, the CI aim)",
               lambda j: f"{j['passed']} passed in {j['wall_s']:.0f} s (exit {j['exit_code']})",
               lambda j: j["ratio"] <= 1 and j["exit_code"] == 0,
@@ -126,15 +141,50 @@ def row(bench: Benchmark, result: dict, where: str) -> str:
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
+def pending_row(bench: Benchmark) -> str:
+    """The row of a benchmark with no recorded JSON line."""
+    return f"| `{bench.name}` | `{bench.command}` | not measured yet | {bench.anchor} | - | - | not run | - |"
+
+
 HEADER = "| benchmark | command | measured | anchor | ratio | goal | met | machine |\n|---|---|---|---|---|---|---|---|"
+PANEL_HEADER = ("| dataset | data | px | deep macro-F1 | best baseline (on test) | its macro-F1 | ratio | goal | run s "
+                "(goal 300) | met |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
 
 
-def write(table: str, results: list[dict]) -> None:
-    text = DOC.read_text()
-    before, rest = text.split(BEGIN, 1)
-    _, after = rest.split(END, 1)
-    DOC.write_text(f"{before}{BEGIN}\n{table}\n{END}{after}")
-    LINES.write_text("".join(json.dumps(r) + "\n" for r in results))
+def panel(result: dict | None) -> str:
+    """model_quality's entries, one row each; a line saying so when it has not been run."""
+    if result is None:
+        return "Not measured yet: `.venv/bin/python benchmarks/run_all.py --only model_quality --write`."
+    rows = []
+    for e in result["entries"]:
+        cells = [f"`{e['name']}`", e["data"], str(e["image_size"]), str(e.get("deep_macro_f1", "-")),
+                 str(e.get("baseline") or e.get("error", "-")), str(e.get("baseline_macro_f1", "-")), str(e["ratio"]),
+                 f">= {e['goal']:.2f}", str(e["seconds"]), "yes" if e["met"] else "**no**"]  # fmt: skip
+        rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join([PANEL_HEADER, *rows])
+
+
+def _between(text: str, begin: str, end: str) -> tuple[str, str, str]:
+    before, rest = text.split(begin, 1)
+    inside, after = rest.split(end, 1)
+    return before, inside, after
+
+
+def recorded() -> tuple[dict[str, dict], dict[str, str]]:
+    """What docs/ holds now, by benchmark name: the JSON lines and the table rows."""
+    lines = [json.loads(line) for line in LINES.read_text().splitlines()] if LINES.exists() else []
+    rows = _between(DOC.read_text(), BEGIN, END)[1].strip().splitlines()[2:]
+    return {r["benchmark"]: r for r in lines}, {r.split("`", 2)[1]: r for r in rows}
+
+
+def write(rows: dict[str, str], results: dict[str, dict]) -> None:
+    """The table (a row per benchmark, in BENCHMARKS order), the panel and the JSON lines."""
+    table = "\n".join([HEADER, *(rows.get(b.name, pending_row(b)) for b in BENCHMARKS)])
+    before, _, after = _between(DOC.read_text(), BEGIN, END)
+    text = f"{before}{BEGIN}\n{table}\n{END}{after}"
+    before, _, after = _between(text, PANEL_BEGIN, PANEL_END)
+    DOC.write_text(f"{before}{PANEL_BEGIN}\n{panel(results.get('model_quality'))}\n{PANEL_END}{after}")
+    LINES.write_text("".join(json.dumps(results[b.name]) + "\n" for b in BENCHMARKS if b.name in results))
 
 
 def main() -> None:
@@ -143,8 +193,6 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="replace the CPU rows of docs/performance.md")
     args = parser.parse_args()
     chosen = [b for b in BENCHMARKS if not args.only or b.name in args.only]
-    if args.write and args.only:
-        sys.exit("--write regenerates every row: run it without --only")
     started, where = time.perf_counter(), machine()
     results, rows = [], []
     for bench in chosen:
@@ -156,7 +204,9 @@ def main() -> None:
     table = "\n".join([HEADER, *rows])
     print(table)
     if args.write:
-        write(table, results)
+        kept_results, kept_rows = recorded() if args.only else ({}, {})
+        write({**kept_rows, **{b.name: r for b, r in zip(chosen, rows, strict=True)}},
+              {**kept_results, **{b.name: r for b, r in zip(chosen, results, strict=True)}})
     met = sum(bench.met(r) for bench, r in zip(chosen, results, strict=True))
     print(json.dumps({"name": "run_all", "ratio": round(met / len(chosen), 3), "goal": "1.0 (every goal met)",
                       "benchmarks": len(chosen), "met": met, "wall_s": round(time.perf_counter() - started, 1),
