@@ -47,7 +47,7 @@ from mlpipe.errors import MlpipeError
 
 MAX_SIDE = 32  # pixels per side after pooling: at most 32*32*channels features
 LR_MAX_ITEMS = 10_000
-SVC_MAX_ITEMS = 2_000  # an RBF SVC's fit grows about quadratically with its training items
+SVC_MAX_ITEMS = 10_000  # an RBF SVC's fit grows about quadratically with its training items; the panel's largest set (7,000) fits whole
 VAL_MAX_ITEMS = 5_000  # the SVC's prediction cost is validation items x support vectors
 LR_GRID = {"C": (0.001, 0.01, 0.1), "class_weight": (None, "balanced")}
 SVC_GRID = {"C": (1.0, 10.0), "class_weight": (None, "balanced")}

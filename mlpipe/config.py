@@ -267,9 +267,11 @@ class TrainConfig(_Section):
     )
     steps: int = Field(
         1000, ge=1, le=10_000_000,
-        description="Training budget in optimizer steps: epochs = ceil(steps / steps per epoch), so a small dataset "
-        "gets as many updates as a large one. train.epochs, when set, replaces it.",
+        description="Training budget in optimizer steps: epochs = ceil(steps / steps per epoch), at least "
+        "train.min_epochs, so a small dataset gets as many updates as a large one and a large one still sees "
+        "every item min_epochs times. train.epochs, when set, replaces both.",
     )  # fmt: skip
+    min_epochs: int = Field(10, ge=1, le=100_000, description="The least epochs a train.steps budget gives (large datasets).")
     epochs: int | None = Field(None, ge=1, le=100_000, description="Budget in epochs instead of train.steps; null: from steps.")
     batch_size: int = Field(64, ge=1, le=65536, description="Per-process batch size.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw")

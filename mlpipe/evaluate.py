@@ -176,7 +176,11 @@ def evaluate(
     if champion is not None and champion["class_names"] != names:
         note = f"champion version {champion['version']} skipped: its class map differs from this run's"
     elif champion is not None:
-        champion_model = load_model(champion["checkpoint"])
+        try:
+            champion_model = load_model(champion["checkpoint"])
+        except (RuntimeError, KeyError) as err:  # an architecture this code builds differently (state dict keys, shapes)
+            note = (f"champion version {champion['version']} skipped: its checkpoint does not load into the "
+                    f"architecture this code version builds ({type(err).__name__})")  # fmt: skip
     # Two classes: the positive class and the threshold are fixed before the test set is read,
     # on validation data only; every model gets its operating point by the same rule.
     rule, champion_rule = decision_rule(names, splits, config, model, bool(best.report.get("refit"))), None

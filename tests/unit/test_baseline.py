@@ -358,3 +358,17 @@ def test_without_baselines_nothing_is_fitted(run_evaluate):
     assert not any(c[0] == "fit" for c in calls) and result.report["baselines"] == {}
     assert not any("baseline" in name for name in result.report["gate"]["checks"])
     assert "- not fitted (evaluate.baseline: false)" in result.file("model_card.md").read_text()
+
+
+def test_a_champion_this_code_cannot_rebuild_is_skipped_with_the_reason(run_evaluate, tmp_path):
+    """A champion registered by an older code version whose small_cnn had other layers: its state
+    dict does not fit today's network. The gate says so instead of failing the run."""
+    old = tmp_path / "old-champion.pt"
+    torch.save({"model": "small_cnn", "in_channels": 1, "num_classes": 3, "image_size": 8,
+                "model_state": {"features.0.0.weight": torch.zeros(32, 1, 3, 3)},
+                "mean": torch.tensor([0.2]), "std": torch.tensor([0.3])}, old)  # fmt: skip
+    names = [f"class{i}" for i in range(3)]
+    result, _, _ = run_evaluate(3, {"version": "7", "checkpoint": str(old), "class_names": names})
+    gate = result.report["gate"]
+    assert gate["champion"] is None
+    assert any(r.startswith("champion version 7 skipped: its checkpoint does not load") for r in gate["reasons"])

@@ -258,7 +258,8 @@ def test_budget_in_steps_becomes_epochs_and_auto_fields_resolve():
     assert cfg.epochs == 77 and cfg.patience == 20 and cfg.warmup_epochs == pytest.approx(3.85)  # 13 steps an epoch
     assert cfg.backbone_lr_scale == 1.0
     big = resolve_budget(TrainConfig(steps=1000, batch_size=64), train_items=64_000, world_size=2)
-    assert big.epochs == 2 and big.patience == 5  # 500 steps an epoch on each of 2 ranks
+    assert big.epochs == 10 and big.patience == 5  # 500 steps an epoch on each of 2 ranks: the 10-epoch floor
+    assert resolve_budget(TrainConfig(steps=1000, min_epochs=1), train_items=64_000, world_size=2).epochs == 2
     fixed = resolve_budget(TrainConfig(epochs=3, pretrained="a1_in1k", model="resnet18"), train_items=10)
     assert fixed.epochs == 3 and fixed.backbone_lr_scale == 0.1
     assert resolve_budget(fixed, train_items=99_999) == fixed  # resolving twice changes nothing
