@@ -60,7 +60,9 @@ def _trainer(args):
                       compile="default" if args.mode == "bf16_compile" else "off", augment=None)  # fmt: skip
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=device)
     fmt = torch.channels_last if args.mode != "fp32" else torch.contiguous_format
-    model = build_model(cfg.model, 3, args.classes, args.res).to(device, memory_format=fmt)
+    # Built as for 224 px whatever --res is: timm's ResNet is then torchvision's (the reference's) layer for
+    # layer; mlpipe's small-image stem (model.small_image_stem) is a modelling choice, not trainer overhead.
+    model = build_model(cfg.model, 3, args.classes, 224).to(device, memory_format=fmt)
     net = torch.compile(model) if cfg.compile != "off" else model
     optimizer = worker._optimizer(cfg, model.parameters())
     scheduler = worker.build_scheduler(optimizer, cfg, 1)
