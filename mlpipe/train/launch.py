@@ -442,13 +442,15 @@ def train(
     task runner in the flow; threads here by default), which returns when all have ended.
     """
     folds = cv_folds(splits)
-    trials = [budgeted(t, resampled, folds[0][0], search) for t in trials]
-    fetch_weights(trials, splits)
     how = search.model_dump(exclude=EXECUTION_ONLY) if search else None  # how trials run leaves results unchanged
     key = stable_hash(splits.key, resampled.key, [{**t.model_dump(), "train": keyed(t.train)} for t in trials], how,
                       code_version("mlpipe.train"))[:16]  # fmt: skip
     num_classes = len(class_names(splits))
+    # Keys and folders from the config as given (the budget follows from it and the training set,
+    # both in the key); the trials that run carry their resolved budget.
     dirs = {(t.name, fold): trial_dir(splits, resampled, t, fold) for t in trials for fold, _, _ in folds}
+    trials = [budgeted(t, resampled, folds[0][0], search) for t in trials]
+    fetch_weights(trials, splits)
     planned = {f"{t.name}-{fold}" if fold else t.name: t.train.epochs
                for t in trials for fold, _, _ in folds if not _done(dirs[t.name, fold], t, None)}  # fmt: skip
     progress = Progress(planned, on_progress)

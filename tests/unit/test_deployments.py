@@ -38,4 +38,4 @@ def test_flow_parameter_schema_is_a_usable_ui_form():
     assert {"SourceConfig", "TrainConfig", "SearchConfig", "ResampleConfig"} <= set(sections)
     strategy = sections["ResampleConfig"]["properties"]["strategy"]
     assert "smote" in strategy["enum"] and strategy["description"]  # a dropdown with help text
-    assert sections["TrainConfig"]["properties"]["epochs"]["minimum"] == 1  # bounds are validated
+    assert sections["TrainConfig"]["properties"]["steps"]["minimum"] == 1  # bounds are validated

