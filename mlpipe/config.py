@@ -272,6 +272,11 @@ class TrainConfig(_Section):
         "every item min_epochs times. train.epochs, when set, replaces both.",
     )  # fmt: skip
     min_epochs: int = Field(10, ge=1, le=100_000, description="The least epochs a train.steps budget gives (large datasets).")
+    max_epochs: int = Field(
+        200, ge=1, le=100_000,
+        description="The most epochs a train.steps budget gives: 100 images would otherwise be seen 1,300 times, "
+        "each epoch paying for a validation pass and a checkpoint.",
+    )  # fmt: skip
     epochs: int | None = Field(None, ge=1, le=100_000, description="Budget in epochs instead of train.steps; null: from steps.")
     batch_size: int = Field(64, ge=1, le=65536, description="Per-process batch size.")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw")

@@ -61,14 +61,14 @@ def resolve_budget(cfg: TrainConfig, train_items: int, world_size: int = 1, epoc
     """The train section with every budget field concrete, as the worker needs it:
 
     - epochs: `epochs` if given (a refit), else train.epochs, else ceil(train.steps / steps per
-      epoch) but at least train.min_epochs, steps per epoch = ceil(ceil(train_items / world_size)
+      epoch) within [train.min_epochs, train.max_epochs], steps per epoch = ceil(ceil(train_items / world_size)
       / batch_size) (each rank's DistributedSampler shard, in batches);
     - patience auto: a quarter of the epochs, at least 5;
     - warmup_epochs auto: 5% of the epochs (at least one step is taken by the scheduler);
     - backbone_lr_scale auto: 0.1 with pretrained weights, else 1.
     """
     per_epoch = max(1, math.ceil(math.ceil(train_items / world_size) / cfg.batch_size))
-    epochs = epochs or cfg.epochs or max(cfg.min_epochs, math.ceil(cfg.steps / per_epoch))
+    epochs = epochs or cfg.epochs or min(max(cfg.min_epochs, math.ceil(cfg.steps / per_epoch)), max(cfg.max_epochs, cfg.min_epochs))
     return cfg.model_copy(update={
         "epochs": epochs,
         "patience": max(5, -(-epochs // 4)) if cfg.patience == "auto" else cfg.patience,

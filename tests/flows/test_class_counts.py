@@ -50,7 +50,8 @@ def _run(root: Path, overrides: dict, tmp_path: Path) -> tuple[dict, dict, pd.Da
 def test_two_classes_get_binary_metrics_a_positive_class_and_a_validation_threshold(harness, state, tmp_path):
     root = write_shapes(tmp_path / "data", ["normal", "lesion"], 48)
     _drop_items(root, "lesion", 24)  # lesion is the minority: the default positive class
-    summary, report, predictions, client = _run(root, {"train.epochs": 3}, tmp_path)
+    # 54 training items are one step an epoch: 30 epochs, 30 steps (3 were enough for the smaller net before 2026-12-01)
+    summary, report, predictions, client = _run(root, {"train.epochs": 30}, tmp_path)
 
     metrics = summary["metrics"]
     assert {"test_roc_auc", "test_pr_auc", "test_sensitivity", "test_specificity"} <= set(metrics)

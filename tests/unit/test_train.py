@@ -260,6 +260,8 @@ def test_budget_in_steps_becomes_epochs_and_auto_fields_resolve():
     big = resolve_budget(TrainConfig(steps=1000, batch_size=64), train_items=64_000, world_size=2)
     assert big.epochs == 10 and big.patience == 5  # 500 steps an epoch on each of 2 ranks: the 10-epoch floor
     assert resolve_budget(TrainConfig(steps=1000, min_epochs=1), train_items=64_000, world_size=2).epochs == 2
+    tiny = resolve_budget(TrainConfig(steps=2000, batch_size=64), train_items=90)
+    assert tiny.epochs == 200 and tiny.patience == 50  # 2 steps an epoch: capped at train.max_epochs
     fixed = resolve_budget(TrainConfig(epochs=3, pretrained="a1_in1k", model="resnet18"), train_items=10)
     assert fixed.epochs == 3 and fixed.backbone_lr_scale == 0.1
     assert resolve_budget(fixed, train_items=99_999) == fixed  # resolving twice changes nothing
