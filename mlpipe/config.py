@@ -94,14 +94,20 @@ class ColumnPolicy(_Section):
         return self
 
 
+# The personal columns of mlpipe's generated manifests (the sample and mlpipe.datasets) and what happens to them.
+PERSONAL_DATA_POLICY: dict[str, Any] = {
+    "subject_id": "pseudonymize",
+    "name": "drop",
+    "email": "drop",
+    "phone": "drop",
+    "date_of_birth": {"action": "generalize_date", "granularity": "year"},
+    "note": "redact_text",
+}
+
+
 def _sample_policy() -> dict[str, ColumnPolicy]:
     policy = {
-        "subject_id": "pseudonymize",
-        "name": "drop",
-        "email": "drop",
-        "phone": "drop",
-        "date_of_birth": {"action": "generalize_date", "granularity": "year"},
-        "note": "redact_text",
+        **PERSONAL_DATA_POLICY,
         "annotator_1": "keep",
         "annotator_2": "keep",
         "annotator_3": "keep",

@@ -23,6 +23,7 @@ import pandas as pd
 from faker import Faker
 from PIL import Image
 
+from mlpipe.config import PERSONAL_DATA_POLICY
 from mlpipe.sample import NOTE_TEMPLATES, PERSONAL_COLUMNS, Votes, assign_subjects, fake_person, write_digits
 
 # --- the sample's variants ------------------------------------------------------------------------
@@ -65,15 +66,7 @@ TAGGER_DISAGREEMENT = 0.03  # tagger_2 picks another class on 3% of items: a 1-1
 FASHION_OVERRIDES: dict[str, Any] = {
     "ingest.image_size": 28,
     "label.columns": list(TAGGERS),
-    "anonymize.policy": {
-        "subject_id": "pseudonymize",
-        "name": "drop",
-        "email": "drop",
-        "phone": "drop",
-        "date_of_birth": {"action": "generalize_date", "granularity": "year"},
-        "note": "redact_text",
-        **{t: "keep" for t in TAGGERS},
-    },
+    "anonymize.policy": {**PERSONAL_DATA_POLICY, **{t: "keep" for t in TAGGERS}},
 }
 
 # IDX type codes (the third byte of the magic number) and their big-endian numpy types.
