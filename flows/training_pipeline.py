@@ -29,5 +29,5 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noq
         best = search(trained, config.search, run)
         final = refit(best, splits, trials, config.search, run)
         outcome = evaluate(final, splits, config.evaluate, run)
-        accounting = account(snapshot, dataset, labelled, splits, final, run)
+        accounting = account(snapshot, dataset, labelled, splits, trials, final, run)
     return {"flow_run_id": str(flow_run.id), **run.model_dump(), **outcome, "accounting": accounting}

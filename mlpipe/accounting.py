@@ -44,8 +44,11 @@ def ledger(ingest: dict, anonymize: dict, label: dict, split: dict) -> list[dict
     return entries
 
 
-def lines(entries: list[dict], trained_on: int | None = None, evaluated_on: int | None = None) -> list[str]:
-    """The account as one line per stage, for the end of `mlpipe run`."""
+def lines(entries: list[dict], trained_on: int | None = None, evaluated_on: int | None = None,
+          left_out: int = 0) -> list[str]:  # fmt: skip
+    """The account as one line per stage, for the end of `mlpipe run`. `trained_on`: the items the
+    shipped model trained on; `left_out`: training-split items flagged as likely label errors and
+    left out of them (resample.drop_label_issues, opt-in)."""
     out = []
     for e in entries:
         removed = ", ".join(f"{why} {n}" for why, n in e["removed"].items() if n) or "none removed"
@@ -56,7 +59,8 @@ def lines(entries: list[dict], trained_on: int | None = None, evaluated_on: int 
         else:
             out.append(f"{e['stage']:<10} {e['rows_in']} in, {e['kept']} kept; {removed}{extra}")
     if trained_on is not None:
-        out.append(f"train      trained on {trained_on}")
+        dropped = f" ({left_out} flagged as likely label errors left out: resample.drop_label_issues)" if left_out else ""
+        out.append(f"train      trained on {trained_on}{dropped}")
     if evaluated_on is not None:
         out.append(f"evaluate   evaluated on {evaluated_on} (the whole test split)")
     return out

@@ -270,6 +270,15 @@ def training_items(splits: StageResult, parts: list[str], drop_label_issues: boo
     return index[keep], y[keep], int((~keep).sum())
 
 
+def trained_on(splits: StageResult, refit: bool, drop_label_issues: bool) -> tuple[int, int]:
+    """(items the shipped model trained on, flagged items left out of them): the training parts
+    (train, or train+val after a refit), less the label stage's flags when the winner dropped them.
+    Synthetic resampling items are not counted: they are not rows of the data."""
+    parts = development_parts(splits) if refit else cv_folds(splits)[0][1]
+    index, _, left_out = training_items(splits, parts, drop_label_issues)
+    return len(index), left_out
+
+
 def load_parts(splits: StageResult, parts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 NHWC, labels) of the union of split files, from the pixel cache."""
     index, y = load_index(splits, parts)

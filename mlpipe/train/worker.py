@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import os
 import random
 import shutil
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mlpipe.metrics import classification_metrics
@@ -74,11 +76,14 @@ def normalize_on_device(batch: torch.Tensor, mean: torch.Tensor, std: torch.Tens
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx: DistContext,
-                    grad_clip: float | None = None, frozen: list[nn.Parameter] | None = None) -> dict[str, float]:  # fmt: skip
+                    grad_clip: float | None = None, frozen: list[nn.Parameter] | None = None,
+                    ema: ModelEmaV3 | None = None, raw_model: nn.Module | None = None) -> dict[str, float]:  # fmt: skip
     """One pass over this rank's shard; loss and accuracy all-reduced over ranks, img/s global.
     `frozen` parameters keep their values: their gradients are dropped before the step (the
     optimizer skips a parameter without a gradient), which works under DDP, whose gradient
-    all-reduce needs every parameter that took part in the forward pass."""
+    all-reduce needs every parameter that took part in the forward pass. `ema` follows
+    `raw_model` (the module under any DDP or compile wrapper) after every step; the scheduler's
+    step count is the EMA's, so a resumed epoch warms the decay up as an uninterrupted one."""
     model.train()
     # Summed on the device: a per-step .item() would stall the GPU on every batch.
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -101,6 +106,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, scaler, amp_dt
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update(raw_model, step=scheduler.last_epoch)
         total += loss.detach().double() * len(targets)
         correct += (logits.detach().argmax(dim=1) == targets).sum().double()
         count += len(targets)
@@ -208,6 +215,8 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+LOSS_MIN_DELTA = 1e-4  # the least drop in validation loss that breaks a macro-F1 tie (Keras's min_delta)
+
 RESUME_KEYS = {"model_state", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_score", "best_epoch",
                "best_state", "history"}  # fmt: skip
 
@@ -294,6 +303,10 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
     if cfg.sync_batchnorm and ctx.world_size > 1 and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device, memory_format=fmt)
+    # The average lives beside the model (same device, fp32), not under DDP: every rank updates its own
+    # copy from identical weights, so the copies stay equal without communication.
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4) if cfg.ema_decay else None
+    shipped = ema.module if ema is not None else model  # what is validated, checkpointed and returned
     net = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
         if ctx.world_size > 1 else model
     if cfg.compile != "off":
@@ -326,15 +339,17 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
 
     out = Path(trial.out_dir)
     ckpt_path, last_path = out / "checkpoint.pt", out / "last.pt"
-    best_score, best_epoch, best_state, history, first_epoch = -1.0, -1, None, [], 0
+    best_score, best_epoch, best_state, history, first_epoch = [-math.inf, -math.inf], -1, None, [], 0
     state = load_resumable(last_path, ctx.device, trial.name, ctx)
     if state is not None:
         model.load_state_dict(state["model_state"])
+        if ema is not None:
+            ema.module.load_state_dict(state.get("ema_state") or state["model_state"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-        best_score, best_epoch, best_state = state["best_score"], state["best_epoch"], state["best_state"]
+        best_score, best_epoch, best_state = list(state["best_score"]), state["best_epoch"], state["best_state"]
         history, first_epoch = list(state["history"]), state["epoch"] + 1
         if ctx.is_main:
             print(f"{trial.name} resumed after epoch {state['epoch']}", flush=True)
@@ -347,19 +362,22 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout; augmentation is seeded per item
         sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
         frozen = backbone if epoch < cfg.freeze_epochs else None  # fine-tuning: the head learns first
-        metrics = train_one_epoch(net, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx, cfg.grad_clip, frozen)
+        metrics = train_one_epoch(net, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx,
+                                  cfg.grad_clip, frozen, ema, model)  # fmt: skip
         metrics["lr"] = scheduler.get_last_lr()[0]
         if ctx.device.type == "cuda":
             metrics["gpu_mem_mib"] = max(all_gather_objects(torch.cuda.max_memory_allocated(ctx.device) / 2**20))
         if val_path is not None:
-            metrics.update(validate(model, val_images, val_y, cfg.batch_size, amp_dtype, norm, ctx))
+            metrics.update(validate(shipped, val_images, val_y, cfg.batch_size, amp_dtype, norm, ctx))
         history.append({"epoch": epoch, **metrics})
-        # Without validation (a refit) every epoch counts as the best: the last weights are kept.
-        score = metrics.get("val_macro_f1", float(epoch))
-        improved = score > best_score
+        # Validation macro-F1, ties broken by the lower validation loss: a small validation split
+        # saturates (macro-F1 1.0 from an early epoch) and the first epoch to reach it is rarely the
+        # best model. Without validation (a refit) every epoch counts as the best: the last weights are kept.
+        score = [metrics["val_macro_f1"], -metrics["val_loss"]] if "val_macro_f1" in metrics else [float(epoch), 0.0]
+        improved = score[0] > best_score[0] or (score[0] == best_score[0] and score[1] > best_score[1] + LOSS_MIN_DELTA)
         if improved:
             best_score, best_epoch = score, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(shipped.state_dict())
         if ctx.is_main:
             if improved:
                 save_checkpoint(ckpt_path, {
@@ -369,7 +387,8 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
                 })  # fmt: skip
             # Saved before the metrics are logged: a crash in between is caught up on resume.
             save_checkpoint(last_path, {
-                "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_state": model.state_dict(), **({"ema_state": ema.module.state_dict()} if ema else {}),
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
                 "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch, "best_state": best_state,
                 "history": history,

@@ -264,6 +264,16 @@ def test_flagged_items_reach_the_test_split_and_leave_training_only_on_request(d
         __import__("mlpipe.store", fromlist=["stable_hash"]).stable_hash(trials[1].resample)[:12]))]
     assert entry["label_issues_left_out"] == len(train_flagged)
 
+    from mlpipe.accounting import lines
+    from mlpipe.split import trained_on
+
+    assert trained_on(splits, refit=False, drop_label_issues=False) == (len(kept), 0)
+    assert trained_on(splits, refit=False, drop_label_issues=True) == (len(dropped), len(train_flagged))
+    assert trained_on(splits, refit=True, drop_label_issues=False)[0] == len(kept) + len(parts["val"]["y"])
+    line = lines([], trained_on=len(dropped), left_out=len(train_flagged))[-1]
+    assert line == f"train      trained on {len(dropped)} ({len(train_flagged)} flagged as likely label errors left out: " \
+                   "resample.drop_label_issues)"
+
 
 def test_a_weak_flagging_model_flags_nothing_and_says_why(state, tmp_path):
     """Field case case10 (cleanlab/cleanlab#685): 120 correctly labelled shapes; the thumbnail
