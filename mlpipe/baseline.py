@@ -189,12 +189,17 @@ def _choose(make, grid: dict[str, tuple], x: np.ndarray, y: np.ndarray, xv: np.n
 
 
 def fit_baselines(train_images: np.ndarray, train_y: np.ndarray, val_images: np.ndarray, val_y: np.ndarray,
-                  num_classes: int, seed: int = 0, train_total: int | None = None) -> dict[str, Baseline]:  # fmt: skip
+                  num_classes: int, seed: int = 0, train_total: int | None = None,
+                  refit_on: tuple[np.ndarray, np.ndarray, int] | None = None) -> dict[str, Baseline]:  # fmt: skip
     """Fit the logistic regression and the RBF SVC on training items (uint8 NHWC images, integer
     labels 0..num_classes-1) and choose each one's C and class_weight on the validation items'
     macro-F1. `train_total`: the size of the training split these items were drawn from (default:
-    all of them), for the notes. Returns {name: Baseline} in NAMES order. Raises MlpipeError when
-    a class has no training item or the two image sets differ in shape."""
+    all of them), for the notes. `refit_on`: (images, labels, their split's size) of train+val,
+    when the deep model was refit on them: each baseline is then refit there too, with the C,
+    class_weight and SVC temperature chosen on validation (the deep model's refit keeps its
+    validation-chosen epochs the same way), so neither side sees more data than the other.
+    Returns {name: Baseline} in NAMES order. Raises MlpipeError when a class has no training
+    item or the image sets differ in shape."""
     if train_images.shape[1:] != val_images.shape[1:]:
         raise MlpipeError(f"baseline: training images {train_images.shape[1:]} and validation images "
                           f"{val_images.shape[1:]} differ in shape")  # fmt: skip
@@ -225,13 +230,26 @@ def fit_baselines(train_images: np.ndarray, train_y: np.ndarray, val_images: np.
         (lr_score, lr_params, lr), lr_grid = _choose(logistic, LR_GRID, x, y, xv, yv, num_classes)
         (svc_score, svc_params, svc), svc_grid = _choose(rbf_svc, SVC_GRID, x[svc_rows], y[svc_rows], xv, yv,
                                                          num_classes, svc_predict)  # fmt: skip
-    svc_module = svc_torch(svc, features, num_classes)
-    svc_module.temperature.fill_(choose_temperature(run_module(svc_module, val_images[val_rows], "decision"), yv))
-    svc_params = {**svc_params, "gamma": float(gamma), "temperature": float(svc_module.temperature)}
+    temperature = choose_temperature(run_module(svc_torch(svc, features, num_classes), val_images[val_rows], "decision"), yv)
+    svc_params = {**svc_params, "gamma": float(gamma), "temperature": float(temperature)}
+    refit = ""
+    if refit_on is not None:
+        all_images, all_y, total = refit_on
+        if all_images.shape[1:] != train_images.shape[1:]:
+            raise MlpipeError(f"baseline: refit images {all_images.shape[1:]} and training images "
+                              f"{train_images.shape[1:]} differ in shape")  # fmt: skip
+        rows = subsample(all_y, LR_MAX_ITEMS, seed)
+        x, y = run_module(features, all_images[rows]), all_y[rows]
+        svc_rows = subsample(y, SVC_MAX_ITEMS, seed)
+        with threadpool_limits(limits=1):
+            lr = logistic(lr_params["C"], lr_params["class_weight"]).fit(x, y)
+            svc = rbf_svc(svc_params["C"], svc_params["class_weight"]).fit(x[svc_rows], y[svc_rows])
+        refit = " (refit on train+val, as the deep model was)"
+    svc_module = svc_torch(svc, features, num_classes, temperature)
 
     def notes(used: int) -> list[str]:
         pooled = [f"pixels pooled by {features.pool}"] if features.pool > 1 else []
-        return pooled + ([f"trained on {used} of {total} training items"] if used < total else [])
+        return pooled + ([f"trained on {used} of {total} training items{refit}"] if used < total or refit else [])
 
     return {
         "logistic_regression": Baseline("logistic_regression", lr_params, lr_score, lr_grid, lr,

@@ -23,7 +23,7 @@ from mlpipe.gate import baseline_check_name, decide, paired_difference  # noqa: 
 from mlpipe.metrics import (  # noqa: E402
     apply_threshold, bootstrap_ci, bootstrap_indices, choose_threshold, evaluation_metrics, fast_scores,
 )  # fmt: skip
-from mlpipe.split import class_names, load_index, load_split  # noqa: E402
+from mlpipe.split import class_names, development_parts, load_index, load_split  # noqa: E402
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json  # noqa: E402
 from mlpipe.train.model import ServingModel, load_checkpoint  # noqa: E402
 
@@ -183,11 +183,12 @@ def evaluate(
                     f"architecture this code version builds ({type(err).__name__})")  # fmt: skip
     # Two classes: the positive class and the threshold are fixed before the test set is read,
     # on validation data only; every model gets its operating point by the same rule.
-    rule, champion_rule = decision_rule(names, splits, config, model, bool(best.report.get("refit"))), None
+    refit = bool(best.report.get("refit"))
+    rule, champion_rule = decision_rule(names, splits, config, model, refit), None
     if champion_model is not None and rule["kind"] == "threshold":
         champion_rule = decision_rule(names, splits, config, champion_model)
     # The baselines are fitted, chosen and given their rule on train and val, before the test read.
-    baselines = fit_split_baselines(splits, len(names), config.seed) if config.baseline else {}
+    baselines = fit_split_baselines(splits, len(names), config.seed, refit) if config.baseline else {}
     baseline_rules = {name: decision_rule(names, splits, config, b.module) for name, b in baselines.items()}
     best_baseline = max(baselines, key=lambda n: baselines[n].val_macro_f1) if baselines else None  # first on a tie
     images, y = load_split(splits, "test")  # the one read of the test set
@@ -271,20 +272,24 @@ def load_model(path):
     return load_checkpoint(path)
 
 
-def _capped_items(splits: StageResult, part: str, cap: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(images uint8 NHWC, labels, the part's size) of at most about `cap` items of one split file
+def _capped_items(splits: StageResult, parts: list[str], cap: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(images uint8 NHWC, labels, the parts' size) of at most about `cap` items of these split files
     (the baseline's class-proportional subsample), reading only their pixels from the cache."""
-    index, y = load_index(splits, [f"{part}.npz"])
+    index, y = load_index(splits, parts)
     rows = classical.subsample(y, cap, seed)
     return np.ascontiguousarray(np.load(splits.file("pixels"), mmap_mode="r")[index[rows]]), y[rows], len(y)
 
 
-def fit_split_baselines(splits: StageResult, num_classes: int, seed: int) -> dict[str, classical.Baseline]:
+def fit_split_baselines(splits: StageResult, num_classes: int, seed: int,
+                        refit: bool = False) -> dict[str, classical.Baseline]:  # fmt: skip
     """The classical baselines on the split stage's own training items (never a resampled set;
-    in kfold mode train.npz holds folds 1..k-1 and val.npz fold 0), chosen on the validation items."""
-    train_images, train_y, total = _capped_items(splits, "train", classical.LR_MAX_ITEMS, seed)
-    val_images, val_y, _ = _capped_items(splits, "val", classical.VAL_MAX_ITEMS, seed)
-    return classical.fit_baselines(train_images, train_y, val_images, val_y, num_classes, seed, train_total=total)
+    in kfold mode train.npz holds folds 1..k-1 and val.npz fold 0), chosen on the validation items;
+    `refit` (the deep model was refit on train+val): then refit on every development item too."""
+    train_images, train_y, total = _capped_items(splits, ["train.npz"], classical.LR_MAX_ITEMS, seed)
+    val_images, val_y, _ = _capped_items(splits, ["val.npz"], classical.VAL_MAX_ITEMS, seed)
+    refit_on = _capped_items(splits, development_parts(splits), classical.LR_MAX_ITEMS, seed) if refit else None
+    return classical.fit_baselines(train_images, train_y, val_images, val_y, num_classes, seed, train_total=total,
+                                   refit_on=refit_on)  # fmt: skip
 
 
 def score_baseline(fitted: classical.Baseline, rule: dict, images: np.ndarray, y: np.ndarray, k: int) -> dict:

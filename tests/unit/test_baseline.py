@@ -70,6 +70,26 @@ def test_choice_follows_the_validation_labels_alone():
     assert second.val_macro_f1 == pytest.approx(1.0)
 
 
+def test_after_a_refit_the_baselines_are_refit_on_train_and_val_with_their_validation_choice():
+    """search.refit trains the deep model on train+val: the baselines get the same items, with the
+    C, class_weight and temperature chosen before on validation, so the comparison stays even."""
+    train, val = _hard(3, 150, 0), _hard(3, 90, 1)
+    alone = baseline.fit_baselines(*train, *val, num_classes=3)
+    both = (np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
+    refit = baseline.fit_baselines(*train, *val, num_classes=3, train_total=150, refit_on=(*both, 240))
+    for name in baseline.NAMES:
+        assert refit[name].params == alone[name].params and refit[name].val_macro_f1 == alone[name].val_macro_f1
+        assert refit[name].train_items == 240 and alone[name].train_items == 150
+        assert refit[name].notes[-1] == "trained on 240 of 240 training items (refit on train+val, as the deep model was)"
+    lr = refit["logistic_regression"].estimator
+    expected = baseline.LogisticRegression(C=alone["logistic_regression"].params["C"], max_iter=200, tol=1e-3,
+                                           class_weight=alone["logistic_regression"].params["class_weight"])
+    expected.fit(baseline.run_module(refit["logistic_regression"].module.features, both[0]), both[1])
+    np.testing.assert_allclose(lr.coef_, expected.coef_)
+    assert refit["rbf_svc"].estimator.support_vectors_.shape[0] != alone["rbf_svc"].estimator.support_vectors_.shape[0]
+    assert baseline.check_parity(refit["rbf_svc"], val[0])["max_abs_diff"] <= 1e-6
+
+
 def test_svc_training_items_are_capped_and_recorded(monkeypatch):
     monkeypatch.setattr(baseline, "SVC_MAX_ITEMS", 60)
     fitted = baseline.fit_baselines(*_data(3, 150, 0), *_data(3, 60, 1), num_classes=3)

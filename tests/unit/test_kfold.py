@@ -87,6 +87,8 @@ def test_cross_validation_then_refit_on_all_folds(labelled):
     assert final.report["refit"]["epochs"] == best.report["winner_best_epoch"] + 1
     outcome, _ = evaluate(final, splits, config.evaluate)
     assert outcome.report["model"] == "refit on train+val" and outcome.report["test_items"] == splits.report["sizes"]["test"]
+    for fitted in outcome.report["baselines"].values():  # the baselines saw train+val too
+        assert fitted["train_items"] == development and fitted["notes"][-1].endswith("(refit on train+val, as the deep model was)")
     # The registry gate inside evaluate: the same model as champion gains nothing; a champion
     # with another class map is reported and skipped, never compared.
     from mlpipe.split import class_names
