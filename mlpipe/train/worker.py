@@ -20,8 +20,8 @@ group can be reused. Launch commands (the train task builds the first):
 
 Failures: if one rank dies, torchrun stops the others and (with --max-restarts) starts them
 all again; the worker then skips finished trials (their result.json) and resumes the current
-one from its `last.pt` (model, optimizer, scheduler, scaler, RNG, epoch, history), continuing
-exactly, and logs to MLflow only the epochs MLflow has not seen. Checkpoints are written
+one from its `last.pt` (model, weight average, optimizer, scheduler, scaler, RNG, epoch,
+history), continuing exactly, and logs to MLflow only the epochs MLflow has not seen. Checkpoints are written
 atomically (temporary file, fsync, rename); the `last.pt` replaced is kept as `last.prev.pt`,
 and a `last.pt` that does not load (truncated, corrupt) is moved aside with a warning and the
 trial resumes from `last.prev.pt`, or starts over when neither loads. A hung collective fails after
@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mlpipe.metrics import classification_metrics
