@@ -69,6 +69,16 @@ def all_gather_objects(obj):
     return out
 
 
+def broadcast_from_main(module: torch.nn.Module) -> None:
+    """Every tensor of `module`'s state (parameters and buffers) becomes rank 0's, in place. For
+    state DDP does not keep in step, such as a weight average of batch-norm statistics that each
+    rank updates from its own last batch: after this every rank holds what rank 0 checkpoints,
+    so a run resumed from that checkpoint continues as the uninterrupted one."""
+    if is_distributed():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

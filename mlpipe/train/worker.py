@@ -56,7 +56,14 @@ from mlpipe.train.data import (
     ImageArrayDataset,
     build_augmentation,
 )
-from mlpipe.train.ddp import DistContext, all_gather_objects, all_reduce_sum, cleanup, init_distributed
+from mlpipe.train.ddp import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_from_main,
+    cleanup,
+    init_distributed,
+)
 from mlpipe.train.model import build_model, freeze_backbone, head_parameters
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec, is_done, resolve_budget
 
@@ -365,6 +372,8 @@ def run_trial(trial: TrialSpec, spec: WorkerSpec, ctx: DistContext, tracker) -> 
         metrics = train_one_epoch(net, loader, optimizer, scheduler, loss_fn, scaler, amp_dtype, norm, ctx,
                                   cfg.grad_clip, frozen, ema, model)  # fmt: skip
         metrics["lr"] = scheduler.get_last_lr()[0]
+        if ema is not None:
+            broadcast_from_main(ema.module)  # its batch-norm statistics drift apart between ranks
         if ctx.device.type == "cuda":
             metrics["gpu_mem_mib"] = max(all_gather_objects(torch.cuda.max_memory_allocated(ctx.device) / 2**20))
         if val_path is not None:
