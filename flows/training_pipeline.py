@@ -28,6 +28,6 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noq
         trained = train(splits, training_sets, trials, config.search, run)
         best = search(trained, config.search, run)
         final = refit(best, splits, trials, config.search, run)
-        outcome = evaluate(final, splits, config.evaluate, run)
+        outcome = evaluate(final, splits, config.evaluate, config.ingest, run)
         accounting = account(snapshot, dataset, labelled, splits, trials, final, run)
     return {"flow_run_id": str(flow_run.id), **run.model_dump(), **outcome, "accounting": accounting}

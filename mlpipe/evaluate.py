@@ -25,17 +25,9 @@ from mlpipe.metrics import (  # noqa: E402
 )  # fmt: skip
 from mlpipe.split import class_names, development_parts, load_index, load_split  # noqa: E402
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json  # noqa: E402
+from mlpipe.serving import Preprocessing, load_model, predict_labels, predict_proba  # noqa: E402
+from mlpipe.serving import save as save_serving_model  # noqa: E402
 from mlpipe.train.model import ServingModel, load_checkpoint  # noqa: E402
-
-
-@torch.no_grad()
-def predict_proba(model: ServingModel, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Deterministic inference: no augmentation, eval mode, float32 on CPU."""
-    out = [
-        model(torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float()).double().numpy()
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(out)
 
 
 def confusion_figure(y: np.ndarray, pred: np.ndarray, names: list[str]):
@@ -163,13 +155,15 @@ def model_card(report: dict, best: StageResult, splits: StageResult, links: dict
 
 def evaluate(
     best: StageResult, splits: StageResult, config: EvaluateConfig, champion: dict | None = None,
-    links: dict[str, str] | None = None,
+    links: dict[str, str] | None = None, preprocessing: Preprocessing | None = None,
 ) -> tuple[StageResult, ServingModel]:  # fmt: skip
     """The winner on the test set, once; the classical baselines (`evaluate.baseline`) and the
     current champion (if any, and if its class map matches; a deep model or a baseline) on the
     same items, and the registry gate's decision. Returns the stage result and the model to
     register: the deep model, or the best baseline when `evaluate.allow_baseline_champion` lets it
-    take the deep model's place (`choose_registered`)."""
+    take the deep model's place (`choose_registered`). With `preprocessing` (the run's ingest
+    settings), the stage also writes the serving model's data folder, `serving/`
+    (`mlpipe.serving.save`): what the registry gets."""
     model = load_checkpoint(best.file("checkpoint"))
     names = class_names(splits)
     champion_model, note = None, None
@@ -234,8 +228,8 @@ def evaluate(
         "baseline_metrics": {f"baseline_{name}_{metric}": value for name, entry in scored.items()
                              for metric, value in entry.items() if metric.startswith("test_")},  # fmt: skip
     }
-    key = stable_hash(best.key, splits.key, config, champion and champion["version"],
-                      code_version("mlpipe.evaluate", "mlpipe.baseline", "mlpipe.gate"))[:16]  # fmt: skip
+    key = stable_hash(best.key, splits.key, config, champion and champion["version"], preprocessing,
+                      code_version("mlpipe.evaluate", "mlpipe.baseline", "mlpipe.gate", "mlpipe.serving"))[:16]  # fmt: skip
     with stage_dir("evaluate", key) as out:
         figures = {
             "confusion_matrix.png": confusion_figure(y, pred, names),
@@ -247,29 +241,25 @@ def evaluate(
         for name, fig in figures.items():
             fig.savefig(out / name, dpi=110, metadata={"Software": None})
             plt.close(fig)
-        table = {"y": y, "pred": pred, "confidence": proba[np.arange(len(y)), pred]}
-        if rule["kind"] == "threshold":
-            table[f"p_{rule['positive_class']}"] = proba[:, positive]
+        # Rows in test.npz order; every class's probability, so that served answers can be checked against these.
+        table = {"y": y, "pred": pred, "confidence": proba[np.arange(len(y)), pred],
+                 **{f"p_{name}": proba[:, k] for k, name in enumerate(names)}}  # fmt: skip
         pd.DataFrame(table).to_csv(out / "predictions.csv", index=False)
         report["onnx"] = onnx_parity(model, images, out / "model.onnx")
-        checkpoint = best.file("checkpoint")
+        checkpoint, files = best.file("checkpoint"), {}
         if serving is not model:  # a baseline is registered: its own checkpoint, for later champion comparisons
             torch.save(classical.checkpoint(serving, images.shape[3], len(names)), out / "checkpoint.pt")
             checkpoint = final_path("evaluate", key) / "checkpoint.pt"
+        if preprocessing is not None:
+            save_serving_model(out / "serving", out / "checkpoint.pt" if serving is not model else checkpoint, names,
+                               preprocessing, rule if serving is model else baseline_rules[best_baseline], images[0],
+                               getattr(serving, "arch", "deep"),
+                               out / "model.onnx" if serving is model else None)  # fmt: skip
+            files["serving"] = final_path("evaluate", key) / "serving"
         write_json(out / "gate.json", gate)
         (out / "model_card.md").write_text(model_card(report, best, splits, links or {}), encoding="utf-8")
         write_json(out / "report.json", report)
-    return StageResult.at("evaluate", key, report, checkpoint=checkpoint), serving
-
-
-def load_model(path):
-    """The model a registered version's checkpoint describes: a deep model (`load_checkpoint`) or
-    a baseline (`{"kind": "baseline", ...}`, `mlpipe.baseline.from_checkpoint`). Both are read
-    with `weights_only=True`: a checkpoint is data, never code. (A deep checkpoint is read twice.)"""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(ckpt, dict) and ckpt.get("kind") == "baseline":
-        return classical.from_checkpoint(ckpt)
-    return load_checkpoint(path)
+    return StageResult.at("evaluate", key, report, checkpoint=checkpoint, **files), serving
 
 
 def _capped_items(splits: StageResult, parts: list[str], cap: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -461,13 +451,6 @@ def decision_rule(names: list[str], splits: StageResult, config: EvaluateConfig,
     rule["apply"] = (f"predict '{names[index]}' when the registered model's probability column {index} "
                      f"('{names[index]}') is >= {rule['threshold']:.6g}, else '{names[1 - index]}'")  # fmt: skip
     return rule
-
-
-def predict_labels(proba: np.ndarray, rule: dict) -> np.ndarray:
-    """Hard labels from probabilities under a `decision_rule`."""
-    if rule["kind"] == "threshold":
-        return apply_threshold(proba, rule["positive_index"], rule["threshold"])
-    return proba.argmax(axis=1)
 
 
 def _baseline_lines(report: dict) -> list[str]:

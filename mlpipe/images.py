@@ -50,12 +50,14 @@ class Summary(NamedTuple):
     source_mode: str
 
 
-def decode(data: bytes, image_size: int, channels: int, max_pixels: int, background: Background = "auto") -> Decoded:
+def decode(data: bytes, image_size: int, channels: int, max_pixels: int, background: Background = "auto",
+           thumbnail: bool = True) -> Decoded:  # fmt: skip
     """Decode one file's bytes into `image_size` x `image_size` x `channels` uint8 pixels.
 
     `max_pixels` (width x height, read from the header before decoding) is the only size limit;
     larger images raise `Quarantined("over the pixel limit")`. `background` is what transparent
-    pixels are composited over (see `normalize_mode`). Raises `Quarantined` with the reason for
+    pixels are composited over (see `normalize_mode`). `thumbnail=False` skips the perceptual
+    hash's thumbnail (serving needs no deduplication). Raises `Quarantined` with the reason for
     empty, unidentifiable, truncated or corrupt data. Touches no `warnings` state, so the same
     bytes give the same result on any thread, every time.
     """
@@ -79,6 +81,34 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int, backgro
         raise Quarantined("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise Quarantined(f"truncated or corrupt ({type(exc).__name__})") from None
+    return _to_training_size(normalized, image_size, source_mode, thumbnail)
+
+
+# uint8 arrays users hand to the serving model: H x W (grayscale), H x W x 1, 3 (RGB) or 4 (RGBA).
+ARRAY_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def decode_array(array: np.ndarray, image_size: int, channels: int, max_pixels: int,
+                 background: Background = "auto", thumbnail: bool = True) -> Decoded:  # fmt: skip
+    """An in-memory uint8 image (H x W, or H x W x 1/3/4 channels: L, RGB, RGBA) through the
+    same mode normalization and resize as `decode`, so an array and its PNG give equal pixels.
+    Raises `Quarantined` for another dtype, rank or channel count, or above `max_pixels`."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in ARRAY_MODES):
+        raise Quarantined(f"not an image array (dtype {array.dtype}, shape {array.shape}; "
+                          "want uint8 H x W or H x W x 1, 3 or 4)")  # fmt: skip
+    if array.shape[0] * array.shape[1] > max_pixels:
+        raise Quarantined("over the pixel limit")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise Quarantined("empty image")
+    mode = "L" if array.ndim == 2 else ARRAY_MODES[array.shape[2]]
+    img = Image.fromarray(np.ascontiguousarray(array[:, :, 0] if array.ndim == 3 and mode == "L" else array), mode=mode)
+    return _to_training_size(normalize_mode(img, channels, background), image_size, mode, thumbnail)
+
+
+def _to_training_size(normalized: Image.Image, image_size: int, source_mode: str, thumbnail: bool = True) -> Decoded:
+    """A mode-normalized image resized to the training resolution, with its content hash and
+    (`thumbnail`) the perceptual hash's thumbnail. The one resize ingest and serving share."""
     raw = normalized.tobytes()  # one copy out of Pillow, shared by the hash and (often) the pixels
     width, height = normalized.size
     depth = len(normalized.getbands())
@@ -88,9 +118,11 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int, backgro
     else:  # reducing_gap: box-reduce first, then resample; same look, a fraction of the time
         small = normalized.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
         resized = np.frombuffer(small.tobytes(), np.uint8).reshape(image_size, image_size, depth)
+    if not thumbnail:
+        thumb = None
     # The hash of the training-resolution image when that is large enough: the perceptual hash
     # only looks at a 32x32 thumbnail, and shrinking 224 px costs less than shrinking 4,000 px.
-    if small is normalized and depth == 1 and small.size == (PHASH_SIDE, PHASH_SIDE):
+    elif small is normalized and depth == 1 and small.size == (PHASH_SIDE, PHASH_SIDE):
         thumb = resized[:, :, 0]
     else:
         thumb = phash_thumbnail(small if image_size >= MIN_SIDE_FOR_PHASH else normalized)

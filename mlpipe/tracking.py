@@ -18,14 +18,15 @@ import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel
 
 from mlpipe.errors import MlpipeError
@@ -394,43 +395,99 @@ def prepare_model_logging(ref: RunRef) -> None:
 
 
 def _warm_model_logging() -> None:
-    import mlflow.pytorch  # noqa: F401
-    import torch.export  # noqa: F401
+    import mlflow.pyfunc  # noqa: F401
     from mlflow.utils import requirements_utils
 
     with contextlib.suppress(Exception):  # a private helper: should it move, log_model pays the cost itself
         requirements_utils._init_packages_to_modules_map()
 
 
-def log_model(
-    ref: RunRef, model: Any, registered_name: str, input_shape: list[int], checkpoint: Path, class_names: list[str]
-) -> dict[str, str]:  # fmt: skip
-    """Log a torch module as a safe `pt2` export (no pickle) and register it, with its training
-    checkpoint (for later champion comparisons) and class map. Returns uri and version."""
-    # A batch of 2 in the example keeps the export's batch dimension dynamic (1 would pin it).
-    input_example = np.zeros((2, *input_shape), dtype=np.float32)
+# What `mlpipe.serving` imports when MLflow loads the model (torchvision and timm build the
+# network, scipy comes with scikit-learn's metrics); pinned to the lock's versions in the model.
+SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pillow", "scikit-learn", "scipy")
+LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements.lock"
+
+
+def serving_requirements(lock: Path = LOCK_FILE) -> list[str]:
+    """`name==version` of each serving package: the lock's pin when the lock is at hand (a
+    checkout), else the installed version (an installed wheel has no lock). Raises MlpipeError
+    when a package is neither pinned nor installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    pins = {}
+    if lock.exists():
+        for line in lock.read_text(encoding="utf-8").splitlines():
+            name, sep, pinned = line.partition("==")
+            if sep:
+                pins[name.strip().lower()] = pinned.split(";")[0].split()[0]
+    requirements = []
+    for name in SERVING_PACKAGES:
+        try:
+            requirements.append(f"{name}=={pins.get(name) or installed(name)}")
+        except PackageNotFoundError:
+            raise MlpipeError(f"the serving model needs {name}, which is neither in {lock.name} nor installed") from None
+    return requirements
+
+
+def serving_signature(class_names: list[str], binary: bool) -> Any:
+    """The pyfunc's signature: one image per row in `image` (bytes; base64 over HTTP), `path` (a
+    local file) or `array` (uint8 H x W [x C], any size); out: class, its probability, one
+    probability per class, the threshold (two classes) and the row's error, if any."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    from mlpipe import serving
+
+    inputs = Schema([ColSpec("binary", serving.IMAGE, required=False), ColSpec("string", serving.PATH, required=False),
+                     ColSpec(AnyType(), serving.ARRAY, required=False)])  # fmt: skip
+    outputs = [ColSpec("string", serving.CLASS, required=False), ColSpec("double", serving.PROBABILITY, required=False),
+               *(ColSpec("double", c, required=False) for c in serving.probability_columns(class_names)),
+               *([ColSpec("double", serving.THRESHOLD)] if binary else []),
+               ColSpec("string", serving.ERROR, required=False)]  # fmt: skip
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs))
+
+
+def log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, class_names: list[str]) -> dict[str, str]:
+    """Log and register the serving model: an MLflow pyfunc whose `loader_module` is
+    `mlpipe.serving` and whose data is `data` (`mlpipe.serving.save`'s folder: weights, class map,
+    preprocessing, decision rule, ONNX), with its signature, an input example (the folder's
+    anonymized test image), pinned requirements and mlpipe's code (`code_paths`, so that
+    `mlflow models serve` needs no mlpipe install). The training checkpoint goes beside it, for
+    later champion comparisons. Returns uri and version."""
     try:
-        return _log_model(ref, model, registered_name, input_example, checkpoint, class_names)
+        return _log_model(ref, data, registered_name, checkpoint, class_names)
     except OSError as err:  # the version is not made champion: record_gate is never reached
         if err.errno in _STORE_ERRNOS:
             raise artifact_store_error(ref, err) from err
         raise
 
 
-def _log_model(
-    ref: RunRef, model: Any, registered_name: str, input_example: np.ndarray, checkpoint: Path, class_names: list[str]
-) -> dict[str, str]:  # fmt: skip
+def _log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, class_names: list[str]) -> dict[str, str]:
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import Model
+
+    from mlpipe import serving
+
     mlflow.set_tracking_uri(ref.tracking_uri)
     mlflow.set_experiment(experiment_id=ref.experiment_id)  # LoggedModels live in the run's experiment
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        run_id=ref.run_id,
-        registered_model_name=registered_name,
-        input_example=input_example,
-        serialization_format="pt2",
-        pip_requirements=["torch"],
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        code = Path(scratch) / "mlpipe"  # the package's sources only: no caches
+        shutil.copytree(Path(serving.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        info = Model.log(  # mlflow.pyfunc.log_model's own call, which also takes the run (it has no run_id)
+            artifact_path=None,
+            name="model",
+            flavor=mlflow.pyfunc,
+            run_id=ref.run_id,
+            loader_module="mlpipe.serving",
+            data_path=str(data),
+            code_paths=[str(code)],
+            registered_model_name=registered_name,
+            signature=serving_signature(class_names, len(class_names) == 2),
+            input_example=pd.DataFrame({serving.IMAGE: [serving.example_image(data)]}),
+            pip_requirements=serving_requirements(),
+        )
     version = str(info.registered_model_version)
     client = _client(ref.tracking_uri)
     client.log_artifact(ref.run_id, str(checkpoint), CHECKPOINT_DIR)
@@ -649,3 +706,55 @@ def _artifact_text(client: MlflowClient, run_id: str, path: str, scratch: str) -
 def tag_run(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
     """Tags on a run outside a pipeline run (it may have ended), written now."""
     _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def load_serving_model(model_uri: str, workdir: Path, device: str = "cpu", batch_size: int = 256) -> tuple[Any, dict]:
+    """The registered serving model as MLflow's pyfunc wrapper (the schema enforcement a server
+    applies) around this installed `mlpipe.serving` code, and what it is: name, version, run.
+
+    `model_uri`: `models:/NAME@alias`, `models:/NAME/VERSION`, `runs:/...` or a local folder. The
+    model is downloaded into `workdir`. Its MLmodel must name `mlpipe.serving` as loader: any
+    other model is refused (MlpipeError), never loaded, because loading a foreign pyfunc can
+    unpickle code. The code copy inside the model is not run; this process's mlpipe is."""
+    from mlflow.models import Model
+    from mlflow.pyfunc import PyFuncModel
+
+    from mlpipe import serving
+
+    info = _model_version_info(model_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(workdir),
+                                                         tracking_uri=tracking_uri()))  # fmt: skip
+    except MlflowException as err:
+        raise MlpipeError(f"cannot load model {model_uri}: {_first_line(err)}") from None
+    try:
+        meta = Model.load(str(local))
+    except (OSError, MlflowException):
+        raise MlpipeError(f"{model_uri} is not an MLflow model (no MLmodel file)") from None
+    flavour = meta.flavors.get("python_function", {})
+    if flavour.get("loader_module") != "mlpipe.serving":
+        raise MlpipeError(f"{model_uri} is not an mlpipe serving model (loader {flavour.get('loader_module')!r}); "
+                          "models registered before pyfunc serving need a retrain")  # fmt: skip
+    impl = serving.load(local / flavour["data"], device=device, batch_size=batch_size)
+    return PyFuncModel(model_meta=meta, model_impl=impl), {**info, "model_uri": model_uri}
+
+
+def _model_version_info(model_uri: str) -> dict:
+    """name, version and run id of a `models:/` URI's registered version; {} for other URIs."""
+    if not model_uri.startswith("models:/"):
+        return {}
+    name, _, ref = model_uri.removeprefix("models:/").partition("@")
+    client = _client()
+    try:
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+    except MlflowException as err:
+        raise MlpipeError(f"cannot load model {model_uri}: {_first_line(err)}") from None
+    return {"registered_model": version.name, "version": str(version.version), "training_run_id": version.run_id}
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
