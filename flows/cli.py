@@ -3,6 +3,7 @@
     mlpipe run [--config FILE] [--set dotted.key=value ...]
     mlpipe reproduce RUN_ID [--tracking-uri URI] [--state-dir DIR]
     mlpipe sample-data DIR
+    mlpipe predict [--model URI] [--output FILE] [--batch-size N] [--device D] SOURCE [SOURCE ...]
     mlpipe promote --version N
     mlpipe reconcile
     mlpipe serve [--name N] [--cron EXPR --timezone TZ] [--config FILE]
@@ -49,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     again.add_argument("--tracking-uri", help="MLflow store holding the run (default: as mlpipe run); the new run goes there too")
     again.add_argument("--state-dir", type=Path, help="new or empty directory to recompute in (default: a new one in "
                        "<state>/reproductions/)")  # fmt: skip
+    predict = sub.add_parser("predict", help="score new images with a registered model; write predictions.csv")
+    predict.add_argument("sources", nargs="+", metavar="SOURCE", help="a folder or fsspec URL (every image under it), "
+                         "a manifest (.csv, .parquet, .jsonl; paths relative to its folder), or image files")  # fmt: skip
+    predict.add_argument("--model", default="models:/mlpipe-classifier@champion", help="MLflow model URI")
+    predict.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    predict.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    predict.add_argument("--image-column", default="image", help="a manifest's column of image paths")
     sample = sub.add_parser("sample-data", help="write the embedded dataset as a manifest plus image files")
     sample.add_argument("dir", type=Path)
     promote = sub.add_parser("promote", help="move the @champion alias to a model version (a rollback), recorded")
@@ -71,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sample-data":
             return _sample_data(args.dir)
+        if args.command == "predict":
+            return _predict(args)
         if args.command == "promote":
             return _promote(args.model, args.version, args.reason)
         if args.command == "reconcile":
@@ -157,6 +168,36 @@ def _results_in_state_dir() -> Iterator[None]:
     path = state_path() / "prefect-results"
     with _environ(PREFECT_LOCAL_STORAGE_PATH=str(path)), temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: path}):
         yield
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """Score images with the serving model (the pyfunc `mlflow models serve` answers with)."""
+    import tempfile
+
+    import torch
+    from tqdm import tqdm
+
+    from mlpipe import tracking
+    from mlpipe.predict import list_inputs, predict_inputs, write_predictions
+
+    if args.batch_size < 1:
+        raise MlpipeError(f"--batch-size must be at least 1, not {args.batch_size}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    src, inputs = list_inputs(args.sources, args.image_column)
+    if not inputs:
+        raise MlpipeError(f"no image files in {' '.join(args.sources)} (suffixes: png, jpg, tif, ...)")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as scratch:
+        model, info = tracking.load_serving_model(args.model, Path(scratch), device, args.batch_size)
+        with tqdm(total=len(inputs), unit="img", desc="predict", disable=None) as bar:
+            counts = write_predictions(predict_inputs(model, inputs, src, args.batch_size, bar.update), args.output)
+    version = f" (version {info['version']})" if "version" in info else ""
+    failed = sum(counts["failed"].values())
+    print(f"{args.model}{version}: {counts['images']} images, {counts['images'] - failed} predicted, {failed} failed")
+    for reason, n in counts["failed"].items():
+        print(f"  failed: {reason} {n}")
+    print(f"wrote {args.output}")
+    return 0
 
 
 def _promote(model: str, version: str, reason: str) -> int:
