@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
@@ -276,3 +278,84 @@ def test_canaries_never_reach_anything_the_pipeline_writes(harness, env, tmp_pat
     written = [f for f in files_under(*places, besides=[tmp_path]) if "sample" not in f.parts]
     assert len(written) > 50 and any(f.suffix == ".pt" for f in written) and any(f.suffix == ".db" for f in written)
     assert scan(written) == []
+
+
+def _test_split_as_files(home: Path, recorded: pd.DataFrame, folder: Path) -> list[Path]:
+    """The run's test split, in test.npz order, as PNG files re-encoded from the pixel cache
+    (what the anonymize stage writes): the images evaluate scored, as a user would hold them."""
+    from PIL import Image
+
+    splits = [p for p in home.glob("work/split/*/test.npz") if np.array_equal(np.load(p)["y"], recorded["y"])]
+    assert len(splits) >= 1, "no split of this run has the recorded test labels"
+    (pixels_file,) = home.glob("work/ingest/*/pixels.npy")
+    pixels = np.load(pixels_file, mmap_mode="r")[np.load(splits[0])["pixel_index"]]
+    folder.mkdir()
+    files = [folder / f"test-{i:04d}.png" for i in range(len(pixels))]
+    for file, image in zip(files, pixels, strict=True):
+        Image.fromarray(np.ascontiguousarray(image[:, :, 0])).save(file)
+    return files
+
+
+def _same_answers(answers: pd.DataFrame, recorded: pd.DataFrame, names: list[str], what: str) -> None:
+    assert answers["error"].isna().all(), f"{what}: {answers['error'].dropna().unique()}"
+    assert list(answers["class"]) == [names[k] for k in recorded["pred"]], f"{what}: classes differ"
+    columns = [f"p_{n}" for n in names]
+    worst = np.abs(answers[columns].to_numpy(float) - recorded[columns].to_numpy(float)).max()
+    assert worst <= 1e-5, f"{what}: probabilities differ by {worst}"
+
+
+def test_the_registered_model_served_four_ways_answers_as_evaluate_recorded(finished, tmp_path):
+    """pyfunc, `mlpipe predict`, `mlflow models serve` over HTTP and the ONNX export, on the test
+    split's images as files: the classes evaluate recorded, probabilities within 1e-5."""
+    import base64
+
+    import onnxruntime
+    import requests
+
+    from flows.cli import main
+    from mlpipe import tracking
+    from tests.servers import BIN, free_port, start, stop, wait_for
+
+    client, summary = finished["client"], finished["state"].result()
+    name = finished["config"].evaluate.registered_model_name
+    tracking.promote(name, summary["version"], "the serving test serves this run's model")
+    uri = f"models:/{name}@champion"
+    recorded = pd.read_csv(client.download_artifacts(summary["run_id"], "evaluate/predictions.csv", str(tmp_path)))
+    names = [str(d) for d in range(10)]
+    files = _test_split_as_files(finished["home"], recorded, tmp_path / "test-images")
+
+    model, info = tracking.load_serving_model(uri, tmp_path / "model")
+    assert info["version"] == summary["version"] and info["training_run_id"] == summary["run_id"]
+    _same_answers(model.predict(pd.DataFrame({"path": [str(f) for f in files]})), recorded, names, "pyfunc")
+
+    output = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", uri, "--output", str(output), "--batch-size", "64", str(files[0].parent)]) == 0
+    cli = pd.read_csv(output, dtype={"class": str})
+    assert list(cli["source"]) == [f.name for f in files]
+    _same_answers(cli, recorded, names, "mlpipe predict")
+
+    (spec,) = (tmp_path / "model").rglob("serving.json")
+    session = onnxruntime.InferenceSession(str(spec.parent / "model.onnx"), providers=["CPUExecutionProvider"])
+    pixels = np.stack([np.asarray(Image.open(f))[None] for f in files]).astype(np.float32)  # N x 1 x H x W, 0-255
+    (onnx_proba,) = session.run(None, {session.get_inputs()[0].name: pixels})
+    onnx_answers = pd.DataFrame({"class": [names[k] for k in onnx_proba.argmax(1)], "error": None,
+                                 **{f"p_{n}": onnx_proba[:, k] for k, n in enumerate(names)}})  # fmt: skip
+    _same_answers(onnx_answers, recorded, names, "onnx")
+
+    port, log = free_port(), tmp_path / "serve.log"
+    server = start([str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
+                    "-p", str(port)], log, {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", "mlflow models serve", server, log)
+        images = [base64.b64encode(f.read_bytes()).decode() for f in files]
+        payload = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in images] + [[base64.b64encode(b"no").decode()]]}}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=120)
+        assert answer.status_code == 200, answer.text[:500]
+        served = pd.DataFrame(answer.json()["predictions"])
+        _same_answers(served.iloc[:-1], recorded, names, "HTTP")
+        assert served["error"].iloc[-1] == "not an image"  # a bad image is its own row's error, not a failed request
+        refused = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                                json={"dataframe_split": {"columns": ["path"], "data": [["/etc/passwd"]]}})  # fmt: skip
+        assert "refused by a server" in refused.json()["predictions"][0]["error"]
+    finally:
+        stop(server)
