@@ -630,6 +630,20 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+class ScoringConfig(_Section):
+    """The scoring-pipeline flow's only parameter (its UI form)."""
+
+    experiment: str = Field("mlpipe-scoring", min_length=1, description="MLflow experiment of the scoring runs.")
+    model: str = Field("models:/mlpipe-classifier@champion", description="MLflow model URI of the model that scores.")
+    source: SourceConfig = Field(default_factory=SourceConfig, description="The images to score; a manifest may "
+                                 "omit the training labels' columns. Its other columns follow the model's policy.")  # fmt: skip
+    destination: str = Field("", description="Folder (a path or fsspec URL) that gets predictions-<run id>.csv; "
+                             "empty: <state dir>/scoring.")  # fmt: skip
+    drift_threshold: float = Field(0.25, gt=0, description="Population stability index above which a check marks "
+                                   "the run as drifted (0.25: a significant shift, Siddiqi 2006).")  # fmt: skip
+    batch_size: int = Field(256, ge=1, description="Images per forward pass.")
+
+
 def load_config(path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Defaults, then the YAML file, then each `--set`; validated once at the end."""
     data: dict[str, Any] = PipelineConfig().model_dump(mode="json")

@@ -18,6 +18,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confu
 
 from mlpipe import baseline as classical  # noqa: E402
 from mlpipe.config import EvaluateConfig  # noqa: E402
+from mlpipe.drift import reference_profile  # noqa: E402
 from mlpipe.errors import MlpipeError  # noqa: E402
 from mlpipe.gate import baseline_check_name, decide, paired_difference  # noqa: E402
 from mlpipe.metrics import (  # noqa: E402
@@ -253,13 +254,25 @@ def evaluate(
         if preprocessing is not None:
             save_serving_model(out / "serving", out / "checkpoint.pt" if serving is not model else checkpoint, names,
                                preprocessing, rule if serving is model else baseline_rules[best_baseline], images[0],
-                               getattr(serving, "arch", "deep"),
-                               out / "model.onnx" if serving is model else None)  # fmt: skip
+                               getattr(serving, "arch", "deep"), out / "model.onnx" if serving is model else None,
+                               training_profile(splits, refit, len(names), config.seed))  # fmt: skip
             files["serving"] = final_path("evaluate", key) / "serving"
         write_json(out / "gate.json", gate)
         (out / "model_card.md").write_text(model_card(report, best, splits, links or {}), encoding="utf-8")
         write_json(out / "report.json", report)
     return StageResult.at("evaluate", key, report, checkpoint=checkpoint, **files), serving
+
+
+def training_profile(splits: StageResult, refit: bool, num_classes: int, seed: int) -> dict:
+    """The drift reference the serving model carries (`mlpipe.drift.reference_profile`): the
+    training items' class shares (train+val after a refit) and pixel statistics of up to
+    `PROFILE_ITEMS` of them. Never test data."""
+    parts = development_parts(splits) if refit else ["train.npz"]
+    images, _, _ = _capped_items(splits, parts, PROFILE_ITEMS, seed)
+    return reference_profile(images, load_index(splits, parts)[1], num_classes)
+
+
+PROFILE_ITEMS = 5000
 
 
 def _capped_items(splits: StageResult, parts: list[str], cap: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:

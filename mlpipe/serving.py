@@ -115,6 +115,7 @@ class ImageClassifier:
         self.rule = rule
         self.device = device
         self.batch_size = batch_size
+        self.drift_reference: dict | None = None  # the training split's profile (`mlpipe.drift`), set by `load`
 
     @property
     def columns(self) -> list[str]:
@@ -237,9 +238,10 @@ def _read_path(value: Any) -> bytes:
 
 
 def save(folder: Path, checkpoint: Path, class_names: list[str], preprocessing: Preprocessing, rule: dict,
-         example: np.ndarray, model_kind: str, onnx: Path | None = None) -> Path:  # fmt: skip
-    """Write the model's data folder: weights, `serving.json`, a PNG input example (an
-    anonymized test image: re-encoded from pixels, no metadata) and the ONNX export if any."""
+         example: np.ndarray, model_kind: str, onnx: Path | None = None, reference: dict | None = None) -> Path:  # fmt: skip
+    """Write the model's data folder: weights, `serving.json` (with `reference`, the training
+    split's drift profile, `mlpipe.drift.reference_profile`), a PNG input example (an anonymized
+    test image: re-encoded from pixels, no metadata) and the ONNX export if any."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -249,7 +251,8 @@ def save(folder: Path, checkpoint: Path, class_names: list[str], preprocessing: 
     Image.fromarray(example[:, :, 0] if example.shape[2] == 1 else example).save(folder / EXAMPLE_FILE)
     spec = {"format": FORMAT, "class_names": class_names, "preprocessing": preprocessing.__dict__,
             "decision_rule": {k: v for k, v in rule.items() if k in _RULE_KEYS}, "model": model_kind,
-            "input_columns": list(INPUT_COLUMNS), "resize": "Pillow bilinear, reducing_gap 3 (mlpipe.images)"}  # fmt: skip
+            "input_columns": list(INPUT_COLUMNS), "resize": "Pillow bilinear, reducing_gap 3 (mlpipe.images)",
+            "drift_reference": reference}  # fmt: skip
     (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return folder
 
@@ -268,8 +271,10 @@ def load(folder: str | Path, device: str = "cpu", batch_size: int = DEFAULT_BATC
     if spec.get("format") != FORMAT:
         raise MlpipeError(f"{folder}: serving format {spec.get('format')} is not the {FORMAT} this mlpipe reads")
     module = load_model(folder / WEIGHTS_FILE)
-    return ImageClassifier(module, spec["class_names"], Preprocessing(**spec["preprocessing"]), spec["decision_rule"],
-                           device, batch_size)  # fmt: skip
+    model = ImageClassifier(module, spec["class_names"], Preprocessing(**spec["preprocessing"]), spec["decision_rule"],
+                            device, batch_size)  # fmt: skip
+    model.drift_reference = spec.get("drift_reference")
+    return model
 
 
 def example_image(folder: str | Path) -> bytes:

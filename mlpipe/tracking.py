@@ -710,22 +710,31 @@ def tag_run(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
 
 def load_serving_model(model_uri: str, workdir: Path, device: str = "cpu", batch_size: int = 256) -> tuple[Any, dict]:
     """The registered serving model as MLflow's pyfunc wrapper (the schema enforcement a server
-    applies) around this installed `mlpipe.serving` code, and what it is: name, version, run.
-
-    `model_uri`: `models:/NAME@alias`, `models:/NAME/VERSION`, `runs:/...` or a local folder. The
-    model is downloaded into `workdir`. Its MLmodel must name `mlpipe.serving` as loader: any
-    other model is refused (MlpipeError), never loaded, because loading a foreign pyfunc can
-    unpickle code. The code copy inside the model is not run; this process's mlpipe is."""
-    from mlflow.models import Model
+    applies) around this installed `mlpipe.serving` code, and what it is (`download_serving_model`)."""
     from mlflow.pyfunc import PyFuncModel
 
     from mlpipe import serving
+
+    folder, meta, info = download_serving_model(model_uri, workdir)
+    impl = serving.load(folder, device=device, batch_size=batch_size)
+    return PyFuncModel(model_meta=meta, model_impl=impl), info
+
+
+def download_serving_model(model_uri: str, workdir: Path) -> tuple[Path, Any, dict]:
+    """(the model's data folder, its MLmodel, what it is: model_uri, registered_model, version,
+    training_run_id) of a serving model downloaded into `workdir`.
+
+    `model_uri`: `models:/NAME@alias`, `models:/NAME/VERSION`, `runs:/...` or a local folder. Its
+    MLmodel must name `mlpipe.serving` as loader: any other model is refused (MlpipeError), never
+    loaded, because loading a foreign pyfunc can unpickle code. The code copy inside the model is
+    not run; this process's mlpipe is."""
+    from mlflow.models import Model
 
     info = _model_version_info(model_uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(workdir),
                                                          tracking_uri=tracking_uri()))  # fmt: skip
-    except MlflowException as err:
+    except (MlflowException, OSError) as err:
         raise MlpipeError(f"cannot load model {model_uri}: {_first_line(err)}") from None
     try:
         meta = Model.load(str(local))
@@ -735,8 +744,7 @@ def load_serving_model(model_uri: str, workdir: Path, device: str = "cpu", batch
     if flavour.get("loader_module") != "mlpipe.serving":
         raise MlpipeError(f"{model_uri} is not an mlpipe serving model (loader {flavour.get('loader_module')!r}); "
                           "models registered before pyfunc serving need a retrain")  # fmt: skip
-    impl = serving.load(local / flavour["data"], device=device, batch_size=batch_size)
-    return PyFuncModel(model_meta=meta, model_impl=impl), {**info, "model_uri": model_uri}
+    return local / flavour["data"], meta, {**info, "model_uri": model_uri}
 
 
 def _model_version_info(model_uri: str) -> dict:

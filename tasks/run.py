@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import deployment, flow_run
 
 from mlpipe import tracking
-from mlpipe.config import PipelineConfig, flat_params, to_yaml
+from mlpipe.config import PipelineConfig, ScoringConfig, flat_params, to_yaml
 from mlpipe.reproduce import REPRODUCES_ENV, REPRODUCES_TAG
 from mlpipe.store import code_version, library_versions
 from mlpipe.tracking import RunRef
@@ -58,6 +58,16 @@ def pipeline_run(config: PipelineConfig) -> Iterator[RunRef]:
     with tracking.pipeline_run(config.experiment, str(flow_run.name), params, provenance_tags()) as run:
         tracking.log_text(run, to_yaml(config), "config.yaml")
         _compare_with_previous(run, params)
+        create_markdown_artifact(key="mlflow-run", markdown=_link(run), description="The MLflow run of this flow run")
+        yield run
+
+
+@contextlib.contextmanager
+def scoring_run(config: ScoringConfig) -> Iterator[RunRef]:
+    """The MLflow run of a scoring flow run, in `config.experiment`: the config as params,
+    tagged like a pipeline run (flow run, deployment, trigger); FINISHED or FAILED at the end."""
+    tags = {**provenance_tags(), "mlpipe.kind": "scoring"}
+    with tracking.pipeline_run(config.experiment, str(flow_run.name), flat_params(config), tags) as run:
         create_markdown_artifact(key="mlflow-run", markdown=_link(run), description="The MLflow run of this flow run")
         yield run
 

@@ -1,0 +1,121 @@
+"""scoring: a source scored by the registered serving model, anonymized by the model's policy,
+with counts, a confidence histogram and a drift check against the training split.
+
+The source is listed and read the way ingest reads a dataset (`open_source`, `read_manifest`,
+`Source.resolve`), decoded by the serving model (`mlpipe.images.decode`, ingest's own function),
+and its manifest columns go through the anonymization policy of the run that trained the model
+(`apply_policy`, fail closed). What leaves this module for MLflow is aggregates; the predictions
+table carries the manifest's row number, the item id (the same content hash anonymize uses) and
+the anonymized columns, never a raw path or personal value.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
+from mlpipe.anonymize import apply_policy, identifier_index, raw_identifier_values, residual_scan
+from mlpipe.config import AnonymizeConfig, SourceConfig
+from mlpipe.drift import drift_report, pixel_statistics
+from mlpipe.errors import MlpipeError
+from mlpipe.images import Quarantined
+from mlpipe.ingest import IMAGEFOLDER_LABEL, open_source, read_manifest
+from mlpipe.serving import CLASS, ERROR, IMAGE, ImageClassifier
+from mlpipe.store import StageResult, stable_hash, stage_dir, write_json
+
+ROW, ITEM_ID = "row", "item_id"
+CONFIDENCE_BINS = 10
+
+
+def anonymized_columns(frame: pd.DataFrame, source: SourceConfig, policy: AnonymizeConfig, key: bytes) -> pd.DataFrame:
+    """The manifest's columns under the model's anonymization policy (image paths never leave).
+    Raises MlpipeError, naming them, for columns the policy does not cover, and when the residual
+    scan finds a raw identifier left (fail closed, as the anonymize stage)."""
+    columns = [c for c in frame.columns if c not in (source.image_column, IMAGEFOLDER_LABEL)]
+    missing = [c for c in columns if c not in policy.policy]
+    if missing:
+        raise MlpipeError(f"scored manifest column(s) without a policy in the model's anonymization policy: "
+                          f"{', '.join(missing)}; drop them from the manifest or retrain with a policy for them")  # fmt: skip
+    identifiers = identifier_index(raw_identifier_values(frame, columns, policy, source.image_column))
+    applied, _ = apply_policy(frame, columns, policy, key, identifiers)
+    leaks = residual_scan(applied.fillna(""), identifiers)
+    if leaks:
+        raise MlpipeError(f"scoring stopped: raw identifiers remain after the policy in column(s) {', '.join(sorted(leaks))}")
+    return applied.reset_index(drop=True)
+
+
+def score_source(model: ImageClassifier, source: SourceConfig, policy: AnonymizeConfig, key: bytes,
+                 drift_threshold: float, batch_size: int = 256) -> StageResult:  # fmt: skip
+    """Score every row of `source` with `model`; write `predictions.csv` (one row per manifest
+    row: row, item_id, anonymized columns, the model's columns) and `report.json` (counts per
+    class and per failure reason, the confidence histogram, `mlpipe.drift.drift_report`).
+    Raises MlpipeError when the model carries no drift reference or the source is unreadable."""
+    if model.drift_reference is None:
+        raise MlpipeError("the model carries no training profile for the drift check: retrain it with this mlpipe")
+    src = open_source(source)
+    frame, digest = read_manifest(src, source)
+    applied = anonymized_columns(frame, source, policy, key)
+    tables, means, stds, labels, confidence = [], [], [], [], []
+    for start in range(0, len(frame), batch_size):
+        paths = frame[source.image_column].iloc[start : start + batch_size].tolist()
+        data = [_read(src, rel) for rel in paths]
+        decoded = model.decode(pd.DataFrame({IMAGE: pd.Series([d if isinstance(d, bytes) else None for d in data],
+                                                              dtype=object)}))  # fmt: skip
+        for i, d in enumerate(data):
+            if not isinstance(d, bytes):
+                decoded.errors[i] = str(d)  # why the file was not read, as ingest's quarantine says it
+        proba, predicted = model.score(decoded.pixels)
+        table = model.table(decoded, proba, predicted)
+        table.insert(0, ITEM_ID, [h[:16] if h else None for h in decoded.sha256])
+        tables.append(table)
+        mean, std = pixel_statistics(decoded.pixels)
+        means.append(mean)
+        stds.append(std)
+        labels.append(predicted)
+        confidence.append(proba[np.arange(len(predicted)), predicted])
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=[ITEM_ID, *model.columns])
+    out = pd.concat([pd.DataFrame({ROW: np.arange(len(frame))}), table[[ITEM_ID]], applied,
+                     table.drop(columns=[ITEM_ID])], axis=1)  # fmt: skip
+    predicted_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    drift = drift_report(model.drift_reference, (np.concatenate(means), np.concatenate(stds)), predicted_all,
+                         drift_threshold) if len(predicted_all) else None  # fmt: skip
+    conf = np.concatenate(confidence) if confidence else np.zeros(0)
+    counts, edges = np.histogram(conf, bins=CONFIDENCE_BINS, range=(0.0, 1.0))
+    report = {
+        "rows": len(frame), "predicted": int(out[CLASS].notna().sum()), "failed": int(out[ERROR].notna().sum()),
+        "predicted_per_class": {name: int(n) for name, n in sorted(Counter(out[CLASS].dropna()).items())},
+        "failed_per_reason": dict(Counter(out[ERROR].dropna()).most_common()),
+        "confidence_histogram": {"edges": edges.round(2).tolist(), "counts": counts.tolist()},
+        "mean_confidence": float(conf.mean()) if len(conf) else None,
+        "drift": drift, "manifest_sha256": digest,
+    }  # fmt: skip
+    key_hash = stable_hash(digest, model.class_names, model.rule, drift_threshold, report["predicted_per_class"])[:16]
+    with stage_dir("scoring", key_hash) as folder:
+        out.to_csv(folder / "predictions.csv", index=False)
+        write_json(folder / "report.json", report)
+    return StageResult.at("scoring", key_hash, report)
+
+
+def _read(src, rel: str) -> bytes | Quarantined:
+    try:
+        return src.read(src.resolve(rel))
+    except Quarantined as why:
+        return why
+    except OSError:
+        return Quarantined("unreadable file")
+
+
+def summary_lines(report: dict) -> list[str]:
+    """What the CLI and the Prefect artifact show: counts, failures, drift."""
+    lines = [f"scored {report['rows']} rows: {report['predicted']} predicted, {report['failed']} failed",
+             "  per class: " + ", ".join(f"{k} {v}" for k, v in report["predicted_per_class"].items())]  # fmt: skip
+    lines += [f"  failed: {reason} {n}" for reason, n in report["failed_per_reason"].items()]
+    drift = report["drift"]
+    if drift:
+        psi = ", ".join(f"{k} {v:.3f}" for k, v in drift["psi"].items())
+        lines.append(f"  drift (PSI, threshold {drift['threshold']}): {psi}"
+                     + (f"; DRIFTED: {', '.join(drift['drifted_checks'])}" if drift["drifted"] else "; no drift"))  # fmt: skip
+    return lines
+
