@@ -4,8 +4,10 @@ One run serves every assertion (it costs about a minute); the checks are grouped
 user relies on.
 """
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ import mlpipe.evaluate
 import mlpipe.split
 from mlpipe.config import PipelineConfig
 from mlpipe.sample import PERSONAL_COLUMNS
-from tests.privacy import CANARIES, files_under, plant_canaries, scan
+from tests.privacy import CANARIES, canaries_in, files_under, plant_canaries, scan
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "anonymize", "label", "split", "resample", "train", "search", "evaluate"]
@@ -359,3 +361,53 @@ def test_the_registered_model_served_four_ways_answers_as_evaluate_recorded(fini
         assert "refused by a server" in refused.json()["predictions"][0]["error"]
     finally:
         stop(server)
+
+
+def _scoring_run(summary: dict, name: str, source: Path, destination: Path):
+    from flows.scoring_pipeline import scoring_pipeline
+    from mlpipe.config import ScoringConfig, SourceConfig
+
+    config = ScoringConfig(model=f"models:/{name}/{summary['version']}", source=SourceConfig(uri=str(source)),
+                           destination=str(destination))  # fmt: skip
+    state = scoring_pipeline(config, return_state=True)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+def test_scoring_accounts_for_every_row_links_the_version_and_leaks_no_personal_data(finished, canary_sample, tmp_path):
+    client, summary = finished["client"], finished["state"].result()
+    name = finished["config"].evaluate.registered_model_name
+    scored = _scoring_run(summary, name, canary_sample, tmp_path / "out")
+
+    manifest = pd.read_csv(canary_sample / "manifest.csv", dtype=str, keep_default_na=False)
+    predictions = pd.read_csv(scored["predictions"], dtype={"class": str})
+    assert scored["rows"] == len(manifest) == len(predictions) == scored["predicted"] + scored["failed"]
+    assert list(predictions["row"]) == list(range(len(manifest)))
+    assert predictions["class"].notna().sum() == scored["predicted"] and predictions["error"].notna().sum() == scored["failed"]
+    assert {"empty file", "missing file", "path escapes the dataset root"} <= set(scored["failed_per_reason"])
+    assert not scored["drift"]["drifted"], scored["drift"]["psi"]  # the distribution the model was trained on
+
+    run = client.get_run(scored["run_id"])
+    assert run.data.tags["mlpipe.registered_model"] == f"{name}/{summary['version']}"
+    assert run.data.tags["mlpipe.training_run_id"] == summary["run_id"] and run.data.tags["mlpipe.drift"] == "ok"
+    assert run.data.metrics["rows"] == len(manifest) and run.data.metrics["drifted"] == 0
+    assert sum(v for k, v in run.data.metrics.items() if k.startswith("predicted_")) == scored["predicted"]
+    assert "scoring/report.json" in {a.path for a in client.list_artifacts(scored["run_id"], "scoring")}
+    logged = Path(client.download_artifacts(scored["run_id"], "", str(tmp_path / "logged")))
+    record = json.dumps([run.data.params, run.data.tags])
+    assert scan(files_under(logged, tmp_path / "out")) == [] and canaries_in(record) == set()
+    assert "p_" in predictions["subject_id"].iloc[0]  # pseudonymized by the training run's policy
+
+
+def test_scoring_marks_a_run_whose_images_drifted(finished, sample_root, tmp_path):
+    from PIL import ImageOps
+
+    source = tmp_path / "inverted"
+    shutil.copytree(sample_root, source)
+    for file in source.rglob("*.png"):
+        with contextlib.suppress(OSError):  # the sample's broken files stay broken
+            ImageOps.invert(Image.open(file).convert("L")).save(file)
+    summary = finished["state"].result()
+    scored = _scoring_run(summary, finished["config"].evaluate.registered_model_name, source, tmp_path / "out")
+    assert scored["drift"]["drifted"] and "pixel_mean" in scored["drift"]["drifted_checks"], scored["drift"]["psi"]
+    assert finished["client"].get_run(scored["run_id"]).data.tags["mlpipe.drift"] == "drifted"

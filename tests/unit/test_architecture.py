@@ -66,11 +66,24 @@ def _task_name(node: ast.FunctionDef) -> str:
 
 def test_tasks_are_thin_wrappers():
     tasks = list(_task_functions())
-    assert sorted(_task_name(n) for _, n in tasks) == sorted([*STAGES, "train-launch", "account"])  # train's parallel launches; the data account
+    # train's parallel launches, the data account, and the scoring flow's three
+    assert sorted(_task_name(n) for _, n in tasks) == sorted([*STAGES, "train-launch", "account", *SCORING])
     for path, node in tasks:
         statements = sum(isinstance(n, ast.stmt) for n in ast.walk(node)) - 1
         assert statements <= 14, f"{path.name}:{node.name} has {statements} statements"
         assert not _imports(path) & {"numpy", "pandas", "torch", "sklearn", "imblearn"}, path.name
+
+
+SCORING = ["fetch-model", "score", "deliver"]
+
+
+def test_scoring_flow_body_reads_like_a_table_of_contents():
+    tree = ast.parse((ROOT / "flows" / "scoring_pipeline.py").read_text())
+    flow = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "scoring_pipeline")
+    with_block = next(n for n in flow.body if isinstance(n, ast.With))
+    assert all(isinstance(s, ast.Assign) and isinstance(s.value, ast.Call) for s in with_block.body)
+    assert [s.value.func.id for s in with_block.body] == ["fetch_model", "score", "deliver"]
+    assert len(flow.body) <= 3
 
 
 def test_flow_body_reads_like_a_table_of_contents():
