@@ -103,6 +103,11 @@ BENCHMARKS = [
               lambda j: f"split {j['split']['large']:,} rows growth {j['split']['growth']} (bound {j['split']['nlogn_bound']:.2f}); "
                         f"SMOTE {j['smote']['large']:,} items growth {j['smote']['growth']} (bound {j['smote']['nlogn_bound']:.2f})",
               lambda j: j["ratio"] <= 1),
+    Benchmark("predict.py", "a bare loop of the same model (read, PIL decode, resize, forward; batch 256)",
+              lambda j: f"{j['images']:,} {j['side']} px PNGs at {j['image_size']} px: `mlpipe predict` "
+                        f"{j['predict_images_per_s']:,} images/s vs bare {j['bare_images_per_s']:,} images/s; the whole "
+                        f"command (start, model download) {j['cli_wall_s']} s",
+              lambda j: j["ratio"] >= 0.8),
     Benchmark("model_quality.py", "the best classical baseline (highest test macro-F1, same split), per dataset", _quality,
               lambda j: j["all_met"] and not j.get("fast")),
     Benchmark("test_suite.py", "the goal (25 minutes, the CI aim)",

@@ -47,8 +47,10 @@ def list_inputs(sources: list[str], image_column: str = "image") -> tuple[Source
         fs, path = _fs(sources[0])
         if fs.isdir(path):
             src = Source(fs, path.rstrip("/") or "/", sources[0])
-            files = sorted(f for f in fs.find(src.root) if posixpath.splitext(f)[1].lower() in IMAGE_SUFFIXES)
-            return src, [Input(posixpath.relpath(f, src.root), _safe(src, posixpath.relpath(f, src.root))) for f in files]
+            prefix = src.root.rstrip("/") + "/"  # fs.find lists full paths under the root: the rest is the name
+            names = sorted(f.removeprefix(prefix) for f in fs.find(src.root)
+                           if posixpath.splitext(f)[1].lower() in IMAGE_SUFFIXES)  # fmt: skip
+            return src, [Input(name, _safe(src, name)) for name in names]
         if posixpath.splitext(path)[1].lower() in MANIFEST_SUFFIXES:
             folder, name = posixpath.split(sources[0].rstrip("/"))
             src = open_source(SourceConfig(uri=folder or ".", manifest=name, image_column=image_column))
