@@ -57,7 +57,8 @@ def test_a_manual_run_with_changed_parameters_completes_on_the_worker_and_logs_t
     assert {"config.yaml", "split/report.json", "evaluate/report.json", "evaluate/model_card.md"} <= set(run_keys)
     assert any(k.startswith("model_checkpoint/") for k in run_keys)
     model = client.get_logged_model(parent.data.tags["mlpipe.model_uri"].removeprefix("models:/"))
-    assert {"MLmodel", "data/model.pt2"} <= set(_objects(artifact_store, model.artifact_location))
+    assert {"MLmodel", "data/serving/checkpoint.pt", "data/serving/serving.json", "requirements.txt"} <= set(
+        _objects(artifact_store, model.artifact_location))  # the pyfunc serving model, through the proxy too
     downloaded = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="evaluate/model_card.md",
                                                      dst_path=str(tmp_path), tracking_uri=mlflow_server)  # fmt: skip
     body = artifact_store.client().get_object(Bucket=artifact_store.bucket, Key=run_keys["evaluate/model_card.md"])
