@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from mlpipe import serving, tracking  # noqa: E402
-from mlpipe.datasets import load_fashion_mnist  # noqa: E402
-from mlpipe.predict import list_inputs, predict_inputs, write_predictions  # noqa: E402
-from mlpipe.train.model import build_model  # noqa: E402
+from mlpipe import serving, tracking
+from mlpipe.datasets import load_fashion_mnist
+from mlpipe.predict import list_inputs, predict_inputs, write_predictions
+from mlpipe.train.model import build_model
 
 BATCH = 256
 CLASSES = [str(k) for k in range(10)]

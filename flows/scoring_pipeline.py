@@ -9,8 +9,8 @@ from prefect.runtime import flow_run
 
 from mlpipe.config import ScoringConfig
 from mlpipe.scoring import summary_lines
-from tasks.score import deliver, fetch_model, score
 from tasks.run import scoring_run
+from tasks.score import deliver, fetch_model, score
 
 
 @flow(name="scoring-pipeline", log_prints=True)

@@ -42,7 +42,7 @@ def reference_profile(images: np.ndarray, labels: np.ndarray, num_classes: int) 
     and the histograms of its per-image pixel mean and std (`images`, a sample of it is enough)."""
     means, stds = pixel_statistics(images)
     return {"class_shares": class_shares(labels, num_classes), "pixel_mean_shares": shares(means, *MEAN_RANGE),
-            "pixel_std_shares": shares(stds, *STD_RANGE), "images": int(len(images)), "labels": int(len(labels))}  # fmt: skip
+            "pixel_std_shares": shares(stds, *STD_RANGE), "images": len(images), "labels": len(labels)}  # fmt: skip
 
 
 def psi(expected: list[float], actual: list[float]) -> float:

@@ -22,7 +22,7 @@ from mlpipe.drift import reference_profile  # noqa: E402
 from mlpipe.errors import MlpipeError  # noqa: E402
 from mlpipe.gate import baseline_check_name, decide, paired_difference  # noqa: E402
 from mlpipe.metrics import (  # noqa: E402
-    apply_threshold, bootstrap_ci, bootstrap_indices, choose_threshold, evaluation_metrics, fast_scores,
+    bootstrap_ci, bootstrap_indices, choose_threshold, evaluation_metrics, fast_scores,
 )  # fmt: skip
 from mlpipe.split import class_names, development_parts, load_index, load_split  # noqa: E402
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json  # noqa: E402

@@ -219,7 +219,7 @@ def test_a_pyfunc_that_is_not_mlpipe_serving_is_refused_before_loading(tmp_path,
     (tmp_path / "data").mkdir()
     mlflow.pyfunc.save_model(str(tmp_path / "foreign"), loader_module="some_package.loader",
                              data_path=str(tmp_path / "data"), pip_requirements=["torch"])  # fmt: skip
-    with pytest.raises(MlpipeError, match="not an mlpipe serving model") as info:
+    with pytest.raises(MlpipeError, match="not an mlpipe serving model"):
         tracking.load_serving_model(str(tmp_path / "foreign"), tmp_path / "work")
     with pytest.raises(MlpipeError, match="cannot load model models:/absent@champion"):
         tracking.load_serving_model("models:/absent@champion", tmp_path / "work")
