@@ -183,6 +183,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise MlpipeError(f"--batch-size must be at least 1, not {args.batch_size}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MlpipeError(f"--device {device}: no CUDA device is visible here (use cpu or auto)")
     src, inputs = list_inputs(args.sources, args.image_column)
     if not inputs:
         raise MlpipeError(f"no image files in {' '.join(args.sources)} (suffixes: png, jpg, tif, ...)")

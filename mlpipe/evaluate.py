@@ -146,6 +146,13 @@ def model_card(report: dict, best: StageResult, splits: StageResult, links: dict
         *([f"- the deep model's own gate: {gate['deep_model_gate']['decision']} "
            f"({'; '.join(gate['deep_model_gate']['reasons'])})"] if "deep_model_gate" in gate else []),  # fmt: skip
         "",
+        "## Using it",
+        f"- `mlflow.pyfunc.load_model(\"models:/{report['registered_model_name']}@champion\")`, then `.predict` on a "
+        "DataFrame with a column `image` (encoded bytes), `path` (a local file) or `array` (uint8 H x W [x C]); or "
+        "`mlpipe predict SOURCE`; or `mlflow models serve` (base64 in `image`). Images of any size and mode go "
+        "through the same decode and resize as training; the answer is class, probability, one probability per "
+        "class and, per row, the reason when there is none.",
+        "",
         "## Known limits",
         "- Metrics hold for data like the test split: same sources, same label process, same class mix.",
         f"- {report['test_items']} test items: per-class figures of rare classes have wide intervals.",

@@ -57,6 +57,8 @@ def score_source(model: ImageClassifier, source: SourceConfig, policy: Anonymize
     src = open_source(source)
     frame, digest = read_manifest(src, source)
     applied = anonymized_columns(frame, source, policy, key)
+    taken = {ROW, ITEM_ID, *model.columns}  # a manifest column of the same name keeps its values under another
+    applied = applied.rename(columns={c: f"manifest_{c}" for c in applied.columns if c in taken})
     tables, means, stds, labels, confidence = [], [], [], [], []
     for start in range(0, len(frame), batch_size):
         paths = frame[source.image_column].iloc[start : start + batch_size].tolist()

@@ -18,6 +18,10 @@ def _mlpipe(*args, cwd):
         (["run", "--set", "train.lrr=1"], "unknown key 'train.lrr'"),
         (["run", "--set", "train.epochs=zero"], "train.epochs"),
         (["run", "--config", "missing.yaml"], "config file not found"),
+        (["predict", "nothing-here.png"], "no such file or folder: nothing-here.png"),
+        (["predict", "."], "no image files in ."),
+        (["predict", "--batch-size", "0", "."], "--batch-size must be at least 1"),
+        (["predict", "--device", "cuda", "."], "--device cuda: no CUDA device"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
