@@ -28,6 +28,11 @@ def test_deployments_carry_their_schedules_and_the_config_form(prefect_stack):
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.schedules[0].schedule.timezone == "Europe/Berlin"
     assert manual.schedules == [] and manual.work_pool_name == nightly.work_pool_name == "mlpipe-process"
+    with temporary_settings({PREFECT_API_URL: prefect_stack.api_url}), get_client(sync_client=True) as client:
+        scoring = client.read_deployment_by_name("scoring-pipeline/scoring-nightly")
+        assert client.read_deployment_by_name("scoring-pipeline/scoring-manual").schedules == []
+    assert [s.schedule.cron for s in scoring.schedules] == ["0 4 * * *"]
+    assert "drift_threshold" in scoring.parameter_openapi_schema["definitions"]["ScoringConfig"]["properties"]
     schema = manual.parameter_openapi_schema
     train = schema["definitions"]["TrainConfig"]["properties"]
     assert train["lr"]["exclusiveMinimum"] == 0 and "description" in train["lr"]
@@ -75,6 +80,19 @@ def test_a_manual_run_with_changed_parameters_completes_on_the_worker_and_logs_t
     assert states["train"] == "Completed"
     (second,) = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{rerun.id}'")
     assert second.data.tags["mlpipe.previous_run_id"] == parent.info.run_id
+
+    # The scoring deployment on the same worker: the registered version scores the sample, its run links the version.
+    registered = parent.data.tags["mlpipe.registered_model"]
+    scoring_config = {"model": f"models:/{registered}", "destination": str(tmp_path / "scored")}
+    with temporary_settings({PREFECT_API_URL: prefect_stack.api_url}):
+        scored = run_deployment("scoring-pipeline/scoring-manual", parameters={"config": scoring_config}, timeout=600)
+    assert scored.state.is_completed(), scored.state
+    (scoring_run,) = client.search_runs([client.get_experiment_by_name("mlpipe-scoring").experiment_id],
+                                        f"tags.`prefect.flow_run_id` = '{scored.id}'")  # fmt: skip
+    assert scoring_run.data.tags["mlpipe.registered_model"] == registered
+    assert scoring_run.data.tags["mlpipe.training_run_id"] == parent.info.run_id
+    (written,) = (tmp_path / "scored").glob("predictions-*.csv")
+    assert len(written.read_text().splitlines()) - 1 == scoring_run.data.metrics["rows"] > 1000
 
 
 def _objects(store: ArtifactStore, artifact_uri: str) -> dict[str, str]:
