@@ -97,7 +97,27 @@ def score_source(model: ImageClassifier, source: SourceConfig, policy: Anonymize
     with stage_dir("scoring", key_hash) as folder:
         out.to_csv(folder / "predictions.csv", index=False)
         write_json(folder / "report.json", report)
+        confidence_figure(report["confidence_histogram"], len(conf)).savefig(folder / "confidence.png", dpi=100,
+                                                                           metadata={"Software": None})  # fmt: skip
     return StageResult.at("scoring", key_hash, report)
+
+
+def confidence_figure(histogram: dict, scored: int):
+    """The predicted class's probability over the scored images, as a bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    edges, counts = histogram["edges"], histogram["counts"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", edgecolor="black")
+    ax.set_xlabel("probability of the predicted class")
+    ax.set_ylabel("images")
+    ax.set_title(f"Confidence of {scored} scored images")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
 
 
 def _read(src, rel: str) -> bytes | Quarantined:

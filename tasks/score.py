@@ -40,7 +40,7 @@ def score(model: dict, config: ScoringConfig, run: RunRef) -> StageResult:
     scored = score_source(classifier, config.source, policy, key, config.drift_threshold, config.batch_size)
     report = scored.report
     drift = report["drift"] or {"psi": {}, "drifted": False}
-    tracking.log_stage(run, "scoring", report)
+    tracking.log_stage(run, "scoring", report, [scored.file("confidence.png")])
     tracking.log_metrics(run, {"rows": report["rows"], "predicted": report["predicted"], "failed": report["failed"],
                                **{f"predicted_{name}": n for name, n in report["predicted_per_class"].items()},
                                **{f"psi_{name}": v for name, v in drift["psi"].items()},

@@ -355,6 +355,9 @@ def test_the_registered_model_served_four_ways_answers_as_evaluate_recorded(fini
         assert answer.status_code == 200, answer.text[:500]
         served = pd.DataFrame(answer.json()["predictions"])
         _same_answers(served.iloc[:-1], recorded, names, "HTTP")
+        assert list(served["class"].iloc[:-1]) == list(cli["class"])  # the server answers what mlpipe predict wrote
+        assert np.abs(served.iloc[:-1][[f"p_{n}" for n in names]].to_numpy(float)
+                      - cli[[f"p_{n}" for n in names]].to_numpy(float)).max() <= 1e-5  # fmt: skip
         assert served["error"].iloc[-1] == "not an image"  # a bad image is its own row's error, not a failed request
         refused = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
                                 json={"dataframe_split": {"columns": ["path"], "data": [["/etc/passwd"]]}})  # fmt: skip
@@ -392,7 +395,8 @@ def test_scoring_accounts_for_every_row_links_the_version_and_leaks_no_personal_
     assert run.data.tags["mlpipe.training_run_id"] == summary["run_id"] and run.data.tags["mlpipe.drift"] == "ok"
     assert run.data.metrics["rows"] == len(manifest) and run.data.metrics["drifted"] == 0
     assert sum(v for k, v in run.data.metrics.items() if k.startswith("predicted_")) == scored["predicted"]
-    assert "scoring/report.json" in {a.path for a in client.list_artifacts(scored["run_id"], "scoring")}
+    logged_files = {a.path for a in client.list_artifacts(scored["run_id"], "scoring")}
+    assert logged_files == {"scoring/report.json", "scoring/confidence.png"}  # aggregates only, no predictions table
     logged = Path(client.download_artifacts(scored["run_id"], "", str(tmp_path / "logged")))
     record = json.dumps([run.data.params, run.data.tags])
     assert scan(files_under(logged, tmp_path / "out")) == [] and canaries_in(record) == set()
