@@ -38,7 +38,7 @@ class Quarantined(Exception):
 class Decoded:
     pixels: np.ndarray  # H x W x C uint8 at training resolution
     sha256: str  # of the normalized decoded pixels (JPEG: at its decode scale), not of the file bytes
-    thumb: np.ndarray | None  # 32x32 grayscale for the perceptual hash; None when too small to hash
+    thumb: np.ndarray | None  # 32x32 grayscale for the perceptual hash; None when too small to hash or not asked for
     source_mode: str
 
 

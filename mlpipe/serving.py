@@ -36,6 +36,7 @@ FORMAT = 1
 # The input columns, one per kind of image; a row fills exactly one of them.
 IMAGE, PATH, ARRAY = "image", "path", "array"
 INPUT_COLUMNS = (IMAGE, PATH, ARRAY)
+REFUSED = "refused"  # a row that fills no input column, or several
 # What `predict` returns, before one `p_<class>` column per class.
 CLASS, PROBABILITY, THRESHOLD, ERROR = "class", "probability", "threshold", "error"
 # Set by MLflow's scoring server in its process (`mlflow models serve`): there a `path` is a file on
@@ -53,7 +54,7 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int = 
         model(torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2).float()).double().cpu().numpy()
         for i in range(0, len(images), batch_size)
     ]
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    return np.concatenate(out)
 
 
 def predict_labels(proba: np.ndarray, rule: dict) -> np.ndarray:
@@ -89,7 +90,7 @@ class Preprocessing:
 
 
 @dataclass
-class Decoded:
+class DecodedBatch:
     """A batch of inputs after decoding: pixels of the rows that decoded (N_ok x H x W x C uint8),
     their row positions, each row's content hash (None when it failed) and each row's error."""
 
@@ -123,7 +124,7 @@ class ImageClassifier:
         binary = [THRESHOLD] if self.rule["kind"] == "threshold" else []
         return [CLASS, PROBABILITY, *probability_columns(self.class_names), *binary, ERROR]
 
-    def decode(self, frame: pd.DataFrame) -> Decoded:
+    def decode(self, frame: pd.DataFrame) -> DecodedBatch:
         """Decode each row's image the way ingest does (`mlpipe.images.decode`). One thread: a
         pool of threads measured slower (benchmarks/predict.py: 0.665 against 0.795 of the bare
         loop on 64 px PNGs), as small images spend their time in Python, under the GIL."""
@@ -132,13 +133,15 @@ class ImageClassifier:
         results = [self._decode_one(item) for item in _inputs(frame)]
         ok = [k for k, r in enumerate(results) if not isinstance(r, Quarantined)]
         pixels = np.stack([results[k].pixels for k in ok]) if ok else np.zeros((0, size, size, channels), np.uint8)
-        return Decoded(pixels, np.asarray(ok, dtype=np.int64),
+        return DecodedBatch(pixels, np.asarray(ok, dtype=np.int64),
                        [None if isinstance(r, Quarantined) else r.sha256 for r in results],
                        [str(r) if isinstance(r, Quarantined) else None for r in results])  # fmt: skip
 
     def _decode_one(self, item: tuple[str, Any]):
         kind, value = item
         p = self.preprocessing
+        if kind == REFUSED:
+            return Quarantined(value)
         try:
             if kind == ARRAY:
                 return decode_array(value, p.image_size, p.channels, p.max_pixels, p.background, thumbnail=False)
@@ -149,12 +152,12 @@ class ImageClassifier:
 
     def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities N x classes, label indices N) of decoded uint8 N x H x W x C pixels."""
-        proba = predict_proba(self.model, pixels, self.batch_size, self.device)
         if len(pixels) == 0:
-            proba = np.zeros((0, len(self.class_names)))
+            return np.zeros((0, len(self.class_names))), np.zeros(0, np.int64)
+        proba = predict_proba(self.model, pixels, self.batch_size, self.device)
         return proba, predict_labels(proba, self.rule).astype(np.int64)
 
-    def table(self, decoded: Decoded, proba: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    def table(self, decoded: DecodedBatch, proba: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
         """The output frame, one row per input row (failed rows: no class, NaN probabilities)."""
         n, rows = len(decoded.errors), decoded.rows
         every = np.full((n, len(self.class_names)), np.nan)
@@ -191,7 +194,7 @@ def _as_frame(model_input: Any) -> pd.DataFrame:
 
 def _inputs(frame: pd.DataFrame) -> Iterable[tuple[str, Any]]:
     """(column, value) of each row: the one input column it fills; a row with none or several
-    yields ("error", reason) so that it is reported, not guessed at."""
+    yields (REFUSED, reason), so that it is reported, not guessed at."""
     present = [c for c in INPUT_COLUMNS if c in frame.columns]
     if not present:
         raise MlpipeError(f"the input has none of the columns {', '.join(INPUT_COLUMNS)} "
@@ -201,13 +204,8 @@ def _inputs(frame: pd.DataFrame) -> Iterable[tuple[str, Any]]:
         if len(filled) == 1:
             yield filled[0]
         else:
-            yield IMAGE, _Refused("no image in the row" if not filled else
-                                  f"several inputs in one row ({', '.join(c for c, _ in filled)})")  # fmt: skip
-
-
-class _Refused:
-    def __init__(self, reason: str):
-        self.reason = reason
+            yield REFUSED, ("no image in the row" if not filled else
+                            f"several inputs in one row ({', '.join(c for c, _ in filled)})")  # fmt: skip
 
 
 def _missing(value: Any) -> bool:
@@ -217,8 +215,6 @@ def _missing(value: Any) -> bool:
 
 
 def _as_bytes(value: Any) -> bytes:
-    if isinstance(value, _Refused):
-        raise Quarantined(value.reason)
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     raise Quarantined(f"image is not bytes ({type(value).__name__}); over HTTP send base64 in the 'image' column")
