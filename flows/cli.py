@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default="models:/mlpipe-classifier@champion", help="MLflow model URI")
     predict.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
     predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    predict.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    predict.add_argument("--device", default="cpu", help="cpu (what `mlflow models serve` runs: the same numbers), "
+                         "cuda, cuda:N, or auto (cuda when available)")  # fmt: skip
     predict.add_argument("--image-column", default="image", help="a manifest's column of image paths")
     sample = sub.add_parser("sample-data", help="write the embedded dataset as a manifest plus image files")
     sample.add_argument("dir", type=Path)

@@ -261,7 +261,8 @@ def evaluate(
         if preprocessing is not None:
             save_serving_model(out / "serving", out / "checkpoint.pt" if serving is not model else checkpoint, names,
                                preprocessing, rule if serving is model else baseline_rules[best_baseline], images[0],
-                               getattr(serving, "arch", "deep"), out / "model.onnx" if serving is model else None,
+                               model.arch if serving is model else f"baseline {best_baseline}",
+                               out / "model.onnx" if serving is model else None,
                                training_profile(splits, refit, len(names), config.seed))  # fmt: skip
             files["serving"] = final_path("evaluate", key) / "serving"
         write_json(out / "gate.json", gate)

@@ -37,6 +37,7 @@ class Input:
     name: str
     full: str | Quarantined
     row: int | None = None
+    fs: fsspec.AbstractFileSystem | None = None  # for image files named one by one (each may be elsewhere)
 
 
 def list_inputs(sources: list[str], image_column: str = "image") -> tuple[Source | None, list[Input]]:
@@ -61,7 +62,7 @@ def list_inputs(sources: list[str], image_column: str = "image") -> tuple[Source
         fs, path = _fs(given)
         if not fs.exists(path):
             raise MlpipeError(f"no such file or folder: {given}")
-        inputs.append(Input(given, path if fs.isfile(path) else Quarantined("not a file")))
+        inputs.append(Input(given, path if fs.isfile(path) else Quarantined("not a file"), fs=fs))
     return None, inputs
 
 
@@ -86,8 +87,9 @@ def read_bytes(item: Input, src: Source | None) -> bytes | Quarantined:
     try:
         if src is not None:
             return src.read(item.full)
-        with fsspec.open(item.full, "rb") as f:
-            return f.read()
+        return (item.fs or fsspec.filesystem("file")).cat_file(item.full)  # the path is without its protocol
+    except FileNotFoundError:
+        return Quarantined("missing file")
     except OSError:
         return Quarantined("unreadable file")
 

@@ -11,29 +11,40 @@ the anonymized columns, never a raw path or personal value.
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections import Counter
 
 import numpy as np
 import pandas as pd
 
-from mlpipe.anonymize import apply_policy, identifier_index, raw_identifier_values, residual_scan
+from mlpipe.anonymize import apply_policy, identifier_index, key_id, raw_identifier_values, residual_scan
 from mlpipe.config import AnonymizeConfig, SourceConfig
 from mlpipe.drift import drift_report, pixel_statistics
 from mlpipe.errors import MlpipeError
 from mlpipe.images import Quarantined
 from mlpipe.ingest import IMAGEFOLDER_LABEL, open_source, read_manifest
 from mlpipe.serving import CLASS, ERROR, IMAGE, ImageClassifier
-from mlpipe.store import StageResult, stable_hash, stage_dir, write_json
+from mlpipe.store import StageResult, stage_dir, write_json
 
 ROW, ITEM_ID = "row", "item_id"
 CONFIDENCE_BINS = 10
+
+
+def check_same_key(key: bytes, training_key_id: str | None) -> None:
+    """Refuse a pseudonym key other than the training run's (by their one-way ids): its pseudonyms
+    would not match the training data's, silently. Raises MlpipeError naming both ids."""
+    if training_key_id is not None and key_id(key) != training_key_id:
+        raise MlpipeError(f"the pseudonym key here (id {key_id(key)}) is not the one the model's training run used "
+                          f"(id {training_key_id}): set the same key (anonymize.key_env or key_secret_block)")  # fmt: skip
 
 
 def anonymized_columns(frame: pd.DataFrame, source: SourceConfig, policy: AnonymizeConfig, key: bytes) -> pd.DataFrame:
     """The manifest's columns under the model's anonymization policy (image paths never leave).
     Raises MlpipeError, naming them, for columns the policy does not cover, and when the residual
     scan finds a raw identifier left (fail closed, as the anonymize stage)."""
-    columns = [c for c in frame.columns if c not in (source.image_column, IMAGEFOLDER_LABEL)]
+    folder_label = (IMAGEFOLDER_LABEL,) if source.layout == "imagefolder" else ()  # the listing's own column
+    columns = [c for c in frame.columns if c not in (source.image_column, *folder_label)]
     missing = [c for c in columns if c not in policy.policy]
     if missing:
         raise MlpipeError(f"scored manifest column(s) without a policy in the model's anonymization policy: "
@@ -43,7 +54,18 @@ def anonymized_columns(frame: pd.DataFrame, source: SourceConfig, policy: Anonym
     leaks = residual_scan(applied.fillna(""), identifiers)
     if leaks:
         raise MlpipeError(f"scoring stopped: raw identifiers remain after the policy in column(s) {', '.join(sorted(leaks))}")
-    return applied.reset_index(drop=True)
+    return suppress_rare_combinations(applied, policy).reset_index(drop=True)
+
+
+def suppress_rare_combinations(applied: pd.DataFrame, policy: AnonymizeConfig) -> pd.DataFrame:
+    """k-anonymity for a scored table: rows whose quasi-identifier combination occurs fewer than
+    `policy.k` times keep their row (every image gets its answer) but lose those values (""),
+    where training's anonymize stage drops the row."""
+    quasi = [c for c in applied.columns if policy.policy[c].quasi_identifier]
+    if not quasi or applied.empty:
+        return applied
+    sizes = applied.groupby(quasi, dropna=False)[quasi[0]].transform("size")
+    return applied.assign(**{c: applied[c].where(sizes >= policy.k, "") for c in quasi})
 
 
 def score_source(model: ImageClassifier, source: SourceConfig, policy: AnonymizeConfig, key: bytes,
@@ -93,7 +115,7 @@ def score_source(model: ImageClassifier, source: SourceConfig, policy: Anonymize
         "mean_confidence": float(conf.mean()) if len(conf) else None,
         "drift": drift, "manifest_sha256": digest,
     }  # fmt: skip
-    key_hash = stable_hash(digest, model.class_names, model.rule, drift_threshold, report["predicted_per_class"])[:16]
+    key_hash = uuid.uuid4().hex[:16]  # every scoring run its own folder: nothing is reused
     with stage_dir("scoring", key_hash) as folder:
         out.to_csv(folder / "predictions.csv", index=False)
         write_json(folder / "report.json", report)
@@ -129,13 +151,20 @@ def _read(src, rel: str) -> bytes | Quarantined:
         return Quarantined("unreadable file")
 
 
+def metric_name(name: str) -> str:
+    """A class name as MLflow accepts it in a metric key (letters, digits, _ - . / and space)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
 def summary_lines(report: dict) -> list[str]:
     """What the CLI and the Prefect artifact show: counts, failures, drift."""
     lines = [f"scored {report['rows']} rows: {report['predicted']} predicted, {report['failed']} failed",
              "  per class: " + ", ".join(f"{k} {v}" for k, v in report["predicted_per_class"].items())]  # fmt: skip
     lines += [f"  failed: {reason} {n}" for reason, n in report["failed_per_reason"].items()]
     drift = report["drift"]
-    if drift:
+    if drift is None:
+        lines.append("  drift: not checked (no image was scored)")
+    else:
         psi = ", ".join(f"{k} {v:.3f}" for k, v in drift["psi"].items())
         lines.append(f"  drift (PSI, threshold {drift['threshold']}): {psi}"
                      + (f"; DRIFTED: {', '.join(drift['drifted_checks'])}" if drift["drifted"] else "; no drift"))  # fmt: skip

@@ -14,6 +14,7 @@ served model and the evaluated one cannot differ in preprocessing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from mlpipe import baseline as classical
 from mlpipe.errors import MlpipeError
 from mlpipe.images import Quarantined, decode, decode_array
 from mlpipe.metrics import apply_threshold
+from mlpipe.store import code_version
 from mlpipe.train.model import load_checkpoint
 
 SPEC_FILE, WEIGHTS_FILE, ONNX_FILE, EXAMPLE_FILE = "serving.json", "checkpoint.pt", "model.onnx", "input_example.png"
@@ -42,6 +44,9 @@ CLASS, PROBABILITY, THRESHOLD, ERROR = "class", "probability", "threshold", "err
 # Set by MLflow's scoring server in its process (`mlflow models serve`): there a `path` is a file on
 # the server's disk named by a remote caller, so path input is refused and bytes are expected.
 SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
+# The code a served answer depends on: its hash is recorded in the model and compared when loading.
+SERVING_CODE = ("mlpipe.images", "mlpipe.serving", "mlpipe.train.model", "mlpipe.baseline")
+log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 256
 
 
@@ -230,7 +235,7 @@ def _read_path(value: Any) -> bytes:
         with open(value, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise Quarantined("file not found") from None
+        raise Quarantined("missing file") from None  # ingest's word for it
     except OSError:
         raise Quarantined("unreadable file") from None
 
@@ -250,7 +255,7 @@ def save(folder: Path, checkpoint: Path, class_names: list[str], preprocessing: 
     spec = {"format": FORMAT, "class_names": class_names, "preprocessing": preprocessing.__dict__,
             "decision_rule": {k: v for k, v in rule.items() if k in _RULE_KEYS}, "model": model_kind,
             "input_columns": list(INPUT_COLUMNS), "resize": "Pillow bilinear, reducing_gap 3 (mlpipe.images)",
-            "drift_reference": reference}  # fmt: skip
+            "code_version": code_version(*SERVING_CODE), "drift_reference": reference}  # fmt: skip
     (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return folder
 
@@ -268,6 +273,10 @@ def load(folder: str | Path, device: str = "cpu", batch_size: int = DEFAULT_BATC
         raise MlpipeError(f"{folder} is not an mlpipe model folder (no {SPEC_FILE})") from None
     if spec.get("format") != FORMAT:
         raise MlpipeError(f"{folder}: serving format {spec.get('format')} is not the {FORMAT} this mlpipe reads")
+    if spec.get("code_version") != code_version(*SERVING_CODE):
+        log.warning("this model was saved by other mlpipe decode/serving code (%s, here %s): its answers here may "
+                    "differ from those of `mlflow models serve`, which runs the code inside the model",
+                    spec.get("code_version"), code_version(*SERVING_CODE))  # fmt: skip
     module = load_model(folder / WEIGHTS_FILE)
     model = ImageClassifier(module, spec["class_names"], Preprocessing(**spec["preprocessing"]), spec["decision_rule"],
                             device, batch_size)  # fmt: skip

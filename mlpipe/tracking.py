@@ -731,8 +731,10 @@ def download_serving_model(model_uri: str, workdir: Path) -> tuple[Path, Any, di
     from mlflow.models import Model
 
     info = _model_version_info(model_uri)
+    # An alias is resolved once: the version downloaded is the version recorded, even if the alias moves meanwhile.
+    source = f"models:/{info['registered_model']}/{info['version']}" if info else model_uri
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(workdir),
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir),
                                                          tracking_uri=tracking_uri()))  # fmt: skip
     except (MlflowException, OSError) as err:
         raise MlpipeError(f"cannot load model {model_uri}: {_first_line(err)}") from None
@@ -748,10 +750,12 @@ def download_serving_model(model_uri: str, workdir: Path) -> tuple[Path, Any, di
 
 
 def _model_version_info(model_uri: str) -> dict:
-    """name, version and run id of a `models:/` URI's registered version; {} for other URIs."""
-    if not model_uri.startswith("models:/"):
+    """name, version and run id of a `models:/NAME@alias` or `models:/NAME/VERSION` URI's
+    registered version; {} for other URIs (runs:/, a folder, MLflow 3's logged models `models:/m-...`)."""
+    rest = model_uri.removeprefix("models:/")
+    if rest == model_uri or ("@" not in rest and "/" not in rest):
         return {}
-    name, _, ref = model_uri.removeprefix("models:/").partition("@")
+    name, _, ref = rest.partition("@")
     client = _client()
     try:
         if ref:

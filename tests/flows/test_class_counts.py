@@ -14,8 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from mlpipe import tracking
 from mlpipe.config import PipelineConfig
 from tests.field_cases import CASE_OVERRIDES, write_shapes
+from tests.flows.serving_checks import same_answers, write_test_split
 
 pytestmark = pytest.mark.slow
 FAST = {**CASE_OVERRIDES, "train.nproc": 1, "ingest.image_size": 16, "label.find_label_issues": False}
@@ -72,6 +74,14 @@ def test_two_classes_get_binary_metrics_a_positive_class_and_a_validation_thresh
     assert run.data.metrics["test_roc_auc"] == pytest.approx(metrics["test_roc_auc"])
     card = Path(client.download_artifacts(summary["run_id"], "evaluate/model_card.md", str(tmp_path))).read_text()
     assert "positive class: lesion" in card and f"threshold: {rule['threshold']:.6g}" in card
+
+    # The registered model decides as evaluate did: the validation threshold, not argmax.
+    files = write_test_split(state, predictions, tmp_path / "test-images")
+    model, _ = tracking.load_serving_model(f"models:/{report['registered_model_name']}/{summary['version']}",
+                                           tmp_path / "model")  # fmt: skip
+    answers = model.predict(pd.DataFrame({"path": [str(f) for f in files]}))
+    same_answers(answers, predictions, report["class_names"], "pyfunc, two classes")
+    assert (answers["threshold"] == rule["threshold"]).all()
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ import mlpipe.evaluate
 import mlpipe.split
 from mlpipe.config import PipelineConfig
 from mlpipe.sample import PERSONAL_COLUMNS
+from tests.flows.serving_checks import same_answers, write_test_split
 from tests.privacy import CANARIES, canaries_in, files_under, plant_canaries, scan
 
 pytestmark = pytest.mark.slow
@@ -282,30 +283,6 @@ def test_canaries_never_reach_anything_the_pipeline_writes(harness, env, tmp_pat
     assert scan(written) == []
 
 
-def _test_split_as_files(home: Path, recorded: pd.DataFrame, folder: Path) -> list[Path]:
-    """The run's test split, in test.npz order, as PNG files re-encoded from the pixel cache
-    (what the anonymize stage writes): the images evaluate scored, as a user would hold them."""
-    from PIL import Image
-
-    splits = [p for p in home.glob("work/split/*/test.npz") if np.array_equal(np.load(p)["y"], recorded["y"])]
-    assert len(splits) >= 1, "no split of this run has the recorded test labels"
-    (pixels_file,) = home.glob("work/ingest/*/pixels.npy")
-    pixels = np.load(pixels_file, mmap_mode="r")[np.load(splits[0])["pixel_index"]]
-    folder.mkdir()
-    files = [folder / f"test-{i:04d}.png" for i in range(len(pixels))]
-    for file, image in zip(files, pixels, strict=True):
-        Image.fromarray(np.ascontiguousarray(image[:, :, 0])).save(file)
-    return files
-
-
-def _same_answers(answers: pd.DataFrame, recorded: pd.DataFrame, names: list[str], what: str) -> None:
-    assert answers["error"].isna().all(), f"{what}: {answers['error'].dropna().unique()}"
-    assert list(answers["class"]) == [names[k] for k in recorded["pred"]], f"{what}: classes differ"
-    columns = [f"p_{n}" for n in names]
-    worst = np.abs(answers[columns].to_numpy(float) - recorded[columns].to_numpy(float)).max()
-    assert worst <= 1e-5, f"{what}: probabilities differ by {worst}"
-
-
 def test_the_registered_model_served_four_ways_answers_as_evaluate_recorded(finished, tmp_path):
     """pyfunc, `mlpipe predict`, `mlflow models serve` over HTTP and the ONNX export, on the test
     split's images as files: the classes evaluate recorded, probabilities within 1e-5."""
@@ -324,17 +301,17 @@ def test_the_registered_model_served_four_ways_answers_as_evaluate_recorded(fini
     uri = f"models:/{name}@champion"
     recorded = pd.read_csv(client.download_artifacts(summary["run_id"], "evaluate/predictions.csv", str(tmp_path)))
     names = [str(d) for d in range(10)]
-    files = _test_split_as_files(finished["home"], recorded, tmp_path / "test-images")
+    files = write_test_split(finished["home"], recorded, tmp_path / "test-images")
 
     model, info = tracking.load_serving_model(uri, tmp_path / "model")
     assert info["version"] == summary["version"] and info["training_run_id"] == summary["run_id"]
-    _same_answers(model.predict(pd.DataFrame({"path": [str(f) for f in files]})), recorded, names, "pyfunc")
+    same_answers(model.predict(pd.DataFrame({"path": [str(f) for f in files]})), recorded, names, "pyfunc")
 
     output = tmp_path / "predictions.csv"
     assert main(["predict", "--model", uri, "--output", str(output), "--batch-size", "64", str(files[0].parent)]) == 0
     cli = pd.read_csv(output, dtype={"class": str})
     assert list(cli["source"]) == [f.name for f in files]
-    _same_answers(cli, recorded, names, "mlpipe predict")
+    same_answers(cli, recorded, names, "mlpipe predict")
 
     (spec,) = (tmp_path / "model").rglob("serving.json")
     session = onnxruntime.InferenceSession(str(spec.parent / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -342,7 +319,7 @@ def test_the_registered_model_served_four_ways_answers_as_evaluate_recorded(fini
     (onnx_proba,) = session.run(None, {session.get_inputs()[0].name: pixels})
     onnx_answers = pd.DataFrame({"class": [names[k] for k in onnx_proba.argmax(1)], "error": None,
                                  **{f"p_{n}": onnx_proba[:, k] for k, n in enumerate(names)}})  # fmt: skip
-    _same_answers(onnx_answers, recorded, names, "onnx")
+    same_answers(onnx_answers, recorded, names, "onnx")
 
     port, log = free_port(), tmp_path / "serve.log"
     server = start([str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
@@ -354,7 +331,7 @@ def test_the_registered_model_served_four_ways_answers_as_evaluate_recorded(fini
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=120)
         assert answer.status_code == 200, answer.text[:500]
         served = pd.DataFrame(answer.json()["predictions"])
-        _same_answers(served.iloc[:-1], recorded, names, "HTTP")
+        same_answers(served.iloc[:-1], recorded, names, "HTTP")
         assert list(served["class"].iloc[:-1]) == list(cli["class"])  # the server answers what mlpipe predict wrote
         assert np.abs(served.iloc[:-1][[f"p_{n}" for n in names]].to_numpy(float)
                       - cli[[f"p_{n}" for n in names]].to_numpy(float)).max() <= 1e-5  # fmt: skip

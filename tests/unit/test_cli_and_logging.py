@@ -1,4 +1,5 @@
 import logging
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ from mlpipe.errors import MlpipeError
 
 
 def _mlpipe(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the same answers on a machine with a GPU
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize(

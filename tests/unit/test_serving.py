@@ -94,7 +94,7 @@ def test_bad_rows_are_reported_and_the_rest_are_answered(classifier, tmp_path):
     refused = classifier.predict(pd.DataFrame({"array": [np.zeros((4, 4), np.float32)], "path": [None]}))
     assert refused["error"].iloc[0].startswith("not an image array (dtype float32")
     missing = classifier.predict(pd.DataFrame({"path": [str(tmp_path / "nope.png")]}))
-    assert missing["error"].iloc[0] == "file not found"
+    assert missing["error"].iloc[0] == "missing file"
     with pytest.raises(MlpipeError, match="none of the columns image, path, array"):
         classifier.predict(pd.DataFrame({"pixels": [good]}))
 
@@ -164,10 +164,10 @@ def test_predict_writes_one_row_per_input_with_its_reason(classifier, tmp_path):
     counts = write_predictions(predict_inputs(classifier, inputs, None, batch_size=3), tmp_path / "out" / "p.csv")
     table = pd.read_csv(tmp_path / "out" / "p.csv")
     assert list(table["source"]) == ["good.png", "bad.png", "gone.png", "good-again.png"]
-    assert list(table["error"].fillna("")) == ["", "not an image", "unreadable file", ""]
+    assert list(table["error"].fillna("")) == ["", "not an image", "missing file", ""]
     assert table["class"].iloc[0] == table["class"].iloc[3] and table["p_cat"].iloc[0] == table["p_cat"].iloc[3]
     assert counts["images"] == 4 and sum(counts["predicted"].values()) == 2
-    assert counts["failed"] == {"not an image": 1, "unreadable file": 1}
+    assert counts["failed"] == {"not an image": 1, "missing file": 1}
 
 
 def test_psi_is_the_textbook_formula_and_zero_for_equal_shares():
@@ -223,3 +223,35 @@ def test_a_pyfunc_that_is_not_mlpipe_serving_is_refused_before_loading(tmp_path,
         tracking.load_serving_model(str(tmp_path / "foreign"), tmp_path / "work")
     with pytest.raises(MlpipeError, match="cannot load model models:/absent@champion"):
         tracking.load_serving_model("models:/absent@champion", tmp_path / "work")
+
+
+def test_predict_reads_image_files_named_by_url_on_their_own_filesystem(classifier):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/scans/a.png", _encode(np.full((20, 20), 30, np.uint8)))
+    memory.pipe("/scans/b.png", b"broken")
+    src, inputs = list_inputs(["memory://scans/a.png", "memory://scans/b.png"])
+    table = pd.concat(predict_inputs(classifier, inputs, src))
+    assert list(table["source"]) == ["memory://scans/a.png", "memory://scans/b.png"]
+    assert table["error"].iloc[0] is None and table["error"].iloc[1] == "not an image"
+    _, folder = list_inputs(["memory://scans"])
+    assert [i.name for i in folder] == ["a.png", "b.png"]
+
+
+def test_scored_rows_keep_their_answer_and_lose_rare_quasi_identifiers():
+    from mlpipe.config import AnonymizeConfig
+    from mlpipe.scoring import check_same_key, metric_name, suppress_rare_combinations
+
+    policy = AnonymizeConfig(policy={"zip": {"action": "truncate", "keep_chars": 3, "quasi_identifier": True},
+                                     "note": "keep"}, k=2)  # fmt: skip
+    applied = pd.DataFrame({"zip": ["101", "101", "202"], "note": ["a", "b", "c"]})
+    out = suppress_rare_combinations(applied, policy)
+    assert list(out["zip"]) == ["101", "101", ""] and list(out["note"]) == ["a", "b", "c"]  # every row stays
+    check_same_key(b"k1", None)  # no record of the training key: nothing to compare
+    from mlpipe.anonymize import key_id
+
+    check_same_key(b"k1", key_id(b"k1"))
+    with pytest.raises(MlpipeError, match="not the one the model's training run used"):
+        check_same_key(b"k2", key_id(b"k1"))
+    assert metric_name("T-shirt/top (2)") == "T-shirt/top _2_"
