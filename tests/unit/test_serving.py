@@ -122,16 +122,21 @@ def test_two_classes_decide_by_the_threshold_chosen_at_evaluation():
     assert out["probability"].iloc[0] == pytest.approx(0.3) and out["threshold"].iloc[0] == 0.25
 
 
-def test_the_model_folder_records_what_serving_needs_and_refuses_a_foreign_one(classifier, tmp_path):
+def test_the_model_folder_records_what_serving_needs_and_refuses_a_foreign_one(classifier, tmp_path, caplog):
     import json
 
     spec = json.loads((tmp_path / "model" / serving.SPEC_FILE).read_text())
     assert spec["class_names"] == NAMES and spec["preprocessing"] == {"image_size": 16, "channels": 1,
                                                                      "background": "auto", "max_pixels": 40_000_000}  # fmt: skip
     assert spec["decision_rule"] == {"kind": "argmax"} and classifier.drift_reference == {"class_shares": [1 / 3] * 3}
+    assert not caplog.text  # loaded by the code that saved it: no warning
     assert Image.open(tmp_path / "model" / serving.EXAMPLE_FILE).size == (16, 16)
     with pytest.raises(MlpipeError, match="not an mlpipe model folder"):
         serving.load(tmp_path)
+    (tmp_path / "model" / serving.SPEC_FILE).write_text(json.dumps({**spec, "code_version": "0123456789abcdef"}))
+    with caplog.at_level("WARNING", logger="mlpipe.serving"):
+        serving.load(tmp_path / "model")
+    assert "saved by other mlpipe decode/serving code (0123456789abcdef" in caplog.text
     (tmp_path / "model" / serving.SPEC_FILE).write_text(json.dumps({**spec, "format": 99}))
     with pytest.raises(MlpipeError, match="serving format 99"):
         serving.load(tmp_path / "model")
