@@ -44,8 +44,10 @@ CLASS, PROBABILITY, THRESHOLD, ERROR = "class", "probability", "threshold", "err
 # Set by MLflow's scoring server in its process (`mlflow models serve`): there a `path` is a file on
 # the server's disk named by a remote caller, so path input is refused and bytes are expected.
 SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
-# The code a served answer depends on: its hash is recorded in the model and compared when loading.
-SERVING_CODE = ("mlpipe.images", "mlpipe.serving", "mlpipe.train.model", "mlpipe.baseline")
+# The modules this one imports, all of them (a test checks): the code the model carries and runs
+# under `mlflow models serve`, whose hash is recorded in the model and compared when loading.
+SERVING_CODE = ("mlpipe.serving", "mlpipe.images", "mlpipe.metrics", "mlpipe.baseline", "mlpipe.errors", "mlpipe.store",
+                "mlpipe.train.model")  # fmt: skip
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 256
 
@@ -182,6 +184,17 @@ class ImageClassifier:
         """MLflow's pyfunc entry point; see the class docstring. `params` is unused."""
         decoded = self.decode(_as_frame(model_input))
         return self.table(decoded, *self.score(decoded.pixels))
+
+
+def code_files() -> list[Path]:
+    """The source files the model carries (`SERVING_CODE` and their packages' `__init__.py`),
+    as paths relative to the folder holding the `mlpipe` package."""
+    package = Path(__file__).resolve().parent
+    files = {package / "__init__.py"}
+    for module in SERVING_CODE:
+        path = package.joinpath(*module.split(".")[1:]).with_suffix(".py")
+        files |= {path, *(p / "__init__.py" for p in path.parents if package in p.parents)}
+    return sorted(p.relative_to(package.parent) for p in files)
 
 
 def probability_columns(class_names: Iterable[str]) -> list[str]:

@@ -473,8 +473,10 @@ def _log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, 
     mlflow.set_tracking_uri(ref.tracking_uri)
     mlflow.set_experiment(experiment_id=ref.experiment_id)  # LoggedModels live in the run's experiment
     with tempfile.TemporaryDirectory() as scratch:
-        code = Path(scratch) / "mlpipe"  # the package's sources only: no caches
-        shutil.copytree(Path(serving.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        code = Path(scratch) / "mlpipe"  # the modules serving runs, and nothing else of the package
+        for rel in serving.code_files():
+            (Path(scratch) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(serving.__file__).parent.parent / rel, Path(scratch) / rel)
         info = Model.log(  # mlflow.pyfunc.log_model's own call, which also takes the run (it has no run_id)
             artifact_path=None,
             name="model",

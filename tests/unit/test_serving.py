@@ -260,3 +260,18 @@ def test_scored_rows_keep_their_answer_and_lose_rare_quasi_identifiers():
     with pytest.raises(MlpipeError, match="not the one the model's training run used"):
         check_same_key(b"k2", key_id(b"k1"))
     assert metric_name("T-shirt/top (2)") == "T-shirt/top _2_"
+
+
+def test_the_model_carries_every_module_serving_runs(classifier, tmp_path):
+    """A fresh interpreter that loads a model folder and answers one image imports no mlpipe module
+    outside `serving.code_files()`: the copy inside a registered model is enough to serve it."""
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import json, sys, numpy as np, pandas as pd; from mlpipe import serving; "
+            f"m = serving.load({str(tmp_path / 'model')!r}); m.predict(pd.DataFrame({{'array': [np.zeros((9, 9), np.uint8)]}})); "
+            "print(json.dumps(sorted(n for n in sys.modules if n.split('.')[0] == 'mlpipe')))")  # fmt: skip
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    carried = {".".join(p.with_suffix("").parts).removesuffix(".__init__") for p in serving.code_files()}
+    assert "mlpipe.serving" in loaded and set(loaded) <= carried, set(loaded) - carried
