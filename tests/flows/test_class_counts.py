@@ -76,7 +76,7 @@ def test_two_classes_get_binary_metrics_a_positive_class_and_a_validation_thresh
     assert "positive class: lesion" in card and f"threshold: {rule['threshold']:.6g}" in card
 
     # The registered model decides as evaluate did: the validation threshold, not argmax.
-    files = write_test_split(state, predictions, tmp_path / "test-images")
+    files = write_test_split(state, client, summary["run_id"], tmp_path / "test-images")
     model, _ = tracking.load_serving_model(f"models:/{report['registered_model_name']}/{summary['version']}",
                                            tmp_path / "model")  # fmt: skip
     answers = model.predict(pd.DataFrame({"path": [str(f) for f in files]}))

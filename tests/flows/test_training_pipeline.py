@@ -301,7 +301,7 @@ def test_the_registered_model_served_four_ways_answers_as_evaluate_recorded(fini
     uri = f"models:/{name}@champion"
     recorded = pd.read_csv(client.download_artifacts(summary["run_id"], "evaluate/predictions.csv", str(tmp_path)))
     names = [str(d) for d in range(10)]
-    files = write_test_split(finished["home"], recorded, tmp_path / "test-images")
+    files = write_test_split(finished["home"], client, summary["run_id"], tmp_path / "test-images")
 
     model, info = tracking.load_serving_model(uri, tmp_path / "model")
     assert info["version"] == summary["version"] and info["training_run_id"] == summary["run_id"]
