@@ -40,11 +40,12 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mlpipe import tracking
+from mlpipe import serving, tracking
 from mlpipe.config import PipelineConfig, TrainConfig
 from mlpipe.errors import MlpipeError
 from mlpipe.train import worker
@@ -53,6 +54,7 @@ from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
 from tests.privacy import files_under, scan
 from tests.servers import BIN, free_port, start, stop, wait_for
 from tests.flows.test_crash import _workers
+from tests.unit.test_serving import _checkpoint
 from tests.unit.test_train import FAST, _without_timing, kill_rank_when_logged, worker_data
 
 # A flow small enough to run several times: one trial, one epoch (two where a fault must land mid-training),
@@ -426,11 +428,11 @@ def test_a_read_only_artifact_store_fails_registration_in_one_line_and_leaves_th
     """The registration step alone (what evaluate does last), against an artifact store remounted
     read-only between two pipeline runs: the second run's model logging fails with one line naming
     the store, nothing moves @champion, and the parent run ends FAILED (not RUNNING)."""
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    checkpoint = state / "checkpoint.pt"
-    torch.save({"model_state": model.state_dict()}, checkpoint)
+    checkpoint = _checkpoint(state / "checkpoint.pt", classes=2)
+    model = serving.save(state / "serving", checkpoint, ["a", "b"], serving.Preprocessing(16, 1), {"kind": "argmax"},
+                         np.zeros((16, 16, 1), np.uint8), "small_cnn")  # fmt: skip
     with tracking.pipeline_run("faults", "first", {}, {}) as run:
-        registered = tracking.log_model(run, model, "faults-model", [1, 2, 2], checkpoint, ["a", "b"])
+        registered = tracking.log_model(run, model, "faults-model", checkpoint, ["a", "b"])
         gate = {"decision": "promote", "reasons": ["no champion yet; thresholds met"], "champion_version": None}
         tracking.record_gate(run, "faults-model", registered["version"], gate)
     client = MlflowClient(run.tracking_uri)
@@ -439,7 +441,7 @@ def test_a_read_only_artifact_store_fails_registration_in_one_line_and_leaves_th
     artifact_disk.read_only()
     with pytest.raises(MlpipeError) as caught, tracking.pipeline_run("faults", "second", {}, {}) as second:
         tracking.log_stage(second, "split", {"rows": 3})  # deferred: it fails in the background
-        tracking.log_model(second, model, "faults-model", [1, 2, 2], checkpoint, ["a", "b"])
+        tracking.log_model(second, model, "faults-model", checkpoint, ["a", "b"])
         tracking.record_gate(second, "faults-model", "2", {**gate, "champion_version": before[0]})  # never reached
     message = str(caught.value)
     assert "\n" not in message and "EROFS" in message
