@@ -51,12 +51,12 @@ def list_inputs(sources: list[str], image_column: str = "image") -> tuple[Source
             prefix = src.root.rstrip("/") + "/"  # fs.find lists full paths under the root: the rest is the name
             names = sorted(f.removeprefix(prefix) for f in fs.find(src.root)
                            if posixpath.splitext(f)[1].lower() in IMAGE_SUFFIXES)  # fmt: skip
-            return src, [Input(name, _safe(src, name)) for name in names]
+            return src, [Input(name, resolve_input(src, name)) for name in names]
         if posixpath.splitext(path)[1].lower() in MANIFEST_SUFFIXES:
             folder, name = posixpath.split(sources[0].rstrip("/"))
             src = open_source(SourceConfig(uri=folder or ".", manifest=name, image_column=image_column))
             frame, _ = read_manifest(src, SourceConfig(uri=folder or ".", manifest=name, image_column=image_column))
-            return src, [Input(rel, _safe(src, rel), row) for row, rel in enumerate(frame[image_column])]
+            return src, [Input(rel, resolve_input(src, rel), row) for row, rel in enumerate(frame[image_column])]
     inputs = []
     for given in sources:
         fs, path = _fs(given)
@@ -73,7 +73,8 @@ def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise MlpipeError(f"unsupported source '{uri}': {exc}") from None
 
 
-def _safe(src: Source, rel: str) -> str | Quarantined:
+def resolve_input(src: Source, rel: str) -> str | Quarantined:
+    """`rel`'s full path inside the source (`Source.resolve`), or why it cannot be read."""
     try:
         return src.resolve(rel)
     except Quarantined as why:

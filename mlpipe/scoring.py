@@ -22,8 +22,8 @@ from mlpipe.anonymize import apply_policy, identifier_index, key_id, raw_identif
 from mlpipe.config import AnonymizeConfig, SourceConfig
 from mlpipe.drift import drift_report, pixel_statistics
 from mlpipe.errors import MlpipeError
-from mlpipe.images import Quarantined
 from mlpipe.ingest import IMAGEFOLDER_LABEL, open_source, read_manifest
+from mlpipe.predict import Input, read_bytes, resolve_input
 from mlpipe.serving import CLASS, ERROR, IMAGE, ImageClassifier
 from mlpipe.store import StageResult, stage_dir, write_json
 
@@ -84,7 +84,7 @@ def score_source(model: ImageClassifier, source: SourceConfig, policy: Anonymize
     tables, means, stds, labels, confidence = [], [], [], [], []
     for start in range(0, len(frame), batch_size):
         paths = frame[source.image_column].iloc[start : start + batch_size].tolist()
-        data = [_read(src, rel) for rel in paths]
+        data = [read_bytes(Input(rel, resolve_input(src, rel)), src) for rel in paths]
         decoded = model.decode(pd.DataFrame({IMAGE: pd.Series([d if isinstance(d, bytes) else None for d in data],
                                                               dtype=object)}))  # fmt: skip
         for i, d in enumerate(data):
@@ -140,15 +140,6 @@ def confidence_figure(histogram: dict, scored: int):
     fig.tight_layout()
     plt.close(fig)
     return fig
-
-
-def _read(src, rel: str) -> bytes | Quarantined:
-    try:
-        return src.read(src.resolve(rel))
-    except Quarantined as why:
-        return why
-    except OSError:
-        return Quarantined("unreadable file")
 
 
 def metric_name(name: str) -> str:

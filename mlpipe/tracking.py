@@ -430,7 +430,7 @@ def serving_requirements(lock: Path = LOCK_FILE) -> list[str]:
     return requirements
 
 
-def serving_signature(class_names: list[str], binary: bool) -> Any:
+def serving_signature(class_names: list[str]) -> Any:
     """The pyfunc's signature: one image per row in `image` (bytes; base64 over HTTP), `path` (a
     local file) or `array` (uint8 H x W [x C], any size); out: class, its probability, one
     probability per class, the threshold (two classes) and the row's error, if any."""
@@ -443,7 +443,7 @@ def serving_signature(class_names: list[str], binary: bool) -> Any:
                      ColSpec(AnyType(), serving.ARRAY, required=False)])  # fmt: skip
     outputs = [ColSpec("string", serving.CLASS, required=False), ColSpec("double", serving.PROBABILITY, required=False),
                *(ColSpec("double", c, required=False) for c in serving.probability_columns(class_names)),
-               *([ColSpec("double", serving.THRESHOLD)] if binary else []),
+               *([ColSpec("double", serving.THRESHOLD)] if len(class_names) == 2 else []),  # two classes: a threshold
                ColSpec("string", serving.ERROR, required=False)]  # fmt: skip
     return ModelSignature(inputs=inputs, outputs=Schema(outputs))
 
@@ -486,7 +486,7 @@ def _log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, 
             data_path=str(data),
             code_paths=[str(code)],
             registered_model_name=registered_name,
-            signature=serving_signature(class_names, len(class_names) == 2),
+            signature=serving_signature(class_names),
             input_example=pd.DataFrame({serving.IMAGE: [serving.example_image(data)]}),
             pip_requirements=serving_requirements(),
         )
