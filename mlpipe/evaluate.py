@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 
 import matplotlib
 
@@ -22,7 +23,7 @@ from mlpipe.drift import reference_profile  # noqa: E402
 from mlpipe.errors import MlpipeError  # noqa: E402
 from mlpipe.gate import baseline_check_name, decide, paired_difference  # noqa: E402
 from mlpipe.metrics import (  # noqa: E402
-    bootstrap_ci, bootstrap_indices, choose_threshold, evaluation_metrics, fast_scores,
+    bootstrap_ci, bootstrap_indices, choose_threshold, evaluation_metrics, fast_scores, per_class_bootstrap_ci,
 )  # fmt: skip
 from mlpipe.split import class_names, development_parts, load_index, load_split  # noqa: E402
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json  # noqa: E402
@@ -31,73 +32,104 @@ from mlpipe.serving import save as save_serving_model  # noqa: E402
 from mlpipe.train.model import ServingModel, load_checkpoint  # noqa: E402
 
 
+def _tilt(ax) -> None:
+    """Slant the x tick labels so long class names ("ankle boot") stay apart."""
+    for label in ax.get_xticklabels():
+        label.set(rotation=35, ha="right", rotation_mode="anchor")
+
+
 def confusion_figure(y: np.ndarray, pred: np.ndarray, names: list[str]):
-    """Counts and row-normalized (recall per class), side by side."""
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 1.2 * len(names), 1 + 0.6 * len(names)))
-    for ax, normalize, title in ((axes[0], None, "counts"), (axes[1], "true", "normalized by true class")):
-        matrix = confusion_matrix(y, pred, labels=np.arange(len(names)), normalize=normalize)
+    """Test confusion matrices, counts and row-normalized (recall per class), side by side; `y`
+    and `pred` (n,) integer class indices into `names`, the class names on both axes."""
+    k = len(names)
+    # Taller than the square matrices need: with height to spare, constrained layout settles in one
+    # draw (savefig's) and the slanted names below stay on the canvas.
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 3 + 1.4 * k), max(5.0, 2.6 + 0.7 * k)), layout="constrained")
+    for ax, normalize, title in ((axes[0], None, "counts"), (axes[1], "true", "share of each true class")):
+        matrix = confusion_matrix(y, pred, labels=np.arange(k), normalize=normalize)
         ConfusionMatrixDisplay(matrix, display_labels=names).plot(
-            ax=ax, colorbar=False, cmap="Blues", values_format=".2f" if normalize else "d"
-        )
-        ax.set_title(f"Test confusion matrix ({title})")
-    fig.tight_layout()
+            ax=ax, colorbar=False, cmap="Blues", values_format=".2f" if normalize else "d",
+            text_kw={"fontsize": 8 if k <= 6 else 7},
+        )  # fmt: skip
+        _tilt(ax)
+        ax.set_title(title)
+    fig.suptitle(f"Test confusion matrix ({len(y)} items)")
     return fig
 
 
 def curves_figure(y: np.ndarray, proba: np.ndarray, names: list[str], positive: int | None = None):
-    """ROC and precision-recall curves: of the positive class (two classes), else one vs rest per class."""
+    """ROC and precision-recall curves from `proba` (n, classes) against `y` (n,): of the class
+    `positive` (two classes; axes name it), else one curve per class against the rest, each
+    labelled by its class name. A class absent from `y` (or all of it) has no curve."""
     from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
 
-    fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 4.5))
-    shown = [positive] if positive is not None else range(len(names))
-    for k in shown:
-        if (y == k).any() and not (y == k).all():
-            chance = k == shown[0]
-            RocCurveDisplay.from_predictions(y == k, proba[:, k], name=names[k], ax=roc, plot_chance_level=chance)
-            PrecisionRecallDisplay.from_predictions(y == k, proba[:, k], name=names[k], ax=pr)
-    kind = f"positive class '{names[positive]}'" if positive is not None else "one vs rest"
-    roc.set_title(f"ROC, {kind}")
-    pr.set_title(f"Precision-recall, {kind}")
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(11, 5.5), layout="constrained")
+    shown = [positive] if positive is not None else list(range(len(names)))
+    drawn = [k for k in shown if (y == k).any() and not (y == k).all()]
+    for k in drawn:
+        label = names[k] if positive is not None else f"{names[k]} vs rest"
+        RocCurveDisplay.from_predictions(y == k, proba[:, k], pos_label=True, name=label, ax=roc,
+                                         plot_chance_level=k == drawn[0])  # fmt: skip
+        PrecisionRecallDisplay.from_predictions(y == k, proba[:, k], pos_label=True, name=label, ax=pr)
+    # scikit-learn writes "(Positive label: True)" on the axes: replaced by the class's name
+    which = f"positive class: {names[positive]}" if positive is not None else "one vs rest, per class"
+    roc.set(xlabel=f"False positive rate ({which})", ylabel=f"True positive rate ({which})",
+            title=f"ROC, {which}")  # fmt: skip
+    pr.set(xlabel=f"Recall ({which})", ylabel=f"Precision ({which})", title=f"Precision-recall, {which}")
     for ax in (roc, pr):
-        ax.legend(fontsize="x-small")
-    fig.tight_layout()
+        if drawn:  # below the plot: the curves stay visible
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize="x-small")
+        else:
+            ax.text(0.5, 0.5, "no curve: the test items hold one class", ha="center", transform=ax.transAxes)
     return fig
 
 
 def reliability_figure(y: np.ndarray, proba: np.ndarray, ece: float, bins: int = 15):
+    """Accuracy per equal-width bin of top-class confidence, `proba` (n, classes) against `y` (n,),
+    with the diagonal of perfect calibration; `ece` (0-1) goes into the title."""
     confidence, correct = proba.max(axis=1), proba.argmax(axis=1) == y
     which = np.minimum((confidence * bins).astype(int), bins - 1)
     count = np.bincount(which, minlength=bins)
     accuracy = np.divide(np.bincount(which, correct, bins), count, out=np.zeros(bins), where=count > 0)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = plt.subplots(figsize=(4.8, 5.2), layout="constrained")
     centers = (np.arange(bins) + 0.5) / bins
     ax.bar(centers[count > 0], accuracy[count > 0], width=1 / bins, edgecolor="black", label="accuracy")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.set_xlabel("confidence (top class)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"Reliability (ECE {ece:.3f})")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small")  # outside the axes: never over a bar
     return fig
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """One HWC uint8 image, grey when it has one channel."""
+    ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray" if image.shape[2] == 1 else None)
+
+
+def _nothing(fig, what: str) -> None:
+    fig.text(0.5, 0.5, what, ha="center", va="center", fontsize=9)
 
 
 def misclassified_figure(images: np.ndarray, y: np.ndarray, proba: np.ndarray, names: list[str], limit: int = 24,
                          pred: np.ndarray | None = None):  # fmt: skip
-    """The most confident mistakes: anonymized pixels only, labelled true -> predicted (`pred`; default argmax)."""
+    """The most confident mistakes: anonymized pixels only (`images` NHWC uint8), each titled
+    true -> predicted (`pred`; default argmax of `proba`, (n, classes)) and that class's probability.
+    No mistake: a figure that says so."""
     pred = proba.argmax(axis=1) if pred is None else pred
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-proba[wrong, pred[wrong]], kind="stable")][:limit]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 0.6 + 1.9 * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), wrong, strict=False):
-        image = images[i]
-        ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray" if image.shape[2] == 1 else None)
+        _show(ax, images[i])
         ax.set_title(f"{names[y[i]]} -> {names[pred[i]]}\n{proba[i, pred[i]]:.2f}", fontsize=7)
+    if not len(wrong):
+        _nothing(fig, "no misclassified test items")
     fig.suptitle(f"Misclassified test items ({int((pred != y).sum())}, most confident first)", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -228,6 +260,7 @@ def evaluate(
         "bootstrap": {"resamples": config.bootstrap_resamples, "seed": config.seed},
         "majority_class_macro_f1": _majority_macro_f1(y, len(names)),
         "per_class": per_class,
+        "per_class_intervals": per_class_intervals(y, pred, names, config.bootstrap_resamples, config.seed),
         "class_names": names,
         "gate": gate,
         "registered_model_name": config.registered_model_name,
@@ -244,7 +277,8 @@ def evaluate(
             "roc_pr_curves.png": curves_figure(y, proba, names, rule.get("positive_index")),
             "reliability.png": reliability_figure(y, proba, metrics["test_ece"]),
             "misclassified.png": misclassified_figure(images, y, proba, names, pred=pred),
-            "gradcam.png": gradcam_figure(model, model.arch, images, y, names),
+            "gradcam.png": gradcam_figure(model, images, y, proba, names, pred),
+            "per_class.png": per_class_figure(report["per_class_intervals"], config.bootstrap_resamples),
         }
         for name, fig in figures.items():
             fig.savefig(out / name, dpi=110, metadata={"Software": None})
@@ -351,33 +385,90 @@ def choose_registered(gate: dict, y: np.ndarray, pred: np.ndarray, champion_pred
     return {**gate, "registered": registered, "deep_model_gate": deep_gate}, fitted.module
 
 
-def gradcam_figure(model: ServingModel, arch: str, images: np.ndarray, y: np.ndarray, names: list[str], per_class: int = 2):
-    """Grad-CAM (captum's LayerGradCam on the last convolutional stage) for the first
-    `per_class` test items of each class, towards the predicted class, over the anonymized pixels."""
+def gradcam_figure(model: ServingModel, images: np.ndarray, y: np.ndarray, proba: np.ndarray, names: list[str],
+                   pred: np.ndarray | None = None, count: int = 6):  # fmt: skip
+    """Grad-CAM (captum's LayerGradCam on the last convolutional stage) towards the predicted
+    class, over the anonymized pixels (`images` NHWC uint8), in two rows: correct items (the most
+    confident of each class in turn) and the most confident mistakes, at most `count` each, titled
+    true -> predicted and that class's probability. `proba` (n, classes) is `model`'s on `images`,
+    `pred` (n,) its labels (default argmax). No mistake: the second row says so."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     from mlpipe.train.model import last_conv_layer
 
-    chosen = [i for k in range(len(names)) for i in np.flatnonzero(y == k)[:per_class]]
-    batch = torch.from_numpy(images[chosen]).permute(0, 3, 1, 2).float()
-    with torch.no_grad():
-        pred = model(batch).argmax(dim=1)
-    cam = LayerGradCam(model, last_conv_layer(model.model))
-    heat = LayerAttribution.interpolate(cam.attribute(batch, target=pred), tuple(batch.shape[2:]), "bilinear")
-    heat = heat.detach().clamp(min=0).squeeze(1).numpy()
-    model.zero_grad(set_to_none=True)  # the attribution's gradients must not travel with the model
-    cols = 2 * per_class
-    rows = -(-len(chosen) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i, h, p in zip(axes.ravel(), chosen, heat, pred.tolist(), strict=False):
-        image = images[i]
-        ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray" if image.shape[2] == 1 else None)
-        ax.imshow(h / (h.max() or 1), cmap="jet", alpha=0.45)
-        ax.set_title(f"{names[y[i]]} -> {names[p]}", fontsize=7)
-    fig.suptitle("Grad-CAM towards the predicted class", fontsize=9)
-    fig.tight_layout()
+    pred = proba.argmax(axis=1) if pred is None else pred
+    confidence = proba[np.arange(len(y)), pred]
+    ranked = np.argsort(-confidence, kind="stable")
+    right = [ranked[(pred[ranked] == y[ranked]) & (y[ranked] == k)] for k in range(len(names))]
+    correct = [int(i) for column in itertools.zip_longest(*right) for i in column if i is not None][:count]
+    wrong = [int(i) for i in ranked[pred[ranked] != y[ranked]][:count]]
+    chosen = correct + wrong
+    heat = np.zeros((0, *images.shape[1:3]))
+    if chosen:
+        batch = torch.from_numpy(images[chosen]).permute(0, 3, 1, 2).float()
+        cam = LayerGradCam(model, last_conv_layer(model.model))
+        heat = LayerAttribution.interpolate(cam.attribute(batch, target=torch.from_numpy(pred[chosen]).long()),
+                                            tuple(batch.shape[2:]), "bilinear")  # fmt: skip
+        heat = heat.detach().clamp(min=0).squeeze(1).numpy()
+        model.zero_grad(set_to_none=True)  # the attribution's gradients must not travel with the model
+    cols = max(count, 1)
+    fig = plt.figure(figsize=(1.8 * cols, 4.8), layout="constrained")
+    rows = fig.subfigures(2, 1)
+    for row, items, title, empty in (
+        (rows[0], correct, "Correct, most confident of each class", "no correctly classified test items"),
+        (rows[1], wrong, f"Mistakes, most confident first ({int((pred != y).sum())} in all)",
+         "no misclassified test items"),
+    ):  # fmt: skip
+        row.suptitle(title, fontsize=9)
+        axes = row.subplots(1, cols, squeeze=False)[0]
+        for ax in axes:
+            ax.axis("off")
+        for ax, i in zip(axes, items, strict=False):
+            _show(ax, images[i])
+            h = heat[chosen.index(i)]
+            ax.imshow(h / (h.max() or 1), cmap="jet", alpha=0.45)
+            ax.set_title(f"{names[y[i]]} -> {names[pred[i]]}\n{confidence[i]:.2f}", fontsize=7)
+        if not items:
+            _nothing(row, empty)
+    fig.suptitle("Grad-CAM towards the predicted class (true -> predicted, its probability)", fontsize=10)
+    return fig
+
+
+def per_class_intervals(y: np.ndarray, pred: np.ndarray, names: list[str], resamples: int, seed: int) -> dict:
+    """Each class's test precision, recall and F1 (scikit-learn's, 0 where undefined) and support,
+    with percentile bootstrap 95% intervals (`mlpipe.metrics.per_class_bootstrap_ci`, the same
+    resamples as `confidence_intervals_95`): class name -> {precision, recall, f1, support,
+    precision_ci, recall_ci, f1_ci}, each interval [low, high], or None where the score is undefined
+    in every resample (a class without test items, say)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = np.arange(len(names))
+    point = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    ci = per_class_bootstrap_ci(y, pred, len(names), resamples, seed)
+    return {name: {"precision": float(point[0][k]), "recall": float(point[1][k]), "f1": float(point[2][k]),
+                   "support": int(point[3][k]), **{f"{m}_ci": ci[m][k] for m in ("precision", "recall", "f1")}}
+            for k, name in enumerate(names)}  # fmt: skip
+
+
+def per_class_figure(intervals: dict, resamples: int):
+    """Horizontal bars of each class's precision, recall and F1 (0-1) with their bootstrap 95%
+    intervals as error bars, from `per_class_intervals`'s dict; class names (and test support) on
+    the y axis, first class on top. An undefined interval has no error bar."""
+    names = list(intervals)
+    fig, ax = plt.subplots(figsize=(7.5, 1.6 + 0.55 * len(names)), layout="constrained")
+    height = 0.27
+    for j, metric in enumerate(("precision", "recall", "f1")):
+        values = np.array([intervals[n][metric] for n in names])
+        bounds = np.array([intervals[n][f"{metric}_ci"] or [v, v] for n, v in zip(names, values, strict=True)])
+        spread = np.clip(np.stack([values - bounds[:, 0], bounds[:, 1] - values]), 0, None)
+        ax.barh(np.arange(len(names)) + (j - 1) * height, values, height, xerr=spread, capsize=2,
+                label={"f1": "F1"}.get(metric, metric), error_kw={"elinewidth": 0.8})  # fmt: skip
+    ax.set_yticks(np.arange(len(names)), [f"{n}\n{intervals[n]['support']} items" for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("score on the test set")
+    ax.set_title(f"Per-class precision, recall and F1\n(95% bootstrap intervals, {resamples} resamples)")
+    fig.legend(loc="outside lower center", ncols=3, fontsize="small")
     return fig
 
 
@@ -406,7 +497,8 @@ def onnx_parity(model: ServingModel, images: np.ndarray, path, tolerance: float 
             "passed": diff <= tolerance, "opset": opset}  # fmt: skip
 
 
-FIGURES = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png", "gradcam.png")
+FIGURES = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "misclassified.png", "gradcam.png",
+           "per_class.png")
 
 
 def artifact_files(report: dict) -> tuple[str, ...]:

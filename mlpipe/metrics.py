@@ -197,11 +197,7 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int 
 def fast_scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
     """Accuracy, balanced accuracy, macro-F1 and per-class recall for many resamples at once:
     y_true and y_pred are (resamples, items). Used by the bootstrap, where sklearn per call is too slow."""
-    r = np.arange(y_true.shape[0])[:, None]
-    cm = np.zeros((y_true.shape[0], num_classes, num_classes))
-    np.add.at(cm, (np.broadcast_to(r, y_true.shape), y_true, y_pred), 1)
-    tp = np.diagonal(cm, axis1=1, axis2=2)
-    support, predicted = cm.sum(axis=2), cm.sum(axis=1)
+    tp, support, predicted = _class_counts(y_true, y_pred, num_classes)
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = np.where(support > 0, tp / support, np.nan)
         precision = np.where(predicted > 0, tp / predicted, 0.0)
@@ -212,6 +208,35 @@ def fast_scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dic
         "macro_f1": np.nan_to_num(f1).mean(axis=1),
         "recall": recall,
     }
+
+
+def _class_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> tuple[np.ndarray, ...]:
+    """(true positives, support, predicted count) per resample and class, each (resamples, classes),
+    from y_true and y_pred of shape (resamples, items)."""
+    r = np.arange(y_true.shape[0])[:, None]
+    cm = np.zeros((y_true.shape[0], num_classes, num_classes))
+    np.add.at(cm, (np.broadcast_to(r, y_true.shape), y_true, y_pred), 1)
+    return np.diagonal(cm, axis1=1, axis2=2), cm.sum(axis=2), cm.sum(axis=1)
+
+
+def per_class_bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, resamples: int = 1000,
+                           seed: int = 0, level: float = 0.95) -> dict[str, list[list[float] | None]]:  # fmt: skip
+    """Percentile bootstrap intervals of each class's precision, recall and F1: {"precision",
+    "recall", "f1"} -> one [low, high] per class (index order), resampling items with the same
+    seeded `bootstrap_indices` as `bootstrap_ci`. A resample where a score is undefined (precision:
+    the class never predicted; recall: no item of it; F1: neither) does not count towards that
+    class's interval; an interval undefined in every resample is None, never NaN."""
+    idx = bootstrap_indices(len(y_true), resamples, seed)
+    tp, support, predicted = _class_counts(y_true[idx], y_pred[idx], num_classes)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0: undefined in that resample, NaN until skipped
+        scores = {"precision": tp / predicted, "recall": tp / support, "f1": 2 * tp / (support + predicted)}
+    tail = (1 - level) / 2 * 100
+    out: dict[str, list[list[float] | None]] = {}
+    for name, values in scores.items():
+        out[name] = [None if np.isnan(column).all() else
+                     [float(np.nanpercentile(column, tail)), float(np.nanpercentile(column, 100 - tail))]
+                     for column in values.T]  # fmt: skip
+    return out
 
 
 def bootstrap_indices(n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:

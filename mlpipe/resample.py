@@ -161,23 +161,26 @@ def _training_sets(splits: StageResult, cfg: ResampleConfig, names: list[str], p
     return folder, entries, False
 
 
-def _chart(report: dict, path) -> None:
-    """Class counts of the training split before and after each strategy."""
+def _chart(report: dict, path):
+    """class_counts.png: training class counts (names on the x axis) before and after each
+    strategy, the legend outside the bars. Returns the saved, closed figure."""
     names, series = report["classes"], {"before": report["before"]}
     for entry in report["strategies"].values():
         if not entry["fold"] or entry["fold"] == "fold0":
             series[entry["config"]["strategy"]] = entry["after"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(names) * len(series) / 2, 3.5))
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.3 * len(names) * len(series)), 4), layout="constrained")
     width = 0.8 / len(series)
     for i, (label, counts) in enumerate(series.items()):
         ax.bar(np.arange(len(names)) + i * width, counts, width, label=label)
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+    for label in ax.get_xticklabels():  # slanted: long class names stay apart
+        label.set(rotation=35, ha="right", rotation_mode="anchor")
     ax.set_ylabel("training items")
     ax.set_title("Training class counts before and after resampling")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=min(len(series), 4), fontsize="small")  # below the axes: never over a bar
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def training_set_for(resampled: StageResult, trial: Trial, fold: str = "") -> str:

@@ -125,19 +125,20 @@ def score_source(model: ImageClassifier, source: SourceConfig, policy: Anonymize
 
 
 def confidence_figure(histogram: dict, scored: int):
-    """The predicted class's probability over the scored images, as a bar chart."""
+    """The predicted class's probability over the scored images, as a bar chart: `histogram` is
+    {"edges": bin edges in 0-1, "counts": images per bin}, `scored` the image count in the title.
+    Returns a closed figure (savefig still works)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
 
     edges, counts = histogram["edges"], histogram["counts"]
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", edgecolor="black")
     ax.set_xlabel("probability of the predicted class")
     ax.set_ylabel("images")
     ax.set_title(f"Confidence of {scored} scored images")
-    fig.tight_layout()
     plt.close(fig)
     return fig
 

@@ -30,11 +30,14 @@ def leaderboard(trials: list[dict], metric: str, tie_break: str = "val_accuracy"
 
 
 def grid_figure(table: pd.DataFrame, metric: str):
-    """One grid axis: bars; two: a heatmap; more: parallel coordinates (coloured by the metric)."""
+    """`leaderboard`'s table as a figure of `metric` (validation): one grid axis: bars; two: a
+    heatmap; more: parallel coordinates (coloured by the metric). Constrained layout keeps titles
+    and labels inside the canvas."""
     axes = [c for c in table.columns if c.startswith("param.")]
     if len(axes) == 2:
         pivot = table.pivot_table(index=axes[0], columns=axes[1], values=metric, aggfunc="max")
-        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * pivot.shape[1], 1.2 + 0.8 * pivot.shape[0]))
+        fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 1.2 * pivot.shape[1]), 2.0 + 0.8 * pivot.shape[0]),
+                               layout="constrained")  # fmt: skip
         image = ax.imshow(pivot.to_numpy(dtype=float), cmap="viridis")
         ax.set_xticks(range(pivot.shape[1]), [str(v) for v in pivot.columns])
         ax.set_yticks(range(pivot.shape[0]), [str(v) for v in pivot.index])
@@ -44,7 +47,7 @@ def grid_figure(table: pd.DataFrame, metric: str):
             ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
         fig.colorbar(image, ax=ax, label=metric)
     elif len(axes) > 2:
-        fig, ax = plt.subplots(figsize=(1.8 * len(axes) + 2, 4))
+        fig, ax = plt.subplots(figsize=(1.8 * len(axes) + 2, 4), layout="constrained")
         columns = axes + [metric]
         scaled = []
         for column in columns:  # categories and numbers alike to [0, 1], by rank of their distinct values
@@ -58,12 +61,12 @@ def grid_figure(table: pd.DataFrame, metric: str):
         ax.set_xticks(range(len(columns)), [c.removeprefix("param.") for c in columns], rotation=20)
         ax.set_yticks([])
     else:
-        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(table) + 2), 3.5))
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(table) + 2), 3.8), layout="constrained")
         labels = table[axes[0]].astype(str) if axes else table["trial"]
         ax.bar(labels, table[metric])
+        ax.set_xlabel(axes[0].removeprefix("param.") if axes else "trial")
         ax.set_ylabel(metric)
     ax.set_title(f"Grid search: {metric} (validation)")
-    fig.tight_layout()
     return fig
 
 

@@ -154,7 +154,8 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
 
     if LABEL_ISSUE not in items:  # a label stage output from before the flag column
         items[LABEL_ISSUE] = False
-    table = items[[ITEM_ID, group_col, "group", LABEL, TARGET, PIXEL_INDEX, "split", "fold", LABEL_ISSUE]].sort_values(ITEM_ID)
+    columns = dict.fromkeys([ITEM_ID, group_col, "group", LABEL, TARGET, PIXEL_INDEX, "split", "fold", LABEL_ISSUE])
+    table = items[list(columns)].sort_values(ITEM_ID)  # once each: group_column null groups by ITEM_ID itself
     report = {
         "sizes": {name: int((items["split"] == name).sum()) for name in SPLITS},
         "groups": {name: int(items.loc[items["split"] == name, "group"].nunique()) for name in SPLITS},
@@ -207,24 +208,28 @@ def proportion_gap(items: pd.DataFrame, by: str = "split") -> float:
     return float((shares.max(axis=0) - shares.min(axis=0)).max())
 
 
-def _chart(report: dict, path) -> None:
+def _chart(report: dict, path):
+    """class_counts.png: items per class (names on the x axis) in each split, the legend outside
+    the bars. Returns the saved, closed figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     classes = sorted({c for counts in report["class_counts"].values() for c in counts})
-    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(classes), 3.5))
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.55 * len(classes)), 4), layout="constrained")
     for i, name in enumerate(SPLITS):
         counts = report["class_counts"][name]
         ax.bar(np.arange(len(classes)) + i * 0.27, [counts.get(c, 0) for c in classes], 0.27, label=name)
     ax.set_xticks(np.arange(len(classes)) + 0.27, classes)
+    for label in ax.get_xticklabels():  # slanted: long class names stay apart
+        label.set(rotation=35, ha="right", rotation_mode="anchor")
     ax.set_ylabel("items")
     ax.set_title(f"Class counts per split (L-inf gap {report['proportion_gap_linf']:.3f})")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=len(SPLITS), fontsize="small")  # below the axes: never over a bar
     fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same split, same bytes
     plt.close(fig)
+    return fig
 
 
 def load_split(splits: StageResult, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -116,7 +116,13 @@ def test_gradcam_figure_from_captum(arch, tmp_path):
     torch.manual_seed(0)
     model = ServingModel(build_model(arch, 1, 3, 16), torch.tensor([0.3]), torch.tensor([0.2])).eval()
     images = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 1), dtype=np.uint8)
-    fig = gradcam_figure(model, arch, images, np.arange(12) % 3, NAMES)
+    y = np.arange(12) % 3
+    with torch.no_grad():
+        proba = model(torch.from_numpy(images).permute(0, 3, 1, 2).float()).numpy()
+    fig = gradcam_figure(model, images, y, proba, NAMES, count=4)
     fig.savefig(tmp_path / "cam.png")
     assert (tmp_path / "cam.png").stat().st_size > 5000
-    assert len([ax for ax in fig.axes if ax.images]) == 6  # two items per class
+    right = int((proba.argmax(axis=1) == y).sum())
+    shown = min(right, 4) + min(12 - right, 4)  # a row of correct items, a row of mistakes
+    assert len([ax for ax in fig.axes if ax.images]) == shown
+    assert all(p.grad is None for p in model.parameters())  # the attribution's gradients are cleared
