@@ -589,3 +589,30 @@ def _decision_lines(rule: dict) -> list[str]:
         f"- apply: {rule['apply']}",
         *([f"- note: {rule['note']}"] if "note" in rule else []),
     ]
+
+
+def per_class_metrics(report: dict) -> dict[str, float]:
+    """`test_precision/<class>`, `test_recall/<class>` and `test_f1/<class>` for every class, from
+    the report's `per_class` (scikit-learn's classification_report on the test set): MLflow's
+    charts group each of the three into one section, one line per class name."""
+    from mlpipe.scoring import metric_name
+
+    return {f"test_{metric}/{metric_name(name)}": float(report["per_class"][name][key])
+            for name in report["class_names"]
+            for metric, key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))}  # fmt: skip
+
+
+def run_description(report: dict, registered: dict) -> str:
+    """The pipeline run's description in MLflow (markdown): what was registered and how good it is."""
+    metrics, intervals = report["metrics"], report["confidence_intervals_95"]
+    f1 = f"test macro-F1 {metrics['test_macro_f1']:.4f}"
+    if "test_macro_f1" in intervals:
+        f1 += f" (95% CI {intervals['test_macro_f1'][0]:.4f}-{intervals['test_macro_f1'][1]:.4f})"
+    baseline = ""
+    if report.get("best_baseline"):
+        score = report["baselines"][report["best_baseline"]].get("test_macro_f1")
+        baseline = f"; best classical baseline ({report['best_baseline']}) {score:.4f}" if score is not None else ""
+    return (f"Trained {report['winner']} ({report['model']}) on {len(report['class_names'])} classes: {f1} on "
+            f"{report['test_items']} test items{baseline}. Registered as {registered['registered_model']} version "
+            f"{registered['version']} ({report['gate']['registered']['model']}); gate: {report['gate']['decision']}. "
+            "Figures and reports per stage under Artifacts; one child run per trial.")

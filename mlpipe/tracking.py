@@ -125,17 +125,44 @@ def _client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=without_credentials(uri) if uri else tracking_uri())
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view, where runs are
+# "Evaluations"; "custom_model_development" is the model-training view (runs, charts, models).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+DESCRIPTION_TAG = "mlflow.note.content"  # the description the UI shows and edits, on runs and experiments
+EXPERIMENT_DESCRIPTION = ("Image classifiers trained by mlpipe. One parent run per pipeline run (its stages' reports "
+                          "and figures, test metrics, the registered model), one child run per trial.")  # fmt: skip
+
+
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):  # local default: artifacts beside the database, not in ./mlruns
-        location = (state_dir() / "mlartifacts" / name).as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created concurrently by another run
-        return client.get_experiment_by_name(name).experiment_id
+    if found is None:
+        location = None
+        if uri.startswith("sqlite:"):  # local default: artifacts beside the database, not in ./mlruns
+            location = (state_dir() / "mlartifacts" / name).as_uri()
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created concurrently by another run
+            pass
+        found = client.get_experiment_by_name(name)
+    # Also on experiments made before the tags existed; a description the user wrote is kept.
+    wanted = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], DESCRIPTION_TAG: EXPERIMENT_DESCRIPTION}
+    for key, value in wanted.items():
+        if key not in found.tags:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+# The tags MLflow's fluent API puts on every run (`mlflow.start_run`): who started it and from
+# where (user, entry point, its type, the git commit when run from a checkout).
+SOURCE_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit",
+               "mlflow.source.git.branch", "mlflow.source.git.repoURL")  # fmt: skip
+
+
+def source_tags() -> dict[str, str]:
+    """`SOURCE_TAGS` as MLflow's own context providers resolve them in this process."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return {k: v for k, v in resolve_tags().items() if k in SOURCE_TAGS}
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -243,18 +270,42 @@ def start_run(experiment: str, run_name: str, params: dict[str, str], tags: dict
     check_reachable(uri)
     client = _client(uri)
     experiment_id = _experiment_id(client, experiment, uri)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**source_tags(), **tags})
     _log_params(client, run.info.run_id, params)
     return RunRef(run_id=run.info.run_id, experiment_id=experiment_id, experiment_name=experiment, tracking_uri=uri)
 
 
-def start_child_run(parent: RunRef, name: str, params: dict[str, str]) -> str:
-    client = _client(parent.tracking_uri)
-    run = client.create_run(
-        parent.experiment_id, run_name=name, tags={MLFLOW_PARENT_RUN_ID: parent.run_id, MLFLOW_RUN_NAME: name}
-    )
+TRIAL_TAG = "mlpipe.trial"
+
+
+def start_child_run(parent: RunRef, name: str, params: dict[str, str], tags: dict[str, str] | None = None) -> str:
+    """A child run of `parent`, started now, with the parent's source and user tags."""
+    return child_run(parent.tracking_uri, parent.experiment_id, parent.run_id, name, params, tags)
+
+
+def child_run(uri: str | None, experiment_id: str, parent_id: str, name: str, params: dict[str, str],
+              tags: dict[str, str] | None = None, reuse: bool = False) -> str:  # fmt: skip
+    """The id of a new child run of run `parent_id`, started now (its start time is the UI's
+    duration start), tagged `mlpipe.trial=name` and with the parent's source and user tags.
+    `reuse`: the child of that name if one exists already (a restarted or resumed trial)."""
+    client = _client(uri)
+    if reuse:
+        found = client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and "
+                                   f"tags.`{TRIAL_TAG}` = '{name}'", max_results=1)  # fmt: skip
+        if found:
+            return found[0].info.run_id
+    inherited = {k: v for k, v in client.get_run(parent_id).data.tags.items() if k in SOURCE_TAGS}
+    run = client.create_run(experiment_id, run_name=name, tags={
+        **inherited, MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, TRIAL_TAG: name, **(tags or {})})  # fmt: skip
     _log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def running_children(ref: RunRef) -> list[str]:
+    """Ids of the parent run's child runs that are still RUNNING."""
+    children = _client(ref.tracking_uri).search_runs(
+        [ref.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{ref.run_id}' and attributes.status = 'RUNNING'")
+    return [c.info.run_id for c in children]
 
 
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
@@ -263,9 +314,11 @@ def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> No
         client.log_batch(run_id, params=items[i : i + _BATCH])
 
 
-def end_run(ref: RunRef, run_id: str | None = None, failed: bool = False) -> None:
+def end_run(ref: RunRef, run_id: str | None = None, failed: bool = False, end_time_ms: int | None = None) -> None:
+    """End the run (default: the parent) FINISHED or FAILED, at `end_time_ms` (ms since the epoch)
+    when given (a trial ends when its training ended, not when the stage publishes it), else now."""
     status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
-    _write(ref, _client(ref.tracking_uri).set_terminated, run_id or ref.run_id, status=status)
+    _write(ref, _client(ref.tracking_uri).set_terminated, run_id or ref.run_id, status=status, end_time=end_time_ms)
 
 
 @contextlib.contextmanager
@@ -306,8 +359,24 @@ def set_tags(ref: RunRef, tags: dict[str, str], run_id: str | None = None) -> No
     _write(ref, _client(ref.tracking_uri).log_batch, run_id or ref.run_id, tags=batch)
 
 
-def log_metrics(ref: RunRef, metrics: dict[str, float], step: int = 0, run_id: str | None = None) -> None:
-    _write(ref, metric_logger(run_id or ref.run_id, ref.tracking_uri), metrics, step)
+def log_metrics(ref: RunRef, metrics: dict[str, float], step: int = 0, run_id: str | None = None,
+                dataset: tuple[str, str] | None = None, model_id: str | None = None) -> None:  # fmt: skip
+    """Metrics into the run (default: the parent). `dataset`: (name, digest) of the `mlflow.data`
+    dataset they were measured on (`log_split_datasets`); `model_id`: the logged model they
+    measure. MLflow's UI lists a logged model's "Datasets used" from exactly these links."""
+    if dataset is None and model_id is None:
+        _write(ref, metric_logger(run_id or ref.run_id, ref.tracking_uri), metrics, step)
+        return
+    now = int(time.time() * 1000)
+    name, digest = dataset or (None, None)
+    batch = [Metric(k, float(v), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+             for k, v in metrics.items()]  # fmt: skip
+    _write(ref, _client(ref.tracking_uri).log_batch, run_id or ref.run_id, metrics=batch)
+
+
+def set_description(ref: RunRef, text: str, run_id: str | None = None) -> None:
+    """The run's description (markdown), shown at the top of its page in MLflow's UI."""
+    set_tags(ref, {DESCRIPTION_TAG: text}, run_id)
 
 
 def log_history(ref: RunRef, history: list[dict[str, float]], run_id: str) -> None:
@@ -385,6 +454,35 @@ def log_dataset(ref: RunRef, name: str, digest: str, source_uri: str) -> None:
            datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "ingest")])])  # fmt: skip
 
 
+# A split's MLflow dataset context, as MLflow's own autologging names them.
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def log_split_datasets(ref: RunRef, splits: dict[str, Any], source_uri: str) -> None:
+    """Each split (name -> DataFrame of its anonymized rows: item id, label) as an `mlflow.data`
+    dataset input of the run, with MLflow's digest, schema and row count, context `training`,
+    `validation` or `testing`, and `source_uri` as its source."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", SPLIT_CONTEXTS.get(name, name))])
+              for name, dataset in _datasets(splits, source_uri).items()]  # fmt: skip
+    _write(ref, _client(ref.tracking_uri).log_inputs, ref.run_id, datasets=inputs)
+
+
+def dataset_links(splits: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """split name -> (dataset name, digest) of `log_split_datasets`' datasets (the digest is
+    MLflow's, of the rows alone), to link metrics to: `log_metrics(dataset=...)`."""
+    return {name: (d.name, d.digest) for name, d in _datasets(splits, "").items()}
+
+
+def _datasets(splits: dict[str, Any], source_uri: str) -> dict[str, Any]:
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.pandas_dataset import from_pandas
+
+    return {name: from_pandas(frame, source=HTTPDatasetSource(url=source_uri), name=name, targets="label")
+            for name, frame in splits.items()}  # fmt: skip
+
+
 def prepare_model_logging(ref: RunRef) -> None:
     """Queue model logging's one-time costs behind the run's pending writes, to be paid in the
     background (while the trials train) instead of on the way to the registry: torch.export's
@@ -448,22 +546,25 @@ def serving_signature(class_names: list[str]) -> Any:
     return ModelSignature(inputs=inputs, outputs=Schema(outputs))
 
 
-def log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, class_names: list[str]) -> dict[str, str]:
+def log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, class_names: list[str],
+              description: str = "") -> dict[str, str]:  # fmt: skip
     """Log and register the serving model: an MLflow pyfunc whose `loader_module` is
     `mlpipe.serving` and whose data is `data` (`mlpipe.serving.save`'s folder: weights, class map,
     preprocessing, decision rule, ONNX), with its signature, an input example (the folder's
     anonymized test image), pinned requirements and mlpipe's code (`code_paths`, so that
     `mlflow models serve` needs no mlpipe install). The training checkpoint goes beside it, for
-    later champion comparisons. Returns uri and version."""
+    later champion comparisons. `description` (the model card, markdown) becomes the version's
+    description. Returns model_uri, model_id (the logged model), registered_model and version."""
     try:
-        return _log_model(ref, data, registered_name, checkpoint, class_names)
+        return _log_model(ref, data, registered_name, checkpoint, class_names, description)
     except OSError as err:  # the version is not made champion: record_gate is never reached
         if err.errno in _STORE_ERRNOS:
             raise artifact_store_error(ref, err) from err
         raise
 
 
-def _log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, class_names: list[str]) -> dict[str, str]:
+def _log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, class_names: list[str],
+               description: str) -> dict[str, str]:  # fmt: skip
     import mlflow.pyfunc
     import pandas as pd
     from mlflow.models import Model
@@ -494,8 +595,20 @@ def _log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, 
     client = _client(ref.tracking_uri)
     client.log_artifact(ref.run_id, str(checkpoint), CHECKPOINT_DIR)
     client.set_model_version_tag(registered_name, version, "mlpipe.class_names", json.dumps(class_names))
+    if description:
+        client.update_model_version(registered_name, version, description=description[:MAX_DESCRIPTION])
+    if not client.get_registered_model(registered_name).description:  # one the user wrote is kept
+        client.update_registered_model(registered_name, description=REGISTERED_MODEL_DESCRIPTION)
     set_tags(ref, {"mlpipe.model_uri": info.model_uri, "mlpipe.registered_model": f"{registered_name}/{version}"})
-    return {"model_uri": info.model_uri, "registered_model": registered_name, "version": version}
+    return {"model_uri": info.model_uri, "model_id": info.model_id, "registered_model": registered_name,
+            "version": version}  # fmt: skip
+
+
+MAX_DESCRIPTION = 5000  # MLflow's limit on a model version's description, in characters
+REGISTERED_MODEL_DESCRIPTION = (
+    "Image classifier trained by the mlpipe training pipeline. Each version's description is its model card "
+    "(data, split, metrics with 95% intervals, baseline, gate decision); `@champion` serves, `@challenger` "
+    "is the latest version the gate did not promote.")  # fmt: skip
 
 
 CHECKPOINT_DIR = "model_checkpoint"

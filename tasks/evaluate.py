@@ -7,12 +7,12 @@ from prefect.runtime import flow_run
 
 from mlpipe import tracking
 from mlpipe.config import EvaluateConfig, IngestConfig
-from mlpipe.evaluate import artifact_files
+from mlpipe.evaluate import artifact_files, per_class_metrics, run_description
 from mlpipe.evaluate import evaluate as evaluate_on_test
 from mlpipe.serving import Preprocessing
 from mlpipe.store import StageResult
 from mlpipe.tracking import RunRef
-from tasks._publish import publish
+from tasks._publish import dataset_links, publish
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -24,11 +24,16 @@ def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig, ing
         links = {"MLflow run": f"{run.tracking_uri} run {run.run_id}", "Prefect flow run": str(flow_run.id)}
         result, _ = evaluate_on_test(best, splits, config, champion, links, Preprocessing.of(ingest))
     report = result.report
-    tracking.log_metrics(run, {**report["metrics"], **report["baseline_metrics"]})
     publish(run, result, files=artifact_files(report))
+    card = result.file("model_card.md").read_text(encoding="utf-8")
     registered = tracking.log_model(run, result.file("serving"), config.registered_model_name,
-                                    result.file("checkpoint"), report["class_names"])  # fmt: skip
+                                    result.file("checkpoint"), report["class_names"], description=card)  # fmt: skip
+    # Test metrics measure the logged model on the test dataset: MLflow shows them on both.
+    tracking.log_metrics(run, {**report["metrics"], **per_class_metrics(report)}, dataset=dataset_links(splits).get("test"),
+                         model_id=registered["model_id"])  # fmt: skip
+    tracking.log_metrics(run, report["baseline_metrics"])
     tracking.record_gate(run, config.registered_model_name, registered["version"], report["gate"])
+    tracking.set_description(run, run_description(report, registered))
     return {"metrics": report["metrics"], "gate": report["gate"]["decision"], **registered,
             "registered_as": report["gate"]["registered"]["model"], "best_baseline": report["best_baseline"],
             "baselines": {name: {k: v for k, v in entry.items() if k.startswith("test_")}

@@ -5,7 +5,7 @@ from mlpipe.split import split as split_stratified_grouped
 from mlpipe.store import StageResult
 from mlpipe.tracking import RunRef
 from tasks._cache import PERSISTED, StageCache
-from tasks._publish import cached_stage
+from tasks._publish import cached_stage, log_splits
 
 
 @task(name="split", cache_policy=StageCache(stage="split", modules=("mlpipe.split",)), **PERSISTED)
@@ -15,4 +15,6 @@ def splits(labelled: StageResult, config: SplitConfig) -> StageResult:
 
 
 def split(labelled: StageResult, config: SplitConfig, run: RunRef) -> StageResult:
-    return cached_stage(splits, run, labelled, config, files=("manifest.parquet", "class_counts.png"))
+    result = cached_stage(splits, run, labelled, config, files=("manifest.parquet", "class_counts.png"))
+    log_splits(run, result)  # train, val and test as MLflow datasets of the run
+    return result

@@ -45,7 +45,7 @@ from mlpipe.split import class_names, cv_folds, development_parts, training_item
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, write_json
 from mlpipe.train.nodes import Nodes, announced, announcements
 from mlpipe.train.model import build_model
-from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec, is_done, resolve_budget
+from mlpipe.train.spec import NewRun, TrialResult, TrialSpec, WorkerSpec, is_done, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +430,7 @@ def train(
     on_progress: Callable[[float], None] | None = None,
     search: SearchConfig | None = None,
     run_launches: Callable[[list[Launch]], None] | None = None,
+    parent: tuple[str, str] | None = None,
 ) -> StageResult:
     """Train all trials; returns a report with one entry per trial (validation metrics only). In
     kfold mode each trial is trained once per fold and its entry holds the fold means.
@@ -440,6 +441,9 @@ def train(
     `on_progress(fraction)` is called after every epoch with the share of planned epochs done.
     Up to `search.max_parallel` launches run at once, through `run_launches(jobs)` (a Prefect
     task runner in the flow; threads here by default), which returns when all have ended.
+
+    MLflow: a trial in `run_ids` logs into that run; any other, with `parent` (parent run id,
+    experiment id), into a child run its worker starts when the trial starts training.
     """
     folds = cv_folds(splits)
     how = search.model_dump(exclude=EXECUTION_ONLY) if search else None  # how trials run leaves results unchanged
@@ -472,7 +476,8 @@ def train(
                     pending = [(t, fold, val) for t, fold, val in pending if not _done(dirs[t.name, fold], t, budget)]
                     if not pending:
                         continue
-                    specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, dirs[t.name, fold], run_ids.get(t.name), budget)
+                    specs = [_trial_spec(t, fold, str(splits.file(val)), resampled, dirs[t.name, fold], run_ids.get(t.name),
+                                         budget, parent)
                              for t, fold, val in pending]  # fmt: skip
                     launched.update(t.name for t, _, _ in pending)
                     slots = parallel_slots(search, cuda, nproc, len(specs))
@@ -532,7 +537,9 @@ def _trial_entry(trial: Trial, folds: dict[str, Path], run_id: str | None, cache
     entry = {"trial": trial.name, "params": trial.params, "run_id": run_id, "cached": cached}
     if len(runs) == 1:
         only = runs[0]
-        return {**entry, **only.model_dump(exclude={"history", "checkpoint"}),
+        return {**entry, **only.model_dump(exclude={"history", "checkpoint", "run_id", "ended_ms"}),
+                # a reused trial's run and end time belong to the run that trained it
+                "run_id": run_id or (None if cached else only.run_id), "ended_ms": None if cached else only.ended_ms,
                 "checkpoint": str(next(iter(folds.values())) / "checkpoint.pt"),
                 "history": only.history if cached else None}  # fmt: skip
     metrics = {k: [r.val_metrics[k] for r in runs] for k in runs[0].val_metrics}
@@ -547,15 +554,20 @@ def _trial_entry(trial: Trial, folds: dict[str, Path], run_id: str | None, cache
         "world_size": runs[0].world_size, "device": runs[0].device, "amp": runs[0].amp,
         "train_items": runs[0].train_items,
         "seconds": round(sum(r.seconds for r in runs), 3),
+        "ended_ms": None if cached or None in (ended := [r.ended_ms for r in runs]) else max(ended),
         "checkpoint": None,  # no single fold model saw all the data: the winner is refit
         "history": None,
     }  # fmt: skip
 
 
 def _trial_spec(
-    trial: Trial, fold: str, val_set: str, resampled: StageResult, folder: Path, run_id: str | None, budget: int | None
+    trial: Trial, fold: str, val_set: str, resampled: StageResult, folder: Path, run_id: str | None, budget: int | None,
+    parent: tuple[str, str] | None = None,
 ) -> TrialSpec:  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
+    new_run = None
+    if run_id is None and parent is not None:
+        new_run = NewRun(parent_run_id=parent[0], experiment_id=parent[1], params=trial.flat_params())
     return TrialSpec(
         stop_after=budget,
         name=f"{trial.name}-{fold}" if fold else trial.name,
@@ -563,6 +575,7 @@ def _trial_spec(
         train_set=training_set_for(resampled, trial, fold),
         out_dir=str(folder),
         run_id=run_id,
+        new_run=new_run,
         val_set=val_set,
         metric_prefix=f"{fold}/" if fold else "",
     )

@@ -13,6 +13,17 @@ from pydantic import BaseModel, ConfigDict
 from mlpipe.config import TrainConfig
 
 
+class NewRun(BaseModel):
+    """The MLflow child run rank 0 starts when the trial starts training (so the run's duration is
+    the trial's own), or finds again when the trial resumes (a restart, a later halving rung)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parent_run_id: str
+    experiment_id: str
+    params: dict[str, str]
+
+
 class TrialSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -21,6 +32,7 @@ class TrialSpec(BaseModel):
     train_set: str  # npz: images, y, synthetic, class_weight (from resample)
     out_dir: str  # rank 0 writes checkpoint.pt and result.json here
     run_id: str | None = None  # MLflow child run that rank 0 logs metrics into
+    new_run: NewRun | None = None  # no run_id: rank 0 starts (or finds) the trial's run with these
     val_set: str | None = None  # this trial's validation part (a cross-validation fold); None: the launch's
     metric_prefix: str = ""  # e.g. "fold2/": fold runs of one trial share its MLflow run
     stop_after: int | None = None  # successive halving: pause after this many epochs (resumable)
@@ -50,6 +62,8 @@ class TrialResult(BaseModel):
     amp: str
     train_items: int
     seconds: float
+    run_id: str | None = None  # the MLflow run rank 0 logged into
+    ended_ms: int | None = None  # when training ended, ms since the epoch: the run's end time
 
 
 def is_done(result: TrialResult, stop_after: int | None, epochs: int) -> bool:

@@ -461,6 +461,18 @@ def _optimizer(cfg, params):
     return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _with_run(spec: WorkerSpec, trial: TrialSpec, ctx: DistContext) -> TrialSpec:
+    """On rank 0, the trial with its MLflow run: started now (or found again on a resume) when
+    the spec asks for a new one."""
+    if not ctx.is_main or trial.run_id is not None or trial.new_run is None:
+        return trial
+    from mlpipe import tracking
+
+    new = trial.new_run
+    run_id = tracking.child_run(spec.tracking_uri, new.experiment_id, new.parent_run_id, trial.name, new.params, reuse=True)
+    return trial.model_copy(update={"run_id": run_id})
+
+
 def _metric_logger(spec: WorkerSpec, trial: TrialSpec, ctx: DistContext):
     """Rank 0 with a run id logs through mlpipe.tracking; everyone else gets None."""
     if not ctx.is_main or trial.run_id is None:
@@ -510,6 +522,7 @@ def _main(argv: list[str] | None, current: list[str | None]) -> None:
             if path.exists() and is_done(TrialResult.model_validate_json(path.read_text()), trial.stop_after, trial.train.epochs):
                 continue  # finished before a restart (torchrun re-runs the whole spec) or in an earlier rung
             current[0] = trial.name
+            trial = _with_run(spec, trial, ctx)
             tracker = _metric_logger(spec, trial, ctx)
             if tracker is not None:
                 tracker.start_system_metrics()
@@ -519,6 +532,7 @@ def _main(argv: list[str] | None, current: list[str | None]) -> None:
                 if tracker is not None:
                     tracker.stop_system_metrics()
             if ctx.is_main:
+                result = result.model_copy(update={"run_id": trial.run_id, "ended_ms": int(time.time() * 1000)})
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(result.model_dump_json(indent=2))
                 os.replace(tmp, path)
