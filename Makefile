@@ -4,6 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
+# Label Studio (the review round-trip test's server) pins Django and much else that clash with
+# mlpipe's own dependencies: it gets a venv of its own, and the test runs its `label-studio`.
+LABEL_STUDIO_VERSION := 1.23.2
+LS_VENV  := .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed-$(LABEL_STUDIO_VERSION)
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -21,8 +26,13 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/mlpipe run $(ARGS)
 
-test: $(STAMP) system-packages
+test: $(STAMP) $(LS_STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(LS_STAMP):
+	rm -rf $(LS_VENV) && $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir label-studio==$(LABEL_STUDIO_VERSION)
+	touch $@
 
 # Debian's PostgreSQL (the integration tests' MLflow server), Chromium (the Prefect UI test) and
 # Fashion-MNIST (the real-data flow test and the model-quality benchmark), if missing.

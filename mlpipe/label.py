@@ -1,14 +1,19 @@
 """label: one label per item from annotator votes (or a plain label column), and a frozen class map.
 
 Majority vote; a tie or an item with no vote goes to the review queue instead of being guessed,
-and review items never reach training. The class map (label -> index) is written once here and
-every later stage reads it, so indices cannot drift between training and evaluation.
+and review items never reach training. The queue goes out as a Label Studio project
+(review_tasks.json: inline anonymized images, the label-error model's guesses as
+pre-annotations; labeling_config.xml) and its export comes back through label.reviewed. The
+class map (label -> index) is written once here and every later stage reads it, so indices
+cannot drift between training and evaluation.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
@@ -142,32 +147,85 @@ def agreement(votes: pd.DataFrame, classes: list[str]) -> dict:
     return {"krippendorff_alpha": alpha(data), "krippendorff_alpha_per_class": per_class}
 
 
-def label_studio_tasks(review: pd.DataFrame) -> list[dict]:
-    """The review queue as a Label Studio import file: anonymized image references only."""
-    return [
-        {"data": {"image": f"images/{item_id}.png", "item_id": item_id}, "meta": {"reason": reason}}
-        for item_id, reason in zip(review[ITEM_ID], review["reason"], strict=True)
-    ]
+def png_data_uri(path: Path) -> str:
+    """`data:image/png;base64,...` of a PNG file, for Label Studio's `data.image`: the browser shows
+    it with no file server and no storage connection. Raises MlpipeError when the file is missing."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MlpipeError(f"anonymized image missing: {Path(path).parent.name}/{Path(path).name} "
+                          f"(the anonymize stage's output is incomplete; rerun it)") from None  # fmt: skip
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def labeling_config(class_names: list[str]) -> str:
+    """Label Studio's labeling interface for the review queue (XML text): the image, the reason and
+    votes that sent it to review, and one Choice per class under Choices name="label" (the control
+    `read_label_studio` reads). Class names are XML-escaped (&, <, quotes) by ElementTree."""
+    view = ET.Element("View")
+    ET.SubElement(view, "Image", name="image", value="$image", zoom="true")
+    ET.SubElement(view, "Text", name="why", value="$why")
+    choices = ET.SubElement(view, "Choices", name="label", toName="image", choice="single", showInline="true")
+    for name in class_names:
+        ET.SubElement(choices, "Choice", value=name)
+    ET.indent(view)
+    return ET.tostring(view, encoding="unicode") + "\n"
+
+
+def label_studio_tasks(review: pd.DataFrame, images: Path, predictions: dict[str, dict] | None = None) -> list[dict]:
+    """The review queue as a Label Studio import file (a JSON list of tasks).
+
+    `review`: rows of (item_id, reason, votes). Each task's `data` holds `image`, the anonymized
+    PNG the anonymize stage wrote (`images/<item_id>.png`, re-encoded from pixels, no source
+    metadata) as a base64 data URI; `item_id` (a content hash); and `why`, the reason and the
+    annotators' votes as text (labels only, never who voted). `predictions`: {item_id: {"label",
+    "score" (probability, 0-1), "model_version"}}; an item in it gets one Label Studio
+    pre-annotation of the "label" control. A pre-annotation is a suggestion, not a review:
+    `read_label_studio` reads only annotations.
+    """
+    predictions = predictions or {}
+    tasks = []
+    for item_id, reason, votes in zip(review[ITEM_ID], review["reason"], review["votes"], strict=True):
+        task = {"data": {"image": png_data_uri(images / f"{item_id}.png"), "item_id": item_id,
+                         "why": f"{reason}; votes: {votes or 'none'}"}, "meta": {"reason": reason}}  # fmt: skip
+        if item_id in predictions:
+            guess = predictions[item_id]
+            task["predictions"] = [{"model_version": guess["model_version"], "score": guess["score"],
+                                    "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                                                "value": {"choices": [guess["label"]]}}]}]  # fmt: skip
+        tasks.append(task)
+    return tasks
+
+
+# Keys of a JSON-MIN record that are not the "label" control: the task data and Label Studio's own.
+_JSON_MIN_OTHER = {"image", "item_id", "why", "id", "annotator", "annotation_id", "created_at", "updated_at",
+                   "lead_time"}
 
 
 def read_label_studio(path) -> pd.DataFrame:
-    """Labels from a Label Studio export, JSON or JSON-MIN: a table of (item_id, label).
+    """Labels from a Label Studio export of the review tasks, JSON or JSON-MIN: a table of
+    (item_id, label); an item nobody labelled has label "".
 
-    JSON: each task's last annotation's first choice. JSON-MIN: the flat record's choice field.
+    JSON: the choices of the "label" control (or any choices result, for exports made with another
+    labeling config) over the task's submitted annotations; the last one wins. Cancelled (skipped)
+    annotations and `predictions` (pre-annotations, not reviews) are ignored. JSON-MIN: the record's
+    "label" field (a string, or a list for several choices), else its one non-data field.
+    Raises ValueError/KeyError/TypeError/AttributeError on other JSON (apply_reviewed words them).
     """
     tasks = json.loads(Path(path).read_text(encoding="utf-8"))
     rows = []
     for task in tasks:
         if "annotations" in task:  # full JSON export
             item = task["data"]["item_id"]
-            results = [r for a in task["annotations"] if not a.get("was_cancelled") for r in a.get("result", [])]
+            results = [r for a in task["annotations"] if not a.get("was_cancelled") for r in a.get("result", [])
+                       if r.get("type", "choices") == "choices" and r.get("from_name", "label") == "label"]  # fmt: skip
             choices = [c for r in results for c in r.get("value", {}).get("choices", [])]
             rows.append((item, choices[-1] if choices else ""))
         else:  # JSON-MIN: the data fields plus one field per control, named after it
-            choice = next((v for k, v in task.items() if k not in ("image", "item_id", "id", "annotator",
-                                                                   "annotation_id", "created_at", "updated_at",
-                                                                   "lead_time")), "")  # fmt: skip
-            rows.append((task["item_id"], choice if isinstance(choice, str) else (choice or [""])[0]))
+            choice = task.get("label", next((v for k, v in task.items() if k not in _JSON_MIN_OTHER), ""))
+            if isinstance(choice, dict):  # a multi-choice control: {"choices": [...]}
+                choice = choice["choices"]
+            rows.append((task["item_id"], choice if isinstance(choice, str) else (choice or [""])[-1]))
     return pd.DataFrame(rows, columns=[ITEM_ID, LABEL])
 
 
@@ -251,6 +309,31 @@ def thumbnails(pixels: np.ndarray, index: np.ndarray, side: int = 16, chunk: int
     return np.concatenate(out)
 
 
+def thumbnail_model():
+    """The label stage's cheap classifier: standardized features, multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+
+
+def out_of_fold(features: np.ndarray, codes: np.ndarray, folds: int,
+                seed: int = 0) -> tuple[np.ndarray | None, float | None, str | None]:  # fmt: skip
+    """`thumbnail_model`'s stratified out-of-fold probabilities over (N, F) features and (N,) class
+    codes: (probabilities (N, classes present, in code order), accuracy, None), or (None, None, why
+    skipped) when fewer than two classes have two items each."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    present, dense = np.unique(codes, return_inverse=True)
+    smallest = int(np.bincount(dense).min()) if len(dense) else 0
+    if len(present) < 2 or smallest < 2:
+        return None, None, "skipped: needs two classes with at least two items each"
+    cv = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
+    probs = cross_val_predict(thumbnail_model(), features, dense, cv=cv, method="predict_proba")
+    return probs, float((probs.argmax(axis=1) == dense).mean()), None
+
+
 def likely_label_errors(features: np.ndarray, y: np.ndarray, folds: int, min_accuracy: float,
                         seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, float | None, str | None]:  # fmt: skip
     """cleanlab's `find_label_issues` on out-of-fold probabilities of a logistic regression over
@@ -262,27 +345,41 @@ def likely_label_errors(features: np.ndarray, y: np.ndarray, folds: int, min_acc
     (cleanlab/cleanlab#685). Then nothing is flagged and the report says why.
     """
     from cleanlab.filter import find_label_issues
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     none = np.zeros(len(y), dtype=bool)
-    classes, codes = np.unique(y, return_inverse=True)
-    smallest = int(np.bincount(codes).min()) if len(codes) else 0
-    if len(classes) < 2 or smallest < 2:
-        return none, None, None, "skipped: needs two classes with at least two items each"
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    cv = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
-    probs = cross_val_predict(model, features, codes, cv=cv, method="predict_proba")
-    accuracy = float((probs.argmax(axis=1) == codes).mean())
+    probs, accuracy, skipped = out_of_fold(features, y, folds, seed)
+    if skipped:
+        return none, None, None, skipped
     if accuracy < min_accuracy:
         return none, probs, accuracy, (f"skipped: the flagging model's out-of-fold accuracy {accuracy:.3f} is below "
                                        f"label.issue_min_accuracy {min_accuracy:g}; its flags would be guesses")
     # n_jobs=1: cleanlab's process pool would fork the caller (a Prefect task, whose SIGTERM
     # handler then prints a traceback when the pool is shut down); the filter itself is cheap.
+    codes = np.unique(y, return_inverse=True)[1]
     flagged = find_label_issues(labels=codes, pred_probs=probs, filter_by="prune_by_noise_rate", n_jobs=1)
     return flagged, probs, accuracy, None
+
+
+def review_predictions(features: np.ndarray, codes: np.ndarray, queue: np.ndarray, class_names: list[str],
+                       accuracy: float | None, min_accuracy: float) -> tuple[list[dict] | None, str]:  # fmt: skip
+    """Pre-annotations for the review queue: `thumbnail_model` (the label-error model) fit on all
+    (N, F) labelled features and their (N,) class codes, predicting the (M, F) `queue` features,
+    items it never saw a label for. Returns ([{"label", "score" (the predicted class's probability,
+    0-1)}] * M, model version naming the model, N and its out-of-fold accuracy), or (None, why
+    skipped) when that `accuracy` is unknown or below `min_accuracy` (label.issue_min_accuracy): a
+    weak model's suggestion anchors a reviewer without informing them.
+    """
+    if accuracy is None:
+        return None, "skipped: no out-of-fold accuracy (needs two classes with at least two items each)"
+    if accuracy < min_accuracy:
+        return None, (f"skipped: the model's out-of-fold accuracy {accuracy:.3f} is below label.issue_min_accuracy "
+                      f"{min_accuracy:g}")  # fmt: skip
+    model = thumbnail_model().fit(features, codes)
+    probs = model.predict_proba(queue)
+    best = probs.argmax(axis=1)
+    guesses = [{"label": class_names[model.classes_[k]], "score": round(float(p[k]), 4)}
+               for k, p in zip(best, probs, strict=True)]  # fmt: skip
+    return guesses, f"label-stage thumbnail logreg, n={len(codes)}, oof_acc={accuracy:.3f}"
 
 
 def label(dataset: StageResult, config: LabelConfig) -> StageResult:
@@ -330,8 +427,10 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
               "action": "flagged items stay labelled (advisory); see label_issues.csv"}
     suspects = pd.DataFrame(columns=[ITEM_ID, "given_label", "suggested_label", "given_label_probability"])
     suspected = pd.Series(False, index=items.index)
+    queued = labels.isna() & ~dropped
+    candidates = labels.notna() & ~reviewed  # a reviewer's decision is not second-guessed
+    guesses, model_version = None, "skipped: label.find_label_issues is off (its model makes the suggestions)"
     if config.find_label_issues:
-        candidates = labels.notna() & ~reviewed  # a reviewer's decision is not second-guessed
         pixels = np.load(dataset.file("pixels"), mmap_mode="r")
         features = thumbnails(pixels, items.loc[candidates, PIXEL_INDEX].to_numpy())
         codes = labels[candidates].map(class_map).to_numpy(dtype=int)
@@ -351,13 +450,21 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
             })
         issues["flagged"] = len(suspects)
         issues["flagged_fraction"] = round(len(suspects) / max(int(candidates.sum()), 1), 4)
+        # Pre-annotations for Label Studio: the same model (its out-of-fold accuracy just measured),
+        # refit on every candidate, predicts the queue; one more fit, no second cross-validation.
+        model_version = "skipped: the review queue is empty"
+        if queued.any():
+            queue_features = thumbnails(pixels, items.loc[queued, PIXEL_INDEX].to_numpy())
+            guesses, model_version = review_predictions(features, codes, queue_features, class_names, accuracy,
+                                                        config.issue_min_accuracy)  # fmt: skip
 
     labelled = items[labels.notna()].copy()
     labelled[LABEL] = labels[labels.notna()]
     labelled[TARGET] = labelled[LABEL].map(class_map).astype(int)
     labelled[LABEL_ISSUE] = suspected[labels.notna()]  # kept: resample.drop_label_issues may leave them out of training
-    queued = labels.isna() & ~dropped
     review = pd.DataFrame({ITEM_ID: items.loc[queued, ITEM_ID], "reason": review_reason[queued]})
+    predictions = {} if guesses is None else {
+        item: {**guess, "model_version": model_version} for item, guess in zip(review[ITEM_ID], guesses, strict=True)}
 
     multi = len(config.columns) > 1
     unanimous = votes.nunique(axis=1).eq(1) & votes.ne("").all(axis=1)
@@ -376,6 +483,8 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
         "consensus_differs_from_majority": int(differs),
         "reviewed": int(reviewed.sum()),
         "label_issues": issues,
+        "review_predictions": {"items": len(predictions), "model_version": None if guesses is None else model_version,
+                               "skipped": model_version if guesses is None else None},
         "unanimous_fraction": round(float(unanimous.mean()), 4) if multi else None,
         **(agreement(votes, class_names) if multi else {}),
         "disagreement_fraction": round(float(1 - unanimous[votes.ne("").any(axis=1)].mean()), 4) if multi else None,
@@ -386,7 +495,11 @@ def label(dataset: StageResult, config: LabelConfig) -> StageResult:
         labelled.to_parquet(out / "items.parquet", index=False)
         review.to_csv(out / "review_queue.csv", index=False)
         suspects.to_csv(out / "label_issues.csv", index=False)
-        write_json(out / "review_tasks.json", label_studio_tasks(review))
+        votes_text = [", ".join(f"{lab} ({n})" for lab, n in Counter(v for v in row if v).most_common())
+                      for row in votes[queued].itertuples(index=False)]  # fmt: skip
+        write_json(out / "review_tasks.json",
+                   label_studio_tasks(review.assign(votes=votes_text), dataset.file("images"), predictions))
+        (out / "labeling_config.xml").write_text(labeling_config(class_names), encoding="utf-8")
         write_json(out / "label_map.json", class_map)
         write_json(out / "report.json", report)
     return StageResult.at("label", key, report, pixels=dataset.file("pixels"))

@@ -17,4 +17,5 @@ def labelled(dataset: StageResult, config: LabelConfig) -> StageResult:
 
 
 def label(dataset: StageResult, config: LabelConfig, run: RunRef) -> StageResult:
-    return cached_stage(labelled, run, dataset, config, files=("label_map.json", "review_queue.csv", "review_tasks.json", "label_issues.csv"))
+    files = ("label_map.json", "review_queue.csv", "review_tasks.json", "labeling_config.xml", "label_issues.csv")
+    return cached_stage(labelled, run, dataset, config, files=files)

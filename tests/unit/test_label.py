@@ -100,23 +100,80 @@ def test_agreement_known_answers():
 
 
 def test_label_studio_round_trip(dataset, tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
     from mlpipe.label import read_label_studio
 
     result = label(dataset, LabelConfig())
     tasks = json.loads(result.file("review_tasks.json").read_text())
     review = pd.read_csv(result.file("review_queue.csv"))
     assert [t["data"]["item_id"] for t in tasks] == review["item_id"].tolist()
-    assert all(t["data"]["image"] == f"images/{t['data']['item_id']}.png" for t in tasks)  # anonymized only
+    # The image Label Studio shows is the anonymized PNG itself, inline: the pixels the model sees.
+    items = pd.read_parquet(dataset.file("items.parquet")).set_index("item_id")
+    pixels = np.load(dataset.file("pixels"), mmap_mode="r")
+    for task in tasks:
+        head, _, body = task["data"]["image"].partition(",")
+        assert head == "data:image/png;base64"
+        png = base64.b64decode(body)
+        assert png == (dataset.file("images") / f"{task['data']['item_id']}.png").read_bytes()
+        shown = np.asarray(Image.open(io.BytesIO(png)))
+        assert (shown == pixels[items.at[task["data"]["item_id"], "__pixel_index"]].squeeze()).all()
+        assert set(task["data"]) == {"image", "item_id", "why"}  # anonymized content and a content hash only
     # An annotator labels the queue in Label Studio, which exports JSON and JSON-MIN:
-    exported = [{**t, "id": i, "annotations": [{"result": [{"type": "choices", "value": {"choices": [str(i % 10)]}}]}]}
+    exported = [{**t, "id": i, "annotations": [{"result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                                                            "value": {"choices": [str(i % 10)]}}]}]}
                 for i, t in enumerate(tasks)]  # fmt: skip
     (tmp_path / "export.json").write_text(json.dumps(exported))
-    minimal = [{**t["data"], "id": i, "choice": str(i % 10)} for i, t in enumerate(tasks)]
+    minimal = [{**t["data"], "id": i, "label": str(i % 10)} for i, t in enumerate(tasks)]
     (tmp_path / "export-min.json").write_text(json.dumps(minimal))
     for name in ("export.json", "export-min.json"):
         back = read_label_studio(tmp_path / name)
         assert back["item_id"].tolist() == review["item_id"].tolist()
         assert back["label"].tolist() == [str(i % 10) for i in range(len(tasks))]
+
+
+def test_review_tasks_carry_the_label_stage_models_predictions(dataset, tmp_path):
+    from mlpipe.label import read_label_studio
+
+    result = label(dataset, LabelConfig())
+    tasks = json.loads(result.file("review_tasks.json").read_text())
+    made = result.report["review_predictions"]
+    assert made["skipped"] is None and made["items"] == len(tasks) > 0
+    accuracy = result.report["label_issues"]["model_oof_accuracy"]
+    assert made["model_version"].endswith(f"oof_acc={accuracy:.3f}")  # the model's measured quality, in its name
+    for task in tasks:
+        (prediction,) = task["predictions"]
+        assert prediction["model_version"] == made["model_version"] and 0 < prediction["score"] <= 1
+        (choice,) = prediction["result"]
+        assert (choice["from_name"], choice["to_name"], choice["type"]) == ("label", "image", "choices")
+        assert choice["value"]["choices"][0] in json.loads(result.file("label_map.json").read_text())
+    # The tasks come back from Label Studio with their pre-annotations but nobody's answer: no review.
+    exported = [{**t, "id": i, "annotations": []} for i, t in enumerate(tasks)]
+    (tmp_path / "export.json").write_text(json.dumps(exported))
+    assert (read_label_studio(tmp_path / "export.json")["label"] == "").all()
+    # A model below label.issue_min_accuracy makes no suggestions, nor does a stage that fits none; each says why.
+    for config, why in [(LabelConfig(issue_min_accuracy=1.0), "skipped: the model's out-of-fold accuracy"),
+                        (LabelConfig(find_label_issues=False), "skipped: label.find_label_issues is off")]:  # fmt: skip
+        quiet = label(dataset, config)
+        assert quiet.report["review_predictions"]["skipped"].startswith(why)
+        assert not any("predictions" in t for t in json.loads(quiet.file("review_tasks.json").read_text()))
+
+
+def test_labeling_config_lists_the_classes_escaped():
+    import xml.etree.ElementTree as ET
+
+    from mlpipe.label import labeling_config
+
+    names = ["cat & dog", "<b>", 'say "hi"', "it's"]
+    view = ET.fromstring(labeling_config(names))
+    assert view.find("Image").attrib == {"name": "image", "value": "$image", "zoom": "true"}
+    choices = view.find("Choices")
+    assert (choices.get("name"), choices.get("toName")) == ("label", "image")
+    assert [c.get("value") for c in choices.findall("Choice")] == names
 
 
 def test_case_whitespace_and_synonyms_are_normalized():
