@@ -1,6 +1,8 @@
 """`mlpipe`: run the pipeline, or write the sample dataset.
 
     mlpipe run [--config FILE] [--set dotted.key=value ...]
+    mlpipe check [--config FILE] [--set dotted.key=value ...]
+    mlpipe config [--config FILE] [--set dotted.key=value ...] [--schema]
     mlpipe reproduce RUN_ID [--tracking-uri URI] [--state-dir DIR]
     mlpipe sample-data DIR
     mlpipe predict [--model URI] [--output FILE] [--batch-size N] [--device D] SOURCE [SOURCE ...]
@@ -10,7 +12,7 @@
     mlpipe join [--idle-exit SECONDS]
 
 Bad input ends with one line on stderr and a non-zero exit: 2 for usage and config errors,
-1 for a pipeline that failed.
+1 for a pipeline that failed (and for data that `mlpipe check` or the run's start finds unusable).
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="YAML file validated against PipelineConfig")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config value, e.g. --set train.lr=0.01 (repeatable)")  # fmt: skip
+    check = sub.add_parser("check", help="validate the config and its data in seconds, without a run: source, "
+                           "columns against the policy, labels, class counts, model and augmentation, a sample "
+                           "of images; exit 1 with one line per problem")  # fmt: skip
+    show = sub.add_parser("config", help="print the config as YAML (defaults, then the file, then each --set)")
+    show.add_argument("--schema", action="store_true", help="print PipelineConfig's JSON schema instead")
+    for command in (check, show):
+        command.add_argument("--config", type=Path, help="YAML file validated against PipelineConfig")
+        command.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                             help="override one config value (repeatable)")  # fmt: skip
     again = sub.add_parser("reproduce", help="rerun an MLflow run from its record (config, data fingerprint, code "
                            "version) in a fresh state directory; exit 1 if its test metrics differ on CPU")  # fmt: skip
     again.add_argument("run_id", metavar="RUN_ID", help="the pipeline's parent MLflow run")
@@ -93,11 +104,65 @@ def main(argv: list[str] | None = None) -> int:
             return _join(args.idle_exit)
         if args.command == "reproduce":
             return _reproduce(args.run_id, args.tracking_uri, args.state_dir)
+        if args.command == "config" and args.schema:
+            return _print_schema()
         config = load_config(args.config, args.sets)
+        if args.command == "config":
+            return _print_config(config)
+        if args.command == "check":
+            return _check(config)
     except MlpipeError as err:
         print(f"mlpipe: error: {err}", file=sys.stderr)
         return 2
+    config = _decide_auto(config)
+    if isinstance(config, int):
+        return config
     return _run(config, prepare_in_background())
+
+
+def _decide_auto(config):
+    """The config with its auto values decided from the data before anything starts (no Prefect
+    server, no MLflow store), so that a config they make invalid is refused in seconds; or the
+    exit code after one line on stderr: 1 for unreadable data, 2 for an invalid decided config."""
+    from mlpipe.ingest import DataError, describe_decided, resolve_config
+
+    try:
+        resolved, decided, detection = resolve_config(config)
+    except MlpipeError as err:
+        print(f"mlpipe: error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, DataError) else 2
+    if decided:
+        print(f"mlpipe: {describe_decided(decided, detection)}", file=sys.stderr)
+    return resolved
+
+
+def _check(config) -> int:
+    """`mlpipe.check.check_config`: the summary on stdout, one line per problem on stderr; 1 if any."""
+    from mlpipe.check import check_config
+
+    report = check_config(config)
+    print("\n".join(report.summary))
+    for line in report.warnings:
+        print(f"mlpipe: warning: {line}", file=sys.stderr)
+    for line in report.problems:
+        print(f"mlpipe: error: {line}", file=sys.stderr)
+    return 1 if report.problems else 0
+
+
+def _print_config(config) -> int:
+    from mlpipe.config import to_yaml
+
+    print(to_yaml(config), end="")
+    return 0
+
+
+def _print_schema() -> int:
+    import json
+
+    from mlpipe.config import PipelineConfig
+
+    print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+    return 0
 
 
 def _reproduce(run_id: str, uri: str | None, state_dir: Path | None) -> int:

@@ -7,6 +7,7 @@ from prefect.runtime import flow_run
 
 from mlpipe.config import PipelineConfig
 from tasks import account, anonymize, evaluate, ingest, label, pipeline_run, refit, resample, search, split, train
+from tasks.ingest import decide_auto
 from tasks.run import end_mlflow_runs
 
 
@@ -18,6 +19,7 @@ from tasks.run import end_mlflow_runs
     on_cancellation=[end_mlflow_runs("KILLED")],
 )
 def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008 (pydantic default is the UI form)
+    config = decide_auto(config)  # auto values from a sample of the data, recorded decided
     with pipeline_run(config) as run:
         snapshot = ingest(config.source, config.ingest, run)
         dataset = anonymize(snapshot, config.anonymize, config.source, run)

@@ -33,7 +33,7 @@ from PIL import Image
 from mlpipe.config import AnonymizeConfig, ColumnPolicy, SourceConfig
 from mlpipe.accounting import check_drop
 from mlpipe.errors import MlpipeError
-from mlpipe.ingest import NEAR_DUP, PIXEL_INDEX, ROW, SHA, snapshot_rows
+from mlpipe.ingest import IMAGEFOLDER_LABEL, NEAR_DUP, PIXEL_INDEX, ROW, SHA, layout_of, snapshot_rows
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, state_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,8 @@ def anonymize(
     """`secret_key`: the key from a Prefect Secret block, resolved by the caller (this library
     never imports Prefect); without it the key comes from the environment or the local key file."""
     items, removed_duplicates = snapshot_rows(snapshot, source)
+    if layout_of(source) == "imagefolder" and IMAGEFOLDER_LABEL not in config.policy:  # the folder name is the label
+        config = config.model_copy(update={"policy": {**config.policy, IMAGEFOLDER_LABEL: ColumnPolicy(action="keep")}})
     columns = [c for c in items.columns if c not in (source.image_column,) and not c.startswith("__")]
     check_policy(items, columns, config)
     key, key_source = (secret_key, f"prefect-secret:{config.key_secret_block}") if secret_key else load_key(config)

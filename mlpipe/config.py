@@ -29,20 +29,43 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # NaN and inf: refused
 
 
+SAMPLE_URI = "sample://digits"
+IMAGEFOLDER_LABEL = "class"  # the column an imagefolder listing puts the class folder's name in
+
+
 class SourceConfig(_Section):
     uri: str = Field(
-        "sample://digits", description="Dataset root: a directory or any fsspec URL (file://, s3://, ...), or sample://digits."
+        SAMPLE_URI, description="Dataset root: a directory or any fsspec URL (file://, s3://, ...), or sample://digits."
     )
-    layout: Literal["manifest", "imagefolder"] = Field(
-        "manifest", description="manifest: a table of image paths; imagefolder: root/<class>/<image> (column 'class')."
+    layout: Literal["auto", "manifest", "imagefolder"] = Field(
+        "auto",
+        description="manifest: a table of image paths; imagefolder: root/<class>/<image> (column 'class'). auto: "
+        "manifest when the root holds source.manifest (sample://digits does), else imagefolder when it has a "
+        "subfolder holding images; resolved once before the run and recorded resolved.",
     )
     manifest: str = Field("manifest.csv", description="Manifest file (.csv, .parquet or .jsonl), relative to the root.")
     image_column: str = Field("image", description="Manifest column with image paths relative to the root.")
 
 
+# ingest.image_size auto: the median longer side of the sampled images, clamped to this range (pixels).
+AUTO_SIZE_RANGE = (16, 128)
+AUTO_SAMPLE_IMAGES = 32  # images an auto value is detected from: evenly spaced over the rows, the same each time
+
+
 class IngestConfig(_Section):
-    image_size: int = Field(16, ge=4, le=1024, description="Side of the square training resolution in pixels.")
-    channels: Literal[1, 3] = Field(1, description="1 for grayscale, 3 for RGB.")
+    image_size: int | Literal["auto"] = Field(
+        "auto",
+        description="Side of the square training resolution in pixels (4-1024). auto: the median longer side "
+        f"(max of width, height) of {AUTO_SAMPLE_IMAGES} images spread evenly over the rows, clamped to "
+        f"{AUTO_SIZE_RANGE[0]}-{AUTO_SIZE_RANGE[1]}, then raised to the smallest size train.model (and every "
+        "grid model) runs at; sample://digits (8x8 scans) gets 16. Resolved once before the run and recorded.",
+    )
+    channels: Literal["auto", 1, 3] = Field(
+        "auto",
+        description="1 for grayscale, 3 for RGB. auto: 3 when any sampled image (as for image_size) has colour "
+        "(R, G and B differ by more than 8 of 255 levels at 1% of its pixels or more), else 1; resolved once "
+        "before the run and recorded.",
+    )
     max_pixels: int = Field(
         40_000_000, ge=1,
         description="The only pixel limit: an image whose header says width x height is above this is quarantined "
@@ -65,6 +88,13 @@ class IngestConfig(_Section):
     )
 
     _workers_positive = field_validator("workers")(_at_least_one_or_auto)
+
+    @field_validator("image_size")
+    @classmethod
+    def _size_in_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 4 <= value <= 1024:
+            raise ValueError(f"must be 'auto' or from 4 to 1024 pixels (got {value})")
+        return value
 
 
 Action = Literal["keep", "drop", "pseudonymize", "generalize_date", "generalize_number", "truncate", "redact_text"]
@@ -105,13 +135,12 @@ PERSONAL_DATA_POLICY: dict[str, Any] = {
 }
 
 
+SAMPLE_LABEL_COLUMNS = ["annotator_1", "annotator_2", "annotator_3"]
+SAMPLE_GROUP_COLUMN = "subject_id"
+
+
 def _sample_policy() -> dict[str, ColumnPolicy]:
-    policy = {
-        **PERSONAL_DATA_POLICY,
-        "annotator_1": "keep",
-        "annotator_2": "keep",
-        "annotator_3": "keep",
-    }
+    policy = {**PERSONAL_DATA_POLICY, **dict.fromkeys(SAMPLE_LABEL_COLUMNS, "keep")}
     return {column: ColumnPolicy.model_validate(p) for column, p in policy.items()}
 
 
@@ -119,7 +148,8 @@ class AnonymizeConfig(_Section):
     policy: dict[str, ColumnPolicy] = Field(
         default_factory=_sample_policy,
         description="One policy per manifest column (the image column is handled by anonymize itself). "
-        "A column without a policy stops the run.",
+        "A column without a policy stops the run. The default is the sample's; with the imagefolder layout it "
+        "becomes {} (the listing has no other columns) and the class column is kept without a policy.",
     )
     key_env: str = Field(
         "MLPIPE_PSEUDONYM_KEY",
@@ -136,9 +166,10 @@ class AnonymizeConfig(_Section):
 
 class LabelConfig(_Section):
     columns: list[str] = Field(
-        default_factory=lambda: ["annotator_1", "annotator_2", "annotator_3"],
+        default_factory=lambda: list(SAMPLE_LABEL_COLUMNS),
         min_length=1,
-        description="Annotator columns combined by majority vote; a single column is a plain label column.",
+        description="Annotator columns combined by majority vote; a single column is a plain label column. The "
+        "default is the sample's annotators; with the imagefolder layout it becomes [class], the folder name.",
     )
     classes: list[str] | None = Field(None, description="Allowed labels; any other label stops the run. Empty: open set.")
     synonyms: dict[str, str] = Field(
@@ -189,7 +220,11 @@ class SplitConfig(_Section):
     train_fraction: float = Field(0.7, gt=0, lt=1, description="Share of items for training.")
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of items for validation.")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of items for the test set.")
-    group_column: str | None = Field("subject_id", description="Items sharing this (pseudonymized) value stay in one split.")
+    group_column: str | None = Field(
+        SAMPLE_GROUP_COLUMN,
+        description="Items sharing this (pseudonymized) value stay in one split. The default is the sample's; "
+        "with the imagefolder layout it becomes null (each item its own group; near-duplicates still kept together).",
+    )
     tolerance: float = Field(
         0.1, gt=0, le=1, description="Largest allowed gap in any class's share between two splits (L-infinity)."
     )
@@ -383,13 +418,20 @@ class TrainConfig(_Section):
 TRIAL_SECTIONS = ("resample", "train")
 
 
+# search.grid auto: the sample's grid for sample://digits, USER_GRID for every other source.
+SAMPLE_GRID: dict[str, list[Any]] = {"train.lr": [0.002, 0.006]}
+USER_GRID: dict[str, list[Any]] = {"train.lr": [0.001, 0.003]}
+
+
 class SearchConfig(_Section):
-    grid: dict[str, list[Any]] = Field(
-        default_factory=lambda: {"train.lr": [0.002, 0.006]},
+    grid: dict[str, list[Any]] | Literal["auto"] = Field(
+        "auto",
         description="Dotted config keys (resample.* or train.*) to lists of values; every combination is one trial. "
-        "The default, two learning rates of 2000 steps each, replaced four trials (two rates x two resampling "
-        "strategies) of 1000 at the same cost: on Fashion-MNIST 10,000 (benchmarks/model_quality.py) test macro-F1 "
-        "0.911 against 0.895, against the RBF SVC's 0.875 on the same split.",
+        "auto: for sample://digits two learning rates, 0.002 and 0.006, of 2000 steps each (they replaced four "
+        "trials, two rates x two resampling strategies, of 1000 at the same cost: on Fashion-MNIST 10,000, "
+        "benchmarks/model_quality.py, test macro-F1 0.911 against 0.895, against the RBF SVC's 0.875 on the same "
+        "split); for any other source two learning rates, 0.001 and 0.003 (AdamW's usual range: real images vary "
+        "more than the sample; not benchmarked), resolved before the run and recorded.",
     )
     metric: Literal["val_macro_f1", "val_accuracy", "val_balanced_accuracy"] = Field(
         "val_macro_f1", description="Validation metric that picks the winner."
@@ -510,8 +552,10 @@ class PipelineConfig(_Section):
         `mlpipe.train.compat`). Keys the grid varies are probed per combination by `_grid_is_valid`."""
         from mlpipe.train import compat  # lazy: albumentations and torch load on the first validation only
 
-        varied = {key.split(".")[1] for key in self.search.grid if key.startswith("train.")}
         channels, size = self.ingest.channels, self.ingest.image_size
+        if channels == "auto" or size == "auto":  # probed once the data has decided them (`resolve_auto`)
+            return self
+        varied = {key.split(".")[1] for key in self.grid() if key.startswith("train.")}
         problem = None if "augment" in varied else compat.augmentation_problem(self.train.augment, channels, size)
         if problem is None and "model" not in varied:
             problem = compat.model_problem(self.train.model, channels, size)
@@ -521,7 +565,7 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _grid_is_valid(self) -> PipelineConfig:
-        for key, values in self.search.grid.items():
+        for key, values in self.grid().items():
             if key.split(".")[0] not in TRIAL_SECTIONS:
                 raise ValueError(f"search.grid key '{key}' cannot vary per trial (only resample.* and train.*)")
             if not values:
@@ -532,14 +576,21 @@ class PipelineConfig(_Section):
             raise ValueError(f"search.grid: {str(err).split(' error: ', 1)[-1]}") from None
         return self
 
+    def grid(self) -> dict[str, list[Any]]:
+        """search.grid, with auto resolved: SAMPLE_GRID for sample://digits, USER_GRID for any other source."""
+        if self.search.grid != "auto":
+            return self.search.grid
+        return copy.deepcopy(SAMPLE_GRID if self.source.uri == SAMPLE_URI else USER_GRID)
+
     def trials(self) -> list[Trial]:
         """One `Trial` per grid combination, in ParameterGrid order (a single trial for an empty grid)."""
-        if not self.search.grid:
+        grid = self.grid()
+        if not grid:
             return [Trial(index=0, params={}, resample=self.resample, train=self.train)]
         data = self.model_dump(mode="json")
         data["search"]["grid"] = {}
         trials = []
-        for index, params in enumerate(ParameterGrid(self.search.grid)):
+        for index, params in enumerate(ParameterGrid(grid)):
             cfg = _validate(_apply(copy.deepcopy(data), params), where="search.grid")
             trials.append(Trial(index=index, params=params, resample=cfg.resample, train=cfg.train))
         return trials
@@ -574,6 +625,8 @@ def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         node = data
         *parents, leaf = dotted.split(".")
         for i, part in enumerate(parents):
+            if node.get(part) == "auto" and _is_open_mapping(parents[: i + 1]):  # one axis set: the grid is explicit
+                node[part] = {}
             if not isinstance(node.get(part), dict):
                 raise MlpipeError(f"config error: unknown key '{'.'.join(parents[: i + 1])}' in '{dotted}'")
             node = node[part]
@@ -636,12 +689,19 @@ class ScoringConfig(_Section):
     experiment: str = Field("mlpipe-scoring", min_length=1, description="MLflow experiment of the scoring runs.")
     model: str = Field("models:/mlpipe-classifier@champion", description="MLflow model URI of the model that scores.")
     source: SourceConfig = Field(default_factory=SourceConfig, description="The images to score; a manifest may "
-                                 "omit the training labels' columns. Its other columns follow the model's policy.")  # fmt: skip
+                                 "omit the training labels' columns. Its other columns follow the model's policy. "
+                                 "source.layout auto means manifest here.")  # fmt: skip
     destination: str = Field("", description="Folder (a path or fsspec URL) that gets predictions-<run id>.csv; "
                              "empty: <state dir>/scoring.")  # fmt: skip
     drift_threshold: float = Field(0.25, gt=0, description="Population stability index above which a check marks "
                                    "the run as drifted (0.25: a significant shift, Siddiqi 2006).")  # fmt: skip
     batch_size: int = Field(256, ge=1, description="Images per forward pass.")
+
+    @field_validator("source")
+    @classmethod
+    def _auto_layout_is_a_manifest(cls, value: SourceConfig) -> SourceConfig:
+        # Images to score rarely sit in class folders: source.layout auto means manifest here.
+        return value.model_copy(update={"layout": "manifest"}) if value.layout == "auto" else value
 
 
 def load_config(path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
@@ -709,4 +769,69 @@ def flat_params(config: PipelineConfig) -> dict[str, str]:
             continue
         for key, value in values.items():
             out[f"{section}.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return out
+
+
+class DataFacts(_Section):
+    """What `mlpipe.ingest.detect` read from a sample of the source: the inputs of every auto value."""
+
+    layout: Literal["manifest", "imagefolder"]
+    channels: Literal[1, 3]
+    median_side: int | None = Field(description="Median of max(width, height) in pixels; None: no image readable.")
+
+
+def auto_image_size(median_side: int, models: list[str], channels: int) -> int:
+    """ingest.image_size auto: `median_side` clamped to AUTO_SIZE_RANGE, then raised to the
+    smallest side every architecture in `models` runs at with `channels` channels (the probe of
+    `mlpipe.train.compat`). Pixels in, pixels out."""
+    from mlpipe.train import compat  # lazy: torch loads on first use
+
+    low, high = AUTO_SIZE_RANGE
+    size = min(max(median_side, low), high)
+    for name in sorted(set(models)):
+        if compat.model_problem(name, channels, size) is not None:
+            size = compat._smallest_working_size(name, channels, size) or size  # None: the revalidation says why
+    return size
+
+
+def resolve_auto(config: PipelineConfig, facts: DataFacts | None) -> tuple[PipelineConfig, dict[str, Any]]:
+    """(config with every data-dependent default decided, {dotted key: value it got}). Pure: the
+    facts come from `mlpipe.ingest.detect`; the result is revalidated whole, so the compatibility
+    probes of train.model and train.augment run on the decided channels and size. Decides:
+    source.layout, ingest.channels and ingest.image_size when auto; search.grid auto (`grid`);
+    and for the imagefolder layout the sample's defaults that name manifest columns an
+    imagefolder listing cannot have: label.columns -> [class], anonymize.policy -> {},
+    split.group_column -> null. Explicit values are never changed. `facts` may be None only when
+    source.layout, ingest.channels and ingest.image_size are all explicit. Raises MlpipeError
+    (one line) when the decided config is invalid or image_size auto has no readable image to go by."""
+    if facts is None and "auto" in (config.source.layout, config.ingest.channels, config.ingest.image_size):
+        raise ValueError("resolve_auto needs the data's facts (mlpipe.ingest.detect) for auto layout, channels or size")
+    out = auto_overrides(config, facts)
+    if config.ingest.image_size == "auto" and "ingest.image_size" not in out:
+        raise MlpipeError("ingest.image_size auto: none of the sampled images could be read; set ingest.image_size")
+    return (config.with_overrides(out) if out else config), out
+
+
+def auto_overrides(config: PipelineConfig, facts: DataFacts | None) -> dict[str, Any]:
+    """What `resolve_auto` sets, unvalidated: {dotted key: value}. image_size auto is left out when
+    no sampled image was readable (facts.median_side None)."""
+    out: dict[str, Any] = {}
+    if config.source.layout == "auto":
+        out["source.layout"] = facts.layout
+    layout = out.get("source.layout", config.source.layout)
+    channels = config.ingest.channels
+    if channels == "auto":
+        channels = out["ingest.channels"] = facts.channels
+    if config.ingest.image_size == "auto" and facts.median_side is not None:
+        models = [config.train.model, *config.grid().get("train.model", [])]
+        out["ingest.image_size"] = auto_image_size(facts.median_side, models, channels)
+    if config.search.grid == "auto":
+        out["search.grid"] = config.grid()
+    if layout == "imagefolder":
+        if config.label.columns == SAMPLE_LABEL_COLUMNS:
+            out["label.columns"] = [IMAGEFOLDER_LABEL]
+        if config.anonymize.policy == _sample_policy():
+            out["anonymize.policy"] = {}
+        if config.split.group_column == SAMPLE_GROUP_COLUMN:
+            out["split.group_column"] = None
     return out

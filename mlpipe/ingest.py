@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import fsspec
 import numpy as np
@@ -32,16 +33,19 @@ import pandera.pandas as pa
 from PIL import Image
 from tqdm import tqdm
 
-from mlpipe.config import IngestConfig, SourceConfig
+from mlpipe.config import (  # IMAGEFOLDER_LABEL: importers of this module name it from here
+    AUTO_SAMPLE_IMAGES, AUTO_SIZE_RANGE, IMAGEFOLDER_LABEL, DataFacts, IngestConfig, PipelineConfig, SourceConfig,
+    resolve_auto,
+)  # fmt: skip
 from mlpipe.accounting import check_drop
 from mlpipe.errors import MlpipeError
-from mlpipe.images import Quarantined, Summary, decode_into
+from mlpipe.images import Quarantined, Summary, decode, decode_into
 from mlpipe.sample import materialize_sample
 from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, state_dir, write_json
 
 ROW, SHA, PIXEL_INDEX, NEAR_DUP = "__row", "__sha256", "__pixel_index", "__near_dup_group"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-IMAGEFOLDER_LABEL = "class"
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson")
 PROCESS_POOL_MIN_IMAGES = 1000  # below this, starting worker processes costs more than it saves
 
 
@@ -140,6 +144,7 @@ def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]
     Python's `str` of it, integers with nulls included ("0", never "0.0"). Nulls, missing keys
     and NaN are "", like CSV's empty cell. Raises `MlpipeError` for an unreadable manifest.
     """
+    source = with_layout(src, source)
     if source.layout == "imagefolder":
         listing = _imagefolder_listing(src, source)
         return listing, hashlib.sha256(listing.to_csv(index=False).encode()).hexdigest()
@@ -220,6 +225,32 @@ def _read_jsonl(data: bytes) -> pd.DataFrame:
     return pd.DataFrame(table, columns=columns, dtype=object)
 
 
+def with_layout(src: Source, source: SourceConfig) -> SourceConfig:
+    """`source` with layout auto decided (any other value is returned unchanged): manifest when
+    the root holds `source.manifest` (sample://digits does), else imagefolder when a subfolder
+    of the root holds an image file. Raises MlpipeError, in one line, when it is neither."""
+    if source.layout != "auto":
+        return source
+    if src.fs.isfile(posixpath.join(src.root, source.manifest)):
+        return source.model_copy(update={"layout": "manifest"})
+    entries = sorted(src.fs.ls(src.root, detail=True), key=lambda e: e["name"])
+    for entry in entries:
+        if entry["type"] == "directory" and any(
+            posixpath.splitext(path)[1].lower() in IMAGE_SUFFIXES for path in src.fs.find(entry["name"])
+        ):
+            return source.model_copy(update={"layout": "imagefolder"})
+    tables = [posixpath.basename(e["name"]) for e in entries
+              if e["type"] == "file" and e["name"].lower().endswith(MANIFEST_SUFFIXES)]  # fmt: skip
+    hint = f"; it holds {', '.join(tables[:3])}: set source.manifest" if tables else ""
+    raise MlpipeError(f"manifest not found: {source.manifest} in the source directory, nor a class folder of images "
+                      f"(root/<class>/<image>) for source.layout auto{hint}")  # fmt: skip
+
+
+def layout_of(source: SourceConfig) -> str:
+    """source.layout, auto decided by `with_layout` (opens the source only for auto)."""
+    return source.layout if source.layout != "auto" else with_layout(open_source(source), source).layout
+
+
 def _imagefolder_listing(src: Source, source: SourceConfig) -> pd.DataFrame:
     """`root/<class>/.../file` -> rows (image, class); files outside a class folder are listed too,
     with an empty class, and so are symlinked folders, so that they are quarantined rather than ignored."""
@@ -265,6 +296,7 @@ def source_fingerprint(source: SourceConfig) -> str:
     each row's validity, and the size and modification time of every file it lists. Prefect's
     cache key for ingest, and the library's own."""
     src = open_source(source)
+    source = with_layout(src, source)
     frame, digest = read_manifest(src, source)
     invalid, _ = validate_manifest(frame, source)
     return _fingerprint(src, source, digest, _check_paths(src, frame, source, invalid))
@@ -288,8 +320,166 @@ def _check_paths(src: Source, frame: pd.DataFrame, source: SourceConfig, invalid
     return checked
 
 
-def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
+# --- what auto values are decided from ---------------------------------------------------------
+
+COLOUR_LEVELS = 8  # a pixel is coloured when its R, G and B spread over more than this many levels (of 255) ...
+COLOUR_SHARE = 0.01  # ... and an image has colour when at least this share of its pixels is coloured
+COLOUR_PROBE_SIDE = 32  # images are judged at this side (bilinear): JPEG's chroma noise averages out
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # Pillow modes without colour
+
+
+@dataclass
+class SampledImage:
+    """One sampled row: its manifest position, header size (width, height) and mode, whether it
+    has colour (None: not decoded), and the reason it cannot be used (ingest's words), if any."""
+
+    row: int
+    size: tuple[int, int] | None = None
+    mode: str | None = None
+    colour: bool | None = None
+    problem: str | None = None
+
+
+@dataclass
+class Detection:
+    """What `detect` read from a sample of the source. Rows are manifest positions, never paths."""
+
+    layout: Literal["manifest", "imagefolder"]
+    rows: int
+    images: list[SampledImage]
+
+    def sides(self) -> list[int]:
+        """max(width, height) in pixels of every sampled image whose header was read within the pixel limit."""
+        return [max(i.size) for i in self.images if i.size is not None and i.problem != "over the pixel limit"]
+
+    def facts(self) -> DataFacts:
+        """The inputs of the auto rules: colour in any sampled image -> 3 channels; the median side."""
+        sides = self.sides()
+        return DataFacts(layout=self.layout, channels=3 if any(i.colour for i in self.images) else 1,
+                         median_side=int(np.median(sides)) if sides else None)  # fmt: skip
+
+    def summary(self) -> dict:
+        """JSON-able, for reports: counts, sizes and modes; no path, no value of any column."""
+        facts = self.facts()
+        return {
+            "layout": self.layout,
+            "rows": self.rows,
+            "sampled": len(self.images),
+            "unreadable": {f"row {i.row}": i.problem for i in self.images if i.problem},
+            "sizes": dict(Counter(f"{i.size[0]}x{i.size[1]}" for i in self.images if i.size).most_common(5)),
+            "modes": dict(Counter(i.mode for i in self.images if i.mode)),
+            "colour_images": sum(bool(i.colour) for i in self.images),
+            "channels": facts.channels,
+            "median_side": facts.median_side,
+        }
+
+
+def sample_rows(rows: int, images: int = AUTO_SAMPLE_IMAGES) -> list[int]:
+    """`images` manifest positions spread evenly over `rows` (all of them when fewer), first and last included."""
+    return sorted({int(round(x)) for x in np.linspace(0, rows - 1, min(rows, images))}) if rows else []
+
+
+def detect(source: SourceConfig, images: int = AUTO_SAMPLE_IMAGES, max_pixels: int = 40_000_000,
+           background: str = "auto", decode_all: bool = False) -> Detection:  # fmt: skip
+    """Read `images` rows spread over the source (`sample_rows`; the same rows every time, so auto
+    values decide the same from the same data): the layout, each image's header size and mode,
+    and, for modes that can hold colour, its pixels at COLOUR_PROBE_SIDE through ingest's own
+    `decode` (colour: see COLOUR_LEVELS). `decode_all` also decodes grayscale images, only to
+    find unreadable ones: the facts never depend on it. Raises MlpipeError (one line) for a
+    source or manifest that cannot be read."""
     src = open_source(source)
+    source = with_layout(src, source)
+    frame, _ = read_manifest(src, source)
+    invalid, _ = validate_manifest(frame, source)
+    sampled = []
+    for row in sample_rows(len(frame), images):
+        image = SampledImage(row)
+        sampled.append(image)
+        try:
+            if row in invalid:
+                raise Quarantined(invalid[row])
+            data = src.read(src.resolve(frame[source.image_column].iloc[row]))
+            image.size, image.mode = _header(data)
+            if image.size[0] * image.size[1] > max_pixels:
+                raise Quarantined("over the pixel limit")
+            if image.mode not in GRAY_MODES or decode_all:
+                pixels = decode(data, COLOUR_PROBE_SIDE, 3, max_pixels, background, thumbnail=False).pixels
+                spread = pixels.max(axis=2).astype(np.int16) - pixels.min(axis=2)
+                image.colour = image.mode not in GRAY_MODES and float((spread > COLOUR_LEVELS).mean()) >= COLOUR_SHARE
+        except Quarantined as why:
+            image.problem = str(why)
+        except OSError:  # as decode_into says it
+            image.problem = "unreadable file"
+    return Detection(layout=source.layout, rows=len(frame), images=sampled)
+
+
+def _header(data: bytes) -> tuple[tuple[int, int], str]:
+    """(width, height) and Pillow mode from the file's header, nothing decoded; `Quarantined` with
+    ingest's reason when there is no readable header."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size, img.mode
+    except Exception:  # noqa: BLE001 - decode names the reason exactly as ingest does
+        decode(data, COLOUR_PROBE_SIDE, 1, 1 << 62)
+        raise Quarantined("not an image") from None
+
+
+def resolve_config(config: PipelineConfig) -> tuple[PipelineConfig, dict, Detection | None]:
+    """(the config with every auto decided, {dotted key: value decided}, the detection or None
+    when nothing needed the data). See `mlpipe.config.resolve_auto` for the rules. Raises
+    MlpipeError: `DataError` when the source cannot be read, plain when the decided config is invalid."""
+    needs_data = "auto" in (config.source.layout, config.ingest.channels, config.ingest.image_size)
+    detection = None
+    if needs_data:
+        try:
+            detection = detect(config.source, max_pixels=config.ingest.max_pixels, background=config.ingest.background)
+        except MlpipeError as err:
+            raise DataError(str(err)) from None
+        if config.ingest.image_size == "auto" and detection.facts().median_side is None:
+            raise DataError(f"ingest.image_size auto: none of the {len(detection.images)} sampled images could be "
+                            f"read; set ingest.image_size")  # fmt: skip
+    facts = detection.facts() if detection else None
+    resolved, decided = resolve_auto(config, facts)
+    return resolved, decided, detection
+
+
+class DataError(MlpipeError):
+    """The data, not the config, is what is wrong (the CLI exits 1, as for a failed pipeline)."""
+
+
+def describe_decided(decided: dict, detection: Detection | None) -> str:
+    """One line naming every decided value, and what it was decided from."""
+    parts = []
+    for key, value in decided.items():
+        text = json.dumps(value, separators=(", ", ": ")) if not isinstance(value, str) else value
+        if key == "ingest.image_size" and detection is not None:
+            text += f" (median longer side {detection.facts().median_side} px)"
+        elif key == "ingest.channels" and detection is not None:
+            colour = sum(bool(i.colour) for i in detection.images)
+            text += f" ({colour} of {len(detection.images)} sampled images in colour)"
+        parts.append(f"{key} {text}")
+    source = f" from {len(detection.images)} sampled images" if detection else ""
+    return f"auto settings decided{source}: " + ", ".join(parts)
+
+
+def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
+    """The snapshot of `source` at `config`'s resolution (see the module docstring). Auto values
+    are normally decided before the run (`resolve_config`, which also weighs train.model); any
+    left here are decided by the same rule from the same sample, without an architecture. The
+    report's `detected` holds what that sample showed, whatever the config said."""
+    src = open_source(source)
+    source = with_layout(src, source)
+    detection = None
+    if config.channels == "auto" or config.image_size == "auto":
+        detection = detect(source, max_pixels=config.max_pixels, background=config.background)
+        facts = detection.facts()
+        if facts.median_side is None and config.image_size == "auto":
+            raise MlpipeError("ingest.image_size auto: none of the sampled images could be read; set ingest.image_size")
+        config = config.model_copy(update={
+            "channels": facts.channels if config.channels == "auto" else config.channels,
+            "image_size": min(max(facts.median_side or 0, AUTO_SIZE_RANGE[0]), AUTO_SIZE_RANGE[1])
+            if config.image_size == "auto" else config.image_size,
+        })  # fmt: skip
     frame, digest = read_manifest(src, source)
     invalid, validation = validate_manifest(frame, source)
 
@@ -304,8 +494,10 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
     pixels_path = state_dir() / "work" / "ingest" / f".pixels-{scan_key}-{os.getpid()}.npy"
     pixels_path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        detection = detection or detect(source, max_pixels=config.max_pixels, background=config.background)
         decoded = _decode_all(src, checked, config, pixels_path)
-        return _snapshot(decoded, digest, validation, scan_key, config, list(frame.columns), pixels_path)
+        return _snapshot(decoded, digest, validation, scan_key, config, list(frame.columns), pixels_path,
+                         detection.summary())  # fmt: skip
     finally:
         pixels_path.unlink(missing_ok=True)
 
@@ -342,7 +534,7 @@ def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: P
     return out
 
 
-def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_path: Path) -> StageResult:
+def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_path: Path, detected: dict) -> StageResult:
     kept_rows, hashes, phashes = [], [], []
     quarantine: list[tuple[int, str]] = []
     duplicates: list[tuple[int, int]] = []
@@ -391,6 +583,7 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_pat
         "manifest_sha256": digest,
         "image_shape": [config.image_size, config.image_size, config.channels],
         "columns": list(columns),
+        "detected": detected,
     }
     key = stable_hash(fingerprint, code_version("mlpipe.ingest", "mlpipe.images"))[:16]
     with stage_dir("ingest", key) as out:
@@ -468,7 +661,7 @@ def snapshot_rows(snapshot: StageResult, source: SourceConfig) -> tuple[pd.DataF
     read again from the unchanged source. The snapshot holds no copy of the manifest's personal data.
     """
     src = open_source(source)
-    frame, digest = read_manifest(src, source)
+    frame, digest = read_manifest(src, with_layout(src, source))
     if digest != snapshot.report["manifest_sha256"]:
         raise MlpipeError("the manifest changed since ingest; rerun the pipeline from ingest")
     kept = pd.read_parquet(snapshot.file("items.parquet"))

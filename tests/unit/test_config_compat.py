@@ -7,8 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from mlpipe.config import PipelineConfig, default_augmentation, load_config
 from mlpipe.errors import MlpipeError
@@ -27,8 +29,13 @@ NORMALIZE = {"__class_fullname__": "Normalize", "p": 1.0, "mean": [0.5], "std": 
 TO_TENSOR = {"__class_fullname__": "ToTensorV2", "p": 1.0}
 
 
+# The probes need decided channels and size (auto ones are probed once the data decides them,
+# tests/unit/test_autodetect.py): the sample's, unless a test sets its own.
+DECIDED = {"channels": 1, "image_size": 16}
+
+
 def _refusal(**sections) -> str:
-    data = {"search": {"grid": {}}, **sections}
+    data = {"search": {"grid": {}}, **sections, "ingest": {**DECIDED, **sections.get("ingest", {})}}
     with pytest.raises(MlpipeError) as err:
         sets = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}" for key, value in _flat(data)]
         load_config(None, sets)
@@ -46,7 +53,7 @@ def _flat(data, prefix=""):
 
 
 def _accepted(**sections) -> PipelineConfig:
-    return PipelineConfig.model_validate({"search": {"grid": {}}, **sections})
+    return PipelineConfig.model_validate({"search": {"grid": {}}, **sections, "ingest": {**DECIDED, **sections.get("ingest", {})}})
 
 
 def test_a_three_channel_transform_on_grayscale_is_refused_naming_it_and_the_channels():
@@ -112,6 +119,14 @@ def test_a_base_value_the_grid_replaces_is_not_probed():
 
 
 def test_mlpipe_run_refuses_the_field_case_before_any_stage(tmp_path):
+    """ingest.channels is auto: the grayscale scans decide 1, and that refuses the policy."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    rows = ["image,subject,label"]
+    for i in range(6):
+        Image.fromarray(np.full((32, 32), 40 * i, np.uint8), "L").save(data / "images" / f"{i}.png")
+        rows.append(f"images/{i}.png,s{i},{i % 2}")
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
     config = tmp_path / "case.yaml"
     config.write_text(yaml.safe_dump({
         "experiment": "fieldcase", "source": {"uri": "data"}, "search": {"grid": {}},
