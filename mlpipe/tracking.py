@@ -128,6 +128,10 @@ def _client(uri: str | None = None) -> MlflowClient:
 # MLflow 3's UI opens an experiment without this tag in its GenAI view, where runs are
 # "Evaluations"; "custom_model_development" is the model-training view (runs, charts, models).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# MLflow 3.17's UI shows an experiment in its GenAI or its "Model training" view by this URL
+# parameter, else by the user's last choice (the kind tag above does not decide it there):
+# mlpipe's links carry it, so a user lands on runs, metrics and models.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 DESCRIPTION_TAG = "mlflow.note.content"  # the description the UI shows and edits, on runs and experiments
 EXPERIMENT_DESCRIPTION = ("Image classifiers trained by mlpipe. One parent run per pipeline run (its stages' reports "
                           "and figures, test metrics, the registered model), one child run per trial.")  # fmt: skip
@@ -163,6 +167,13 @@ def source_tags() -> dict[str, str]:
     from mlflow.tracking.context.registry import resolve_tags
 
     return {k: v for k, v in resolve_tags().items() if k in SOURCE_TAGS}
+
+
+def run_url(ref: RunRef) -> str | None:
+    """The run's page in the tracking server's UI, in the model-training view; None for a local store."""
+    if not ref.tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{ref.tracking_uri.rstrip('/')}/#/experiments/{ref.experiment_id}/runs/{ref.run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -597,6 +608,7 @@ def _log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, 
     client.set_model_version_tag(registered_name, version, "mlpipe.class_names", json.dumps(class_names))
     if description:
         client.update_model_version(registered_name, version, description=description[:MAX_DESCRIPTION])
+        client.set_logged_model_tags(info.model_id, {DESCRIPTION_TAG: description[:MAX_DESCRIPTION]})
     if not client.get_registered_model(registered_name).description:  # one the user wrote is kept
         client.update_registered_model(registered_name, description=REGISTERED_MODEL_DESCRIPTION)
     set_tags(ref, {"mlpipe.model_uri": info.model_uri, "mlpipe.registered_model": f"{registered_name}/{version}"})

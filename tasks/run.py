@@ -86,8 +86,8 @@ def _compare_with_previous(run: RunRef, params: dict[str, str]) -> None:
 
 def _link(run: RunRef) -> str:
     where = f"experiment `{run.experiment_name}`, run `{run.run_id}` at `{run.tracking_uri}`"
-    if run.tracking_uri.startswith(("http://", "https://")):
-        url = f"{run.tracking_uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    url = tracking.run_url(run)
+    if url:
         return f"# MLflow run\n\n[{run.run_id}]({url}) ({where})"
     return f"# MLflow run\n\n{where}"
 

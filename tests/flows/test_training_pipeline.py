@@ -95,6 +95,53 @@ def test_one_child_run_per_trial_and_a_registered_model(finished):
     assert summary["version"] in {str(v.version) for v in versions}
 
 
+def test_mlflow_holds_what_its_ui_shows_a_model_trainer(finished, tmp_path):
+    """What issue 19 found missing in MLflow's UI, checked on the record it reads."""
+    client, summary = finished["client"], finished["state"].result()
+    parent = client.get_run(summary["run_id"])
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"]
+    for key in ("mlflow.user", "mlflow.source.name", "mlflow.source.type"):  # Created by, Source
+        assert parent.data.tags.get(key), key
+    assert parent.data.tags["mlflow.note.content"].startswith("Trained trial-")
+    # Each trial's run spans its own training: sequential trials do not overlap, and the
+    # duration is the worker's own measure of the trial plus at most a few seconds.
+    train = json.loads(Path(client.download_artifacts(parent.info.run_id, "train/report.json", str(tmp_path))).read_text())
+    spans = []
+    for trial in train["trials"]:
+        run = client.get_run(trial["run_id"])
+        took = (run.info.end_time - run.info.start_time) / 1000
+        assert trial["seconds"] <= took <= trial["seconds"] + 20, (trial["trial"], took, trial["seconds"])
+        spans.append((run.info.start_time, run.info.end_time))
+        assert run.data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
+        assert run.data.metrics["best_epoch"] == trial["best_epoch"]
+        assert run.data.metrics["best_val_macro_f1"] == pytest.approx(trial["val_metrics"]["val_macro_f1"])
+        assert f"Best epoch {trial['best_epoch']} of" in run.data.tags["mlflow.note.content"]
+    (a_start, a_end), (b_start, b_end) = sorted(spans)
+    assert b_start >= a_end - 1000, "trial runs overlap: they were not started when their training started"
+    # Per-class test metrics under the class names; train/val/test as datasets of the run.
+    evaluated = client.download_artifacts(parent.info.run_id, "evaluate/report.json", str(tmp_path))
+    names = json.loads(Path(evaluated).read_text())["class_names"]
+    for name in names:
+        for metric in ("precision", "recall", "f1"):
+            assert f"test_{metric}/{name}" in parent.data.metrics
+    inputs = {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}) for d in parent.inputs.dataset_inputs}
+    assert {k: v[1]["mlflow.data.context"] for k, v in inputs.items() if k != "snapshot"} == \
+        {"train": "training", "val": "validation", "test": "testing"}  # fmt: skip
+    sizes = json.loads(Path(client.download_artifacts(parent.info.run_id, "split/report.json", str(tmp_path))).read_text())["sizes"]
+    for split in ("train", "val", "test"):
+        profile = json.loads(next(d.dataset.profile for d in parent.inputs.dataset_inputs if d.dataset.name == split))
+        assert profile["num_rows"] == sizes[split]
+    # The logged model's test metrics name the test dataset ("Datasets used"); the version's description is its card.
+    version = client.get_model_version(finished["config"].evaluate.registered_model_name, summary["version"])
+    model = client.get_logged_model(summary["model_id"])
+    linked = {(m.key, m.dataset_name, m.dataset_digest) for m in model.metrics if m.dataset_name}
+    assert ("test_macro_f1", "test", inputs["test"][0]) in linked
+    card = Path(client.download_artifacts(parent.info.run_id, "evaluate/model_card.md", str(tmp_path))).read_text()
+    assert version.description == card[:5000]
+
+
 def test_registry_gate_tags_the_version_and_promote_rolls_back(finished, tmp_path, capsys):
     from flows.cli import main
 
