@@ -135,3 +135,10 @@ def test_anonymize_keeps_the_class_folder_without_a_policy_and_a_manifest_class_
     manifest = SourceConfig(uri=str(tmp_path / "m"))  # layout auto: manifest, whose columns all need a policy
     with pytest.raises(MlpipeError, match="no anonymization policy for column"):
         anonymize(ingest(manifest, PipelineConfig().ingest), AnonymizeConfig(policy={}), manifest)
+
+
+def test_scoring_reads_a_manifest_unless_told_otherwise():
+    from mlpipe.config import ScoringConfig
+
+    assert ScoringConfig().source.layout == "manifest" and ScoringConfig(source={"uri": "x"}).source.layout == "manifest"
+    assert ScoringConfig(source={"uri": "x", "layout": "imagefolder"}).source.layout == "imagefolder"
