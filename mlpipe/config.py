@@ -688,7 +688,7 @@ class ScoringConfig(_Section):
 
     experiment: str = Field("mlpipe-scoring", min_length=1, description="MLflow experiment of the scoring runs.")
     model: str = Field("models:/mlpipe-classifier@champion", description="MLflow model URI of the model that scores.")
-    source: SourceConfig = Field(default_factory=SourceConfig, description="The images to score; a manifest may "
+    source: SourceConfig = Field(default_factory=SourceConfig, validate_default=True, description="The images to score; a manifest may "
                                  "omit the training labels' columns. Its other columns follow the model's policy. "
                                  "source.layout auto means manifest here.")  # fmt: skip
     destination: str = Field("", description="Folder (a path or fsspec URL) that gets predictions-<run id>.csv; "
