@@ -26,7 +26,9 @@ $(STAMP): requirements.lock pyproject.toml
 run: $(STAMP)
 	$(BIN)/mlpipe run $(ARGS)
 
-test: $(STAMP) $(LS_STAMP) system-packages
+# The three installs are independent (mostly download and unpack time): side by side.
+test:
+	$(MAKE) --no-print-directory -j3 $(STAMP) $(LS_STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 $(LS_STAMP):
