@@ -33,8 +33,15 @@ from mlpipe.anonymize import suggest_policy
 from mlpipe.config import IMAGEFOLDER_LABEL, PipelineConfig, auto_overrides, resolve_auto
 from mlpipe.errors import MlpipeError
 from mlpipe.ingest import (
-    AUTO_SAMPLE_IMAGES, Detection, _check_paths, describe_decided, detect, open_source, read_manifest,
-    validate_manifest, with_layout,
+    AUTO_SAMPLE_IMAGES,
+    Detection,
+    _check_paths,
+    describe_decided,
+    detect,
+    open_source,
+    read_manifest,
+    validate_manifest,
+    with_layout,
 )  # fmt: skip
 from mlpipe.label import majority_vote, normalize
 

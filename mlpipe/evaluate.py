@@ -168,6 +168,11 @@ def model_card(report: dict, best: StageResult, splits: StageResult, links: dict
         f"- majority-class baseline macro-F1: {report['majority_class_macro_f1']:.4f}",
         *(f"- {name.removeprefix('test_')}: not reported ({why})" for name, why in report["undefined_metrics"].items()),
         "",
+        "## Per class (test; 95% bootstrap intervals, figure `per_class.png`)",
+        "| class | items | precision | recall | F1 |",
+        "|---|---|---|---|---|",
+        *(_per_class_row(name, scores) for name, scores in report["per_class_intervals"].items()),
+        "",
         "## Classical baselines (same split)",
         *_baseline_lines(report),
         "",
@@ -578,6 +583,16 @@ def _baseline_lines(report: dict) -> list[str]:
                      f"macro_f1 {entry['val_macro_f1']:.4f}; test {test}")  # fmt: skip
     lines.append(f"- best on validation: {report['best_baseline']}")
     return lines
+
+
+def _per_class_row(name: str, scores: dict) -> str:
+    cells = [name.replace("|", "\\|"), str(scores["support"]), *(_with_interval(scores, m) for m in ("precision", "recall", "f1"))]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _with_interval(scores: dict, metric: str) -> str:
+    interval = scores[f"{metric}_ci"]
+    return f"{scores[metric]:.3f}" + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
 
 
 def _decision_lines(rule: dict) -> list[str]:

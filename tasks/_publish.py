@@ -6,10 +6,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pandas as pd
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-
-import pandas as pd
 
 from mlpipe import tracking
 from mlpipe.anonymize import ITEM_ID

@@ -118,7 +118,7 @@ def test_mlflow_holds_what_its_ui_shows_a_model_trainer(finished, tmp_path):
         assert run.data.metrics["best_epoch"] == trial["best_epoch"]
         assert run.data.metrics["best_val_macro_f1"] == pytest.approx(trial["val_metrics"]["val_macro_f1"])
         assert f"Best epoch {trial['best_epoch']} of" in run.data.tags["mlflow.note.content"]
-    (a_start, a_end), (b_start, b_end) = sorted(spans)
+    (_, a_end), (b_start, _) = sorted(spans)
     assert b_start >= a_end - 1000, "trial runs overlap: they were not started when their training started"
     # Per-class test metrics under the class names; train/val/test as datasets of the run.
     evaluated = client.download_artifacts(parent.info.run_id, "evaluate/report.json", str(tmp_path))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -6,7 +6,14 @@ import pytest
 from PIL import Image
 
 from mlpipe.config import (
-    SAMPLE_GRID, USER_GRID, DataFacts, PipelineConfig, SourceConfig, auto_image_size, load_config, resolve_auto,
+    SAMPLE_GRID,
+    USER_GRID,
+    DataFacts,
+    PipelineConfig,
+    SourceConfig,
+    auto_image_size,
+    load_config,
+    resolve_auto,
 )  # fmt: skip
 from mlpipe.errors import MlpipeError
 from mlpipe.ingest import detect, ingest, resolve_config, sample_rows

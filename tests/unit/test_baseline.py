@@ -297,6 +297,9 @@ def test_evaluate_reports_baselines_and_refuses_a_deep_model_that_loses(run_eval
     assert model.arch == "small_cnn" and result.file("checkpoint").name == "checkpoint.pt"
     card = result.file("model_card.md").read_text()
     assert "## Classical baselines (same split)" in card and f"- best on validation: {best}" in card
+    for name, scores in report["per_class_intervals"].items():  # the card's per-class table, with intervals
+        low, high = scores["f1_ci"]
+        assert f"| {name} | {scores['support']} |" in card and f"{scores['f1']:.3f} ({low:.3f}-{high:.3f}) |" in card
     if k == 2:  # the baselines get an operating point chosen on validation, like the deep model
         assert all(e["decision_rule"]["kind"] == "threshold" for e in report["baselines"].values())
 
