@@ -46,9 +46,8 @@ from mlpipe.ingest import (
 from mlpipe.label import majority_vote, normalize
 
 # Suggested policies from a column's name, first match wins (lower-cased; words split on anything
-# that is not a letter or digit). Value scans (`suggest_policy`) answer for names that say nothing.
+# that is not a letter or digit): personal words before label words, so `annotator_email` is dropped. Value scans (`suggest_policy`) answer for names that say nothing.
 NAME_RULES: tuple[tuple[str, str, str], ...] = (
-    (r"annotator|label|labels|class|grade|target|category|diagnosis", "keep", "a label"),
     (r"e ?mail|mail", "drop", "an e-mail address"),
     (r"phone|mobile|tel|telephone|fax", "drop", "a phone number"),
     (r"name|names|surname|firstname|lastname|fullname", "drop", "a name"),
@@ -57,6 +56,7 @@ NAME_RULES: tuple[tuple[str, str, str], ...] = (
     (r"dob|birth|birthday|date|day|dt", "generalize_date", "a date"),
     (r"age|weight|height|income", "generalize_number", "a number; set bins"),
     (r"note|notes|comment|comments|text|description|remark|remarks|report|summary", "redact_text", "free text"),
+    (r"annotator|label|labels|class|grade|target|category|diagnosis", "keep", "a label"),
     (r"id|ids|uuid|guid|mrn|ssn|key|number|no", "pseudonymize", "an identifier"),
 )
 

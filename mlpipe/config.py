@@ -780,14 +780,19 @@ class DataFacts(_Section):
     median_side: int | None = Field(description="Median of max(width, height) in pixels; None: no image readable.")
 
 
+def clamped_side(median_side: int) -> int:
+    """`median_side` (pixels) within AUTO_SIZE_RANGE: ingest.image_size auto before any architecture is weighed."""
+    low, high = AUTO_SIZE_RANGE
+    return min(max(median_side, low), high)
+
+
 def auto_image_size(median_side: int, models: list[str], channels: int) -> int:
     """ingest.image_size auto: `median_side` clamped to AUTO_SIZE_RANGE, then raised to the
     smallest side every architecture in `models` runs at with `channels` channels (the probe of
     `mlpipe.train.compat`). Pixels in, pixels out."""
     from mlpipe.train import compat  # lazy: torch loads on first use
 
-    low, high = AUTO_SIZE_RANGE
-    size = min(max(median_side, low), high)
+    size = clamped_side(median_side)
     for name in sorted(set(models)):
         if compat.model_problem(name, channels, size) is not None:
             size = compat._smallest_working_size(name, channels, size) or size  # None: the revalidation says why

@@ -609,12 +609,17 @@ def _decision_lines(rule: dict) -> list[str]:
 def per_class_metrics(report: dict) -> dict[str, float]:
     """`test_precision/<class>`, `test_recall/<class>` and `test_f1/<class>` for every class, from
     the report's `per_class` (scikit-learn's classification_report on the test set): MLflow's
-    charts group each of the three into one section, one line per class name."""
+    charts group each of the three into one section, one line per class name. A class whose
+    name sanitizes to another's (`mlpipe.scoring.metric_name`) gets `-<class index>` appended."""
     from mlpipe.scoring import metric_name
 
-    return {f"test_{metric}/{metric_name(name)}": float(report["per_class"][name][key])
+    keys: dict[str, str] = {}
+    for index, name in enumerate(report["class_names"]):
+        key = metric_name(name)
+        keys[name] = f"{key}-{index}" if key in keys.values() else key  # "猫" and "犬" both read "_"
+    return {f"test_{metric}/{keys[name]}": float(report["per_class"][name][column])
             for name in report["class_names"]
-            for metric, key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))}  # fmt: skip
+            for metric, column in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))}  # fmt: skip
 
 
 def run_description(report: dict, registered: dict) -> str:

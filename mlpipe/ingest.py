@@ -34,8 +34,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from mlpipe.config import (  # IMAGEFOLDER_LABEL: importers of this module name it from here
-    AUTO_SAMPLE_IMAGES, AUTO_SIZE_RANGE, IMAGEFOLDER_LABEL, DataFacts, IngestConfig, PipelineConfig, SourceConfig,
-    resolve_auto,
+    AUTO_SAMPLE_IMAGES, IMAGEFOLDER_LABEL, DataFacts, IngestConfig, PipelineConfig, SourceConfig,
+    clamped_side, resolve_auto,
 )  # fmt: skip
 from mlpipe.accounting import check_drop
 from mlpipe.errors import MlpipeError
@@ -231,14 +231,17 @@ def with_layout(src: Source, source: SourceConfig) -> SourceConfig:
     of the root holds an image file. Raises MlpipeError, in one line, when it is neither."""
     if source.layout != "auto":
         return source
-    if src.fs.isfile(posixpath.join(src.root, source.manifest)):
-        return source.model_copy(update={"layout": "manifest"})
-    entries = sorted(src.fs.ls(src.root, detail=True), key=lambda e: e["name"])
-    for entry in entries:
-        if entry["type"] == "directory" and any(
-            posixpath.splitext(path)[1].lower() in IMAGE_SUFFIXES for path in src.fs.find(entry["name"])
-        ):
-            return source.model_copy(update={"layout": "imagefolder"})
+    try:
+        if src.fs.isfile(posixpath.join(src.root, source.manifest)):
+            return source.model_copy(update={"layout": "manifest"})
+        entries = sorted(src.fs.ls(src.root, detail=True), key=lambda e: e["name"])
+        for entry in entries:
+            if entry["type"] == "directory" and any(
+                posixpath.splitext(path)[1].lower() in IMAGE_SUFFIXES for path in src.fs.find(entry["name"])
+            ):
+                return source.model_copy(update={"layout": "imagefolder"})
+    except OSError as err:  # no permission, a storage error: one line, not a traceback
+        raise MlpipeError(f"the source directory cannot be listed ({type(err).__name__}: {err.strerror or 'unreadable'})") from None
     tables = [posixpath.basename(e["name"]) for e in entries
               if e["type"] == "file" and e["name"].lower().endswith(MANIFEST_SUFFIXES)]  # fmt: skip
     hint = f"; it holds {', '.join(tables[:3])}: set source.manifest" if tables else ""
@@ -477,8 +480,7 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
             raise MlpipeError("ingest.image_size auto: none of the sampled images could be read; set ingest.image_size")
         config = config.model_copy(update={
             "channels": facts.channels if config.channels == "auto" else config.channels,
-            "image_size": min(max(facts.median_side or 0, AUTO_SIZE_RANGE[0]), AUTO_SIZE_RANGE[1])
-            if config.image_size == "auto" else config.image_size,
+            "image_size": clamped_side(facts.median_side or 0) if config.image_size == "auto" else config.image_size,
         })  # fmt: skip
     frame, digest = read_manifest(src, source)
     invalid, validation = validate_manifest(frame, source)

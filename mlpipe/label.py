@@ -206,8 +206,9 @@ def read_label_studio(path) -> pd.DataFrame:
     """Labels from a Label Studio export of the review tasks, JSON or JSON-MIN: a table of
     (item_id, label); an item nobody labelled has label "".
 
-    JSON: the choices of the "label" control (or any choices result, for exports made with another
-    labeling config) over the task's submitted annotations; the last one wins. Cancelled (skipped)
+    JSON: the choices of the "label" control (or, when a task has none, of any choices control:
+    projects made from another labeling config, e.g. Label Studio's image-classification template's
+    "choice") over the task's submitted annotations; the last one wins. Cancelled (skipped)
     annotations and `predictions` (pre-annotations, not reviews) are ignored. JSON-MIN: the record's
     "label" field (a string, or a list for several choices), else its one non-data field.
     Raises ValueError/KeyError/TypeError/AttributeError on other JSON (apply_reviewed words them).
@@ -218,8 +219,9 @@ def read_label_studio(path) -> pd.DataFrame:
         if "annotations" in task:  # full JSON export
             item = task["data"]["item_id"]
             results = [r for a in task["annotations"] if not a.get("was_cancelled") for r in a.get("result", [])
-                       if r.get("type", "choices") == "choices" and r.get("from_name", "label") == "label"]  # fmt: skip
-            choices = [c for r in results for c in r.get("value", {}).get("choices", [])]
+                       if r.get("type", "choices") == "choices"]  # fmt: skip
+            ours = [r for r in results if r.get("from_name", "label") == "label"]
+            choices = [c for r in ours or results for c in r.get("value", {}).get("choices", [])]
             rows.append((item, choices[-1] if choices else ""))
         else:  # JSON-MIN: the data fields plus one field per control, named after it
             choice = task.get("label", next((v for k, v in task.items() if k not in _JSON_MIN_OTHER), ""))

@@ -63,6 +63,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 
 _BATCH = 100  # MLflow's log_batch limit for params
+_METRIC_BATCH = 1000  # and for metrics
 
 
 class RunRef(BaseModel):
@@ -305,7 +306,10 @@ def child_run(uri: str | None, experiment_id: str, parent_id: str, name: str, pa
                                    f"tags.`{TRIAL_TAG}` = '{name}'", max_results=1)  # fmt: skip
         if found:
             return found[0].info.run_id
-    inherited = {k: v for k, v in client.get_run(parent_id).data.tags.items() if k in SOURCE_TAGS}
+    parent = client.get_run(parent_id)
+    if parent.info.status != "RUNNING":  # e.g. a rank that outlived a cancelled flow: its run would never end
+        raise MlpipeError(f"MLflow run {parent_id} has ended ({parent.info.status}); no trial run is started under it")
+    inherited = {k: v for k, v in parent.data.tags.items() if k in SOURCE_TAGS}
     run = client.create_run(experiment_id, run_name=name, tags={
         **inherited, MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, TRIAL_TAG: name, **(tags or {})})  # fmt: skip
     _log_params(client, run.info.run_id, params)
@@ -382,7 +386,8 @@ def log_metrics(ref: RunRef, metrics: dict[str, float], step: int = 0, run_id: s
     name, digest = dataset or (None, None)
     batch = [Metric(k, float(v), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
              for k, v in metrics.items()]  # fmt: skip
-    _write(ref, _client(ref.tracking_uri).log_batch, run_id or ref.run_id, metrics=batch)
+    for i in range(0, len(batch), _METRIC_BATCH):
+        _write(ref, _client(ref.tracking_uri).log_batch, run_id or ref.run_id, metrics=batch[i : i + _METRIC_BATCH])
 
 
 def set_description(ref: RunRef, text: str, run_id: str | None = None) -> None:

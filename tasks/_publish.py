@@ -55,11 +55,15 @@ def publish_trials(run: RunRef, trained: StageResult, trials: list[Trial], valid
     """Each trial's report entry and checkpoint into its own MLflow child run, with `best_<metric>`
     (the epoch that early stopping kept and the search ranks on; linked to the `validation`
     dataset) and `best_epoch`, and a description; then end it when its training ended. A trial
-    reused from an earlier run gets a new run here, tagged `mlpipe.reused`."""
+    reused from an earlier run gets a new run here, tagged `mlpipe.reused`, and the report its id.
+    Any child run still open after that is ended, so that none is left RUNNING."""
     params = {t.name: t.flat_params() for t in trials}
     for trial in trained.report["trials"]:
-        child = trial["run_id"] or tracking.start_child_run(run, trial["trial"], params[trial["trial"]],
-                                                            {"mlpipe.reused": str(trial["cached"]).lower()})  # fmt: skip
+        if trial["run_id"] is None:  # this run's worker started none (reused), or another run finished the trial
+            trial["run_id"] = tracking.child_run(run.tracking_uri, run.experiment_id, run.run_id, trial["trial"],
+                                                 params[trial["trial"]], {"mlpipe.reused": str(trial["cached"]).lower()},
+                                                 reuse=True)  # fmt: skip
+        child = trial["run_id"]
         checkpoints = [trained.file(trial["checkpoint"])] if trial["checkpoint"] else []  # kfold: no single model
         tracking.log_stage(run, "train", trial, checkpoints, run_id=child)
         if "fold_val_metrics" in trial:  # kfold: the trial's own metrics are the fold means
@@ -71,6 +75,9 @@ def publish_trials(run: RunRef, trained: StageResult, trials: list[Trial], valid
         tracking.log_metrics(run, {"best_epoch": trial["best_epoch"], "epochs_run": trial["epochs_run"]}, run_id=child)
         tracking.set_description(run, trial_description(trial), run_id=child)
         tracking.end_run(run, child, end_time_ms=trial.get("ended_ms"))
+    published = {t["run_id"] for t in trained.report["trials"]}
+    for stray in set(tracking.running_children(run)) - published:  # e.g. a halving rung another run finished
+        tracking.end_run(run, stray)
 
 
 def trial_description(trial: dict) -> str:

@@ -26,12 +26,16 @@ def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig, ing
     report = result.report
     publish(run, result, files=artifact_files(report))
     card = result.file("model_card.md").read_text(encoding="utf-8")
-    registered = tracking.log_model(run, result.file("serving"), config.registered_model_name,
-                                    result.file("checkpoint"), report["class_names"], description=card)  # fmt: skip
-    # Test metrics measure the logged model on the test dataset: MLflow shows them on both.
-    tracking.log_metrics(run, {**report["metrics"], **per_class_metrics(report)}, dataset=dataset_links(splits).get("test"),
-                         model_id=registered["model_id"])  # fmt: skip
+    test_metrics, test_set = {**report["metrics"], **per_class_metrics(report)}, dataset_links(splits).get("test")
     tracking.log_metrics(run, report["baseline_metrics"])
+    try:
+        registered = tracking.log_model(run, result.file("serving"), config.registered_model_name,
+                                        result.file("checkpoint"), report["class_names"], description=card)  # fmt: skip
+    except BaseException:
+        tracking.log_metrics(run, test_metrics, dataset=test_set)  # the failed run still shows what was measured
+        raise
+    # Test metrics measure the logged model on the test dataset: MLflow shows them on both.
+    tracking.log_metrics(run, test_metrics, dataset=test_set, model_id=registered["model_id"])
     tracking.record_gate(run, config.registered_model_name, registered["version"], report["gate"])
     tracking.set_description(run, run_description(report, registered))
     return {"metrics": report["metrics"], "gate": report["gate"]["decision"], **registered,

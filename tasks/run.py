@@ -57,8 +57,8 @@ def pipeline_run(config: PipelineConfig) -> Iterator[RunRef]:
     params = flat_params(config)
     with tracking.pipeline_run(config.experiment, str(flow_run.name), params, provenance_tags()) as run:
         tracking.log_text(run, to_yaml(config), "config.yaml")
-        tracking.set_description(run, f"mlpipe training pipeline (flow run {flow_run.name}) on `{config.source.uri}`, "
-                                      f"{len(config.trials())} trial(s); evaluate replaces this with the outcome.")  # fmt: skip
+        tracking.set_description(run, f"mlpipe training pipeline (flow run {flow_run.name}), {len(config.trials())} "
+                                      "trial(s); evaluate replaces this with the outcome.")  # fmt: skip
         _compare_with_previous(run, params)
         create_markdown_artifact(key="mlflow-run", markdown=_link(run), description="The MLflow run of this flow run")
         yield run

@@ -500,7 +500,7 @@ def train(
             alive = sorted(alive, key=lambda t: -score[t.name])[:keep]  # stable: ties keep grid order
         progress.finish()
         results = [_trial_entry(t, {fold: dirs[t.name, fold] for fold, _, _ in folds}, run_ids.get(t.name),
-                                cached=t.name not in launched)
+                                cached=t.name not in launched, parent_id=parent[0] if parent else None)
                    for t in trials]  # fmt: skip
         report = {
             "trials": results, "num_classes": num_classes, "folds": len(folds) if folds[0][0] else None,
@@ -530,16 +530,19 @@ def fetch_weights(trials: list[Trial], splits: StageResult) -> None:
         build_model(model, shape[3], len(class_names(splits)), shape[1], weights)
 
 
-def _trial_entry(trial: Trial, folds: dict[str, Path], run_id: str | None, cached: bool) -> dict:
+def _trial_entry(trial: Trial, folds: dict[str, Path], run_id: str | None, cached: bool, parent_id: str | None = None) -> dict:
     """A trial's report entry; with several folds, metrics are fold means (and their spread).
-    A reused trial carries its history, so its new MLflow run still gets the per-epoch curves."""
+    A reused trial carries its history, so its new MLflow run still gets the per-epoch curves.
+    The MLflow run its worker started is taken only when it belongs to this pipeline run
+    (`parent_id`): another run sharing the trial folder may have trained it last."""
     runs = [TrialResult.model_validate_json((folder / "result.json").read_text()) for folder in folds.values()]
     entry = {"trial": trial.name, "params": trial.params, "run_id": run_id, "cached": cached}
     if len(runs) == 1:
         only = runs[0]
         return {**entry, **only.model_dump(exclude={"history", "checkpoint", "run_id", "ended_ms"}),
                 # a reused trial's run and end time belong to the run that trained it
-                "run_id": run_id or (None if cached else only.run_id), "ended_ms": None if cached else only.ended_ms,
+                "run_id": run_id or (only.run_id if not cached and only.parent_run_id == parent_id else None),
+                "ended_ms": None if cached else only.ended_ms,
                 "checkpoint": str(next(iter(folds.values())) / "checkpoint.pt"),
                 "history": only.history if cached else None}  # fmt: skip
     metrics = {k: [r.val_metrics[k] for r in runs] for k in runs[0].val_metrics}

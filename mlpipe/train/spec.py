@@ -63,6 +63,7 @@ class TrialResult(BaseModel):
     train_items: int
     seconds: float
     run_id: str | None = None  # the MLflow run rank 0 logged into
+    parent_run_id: str | None = None  # the pipeline run it belongs to (a trial folder is shared by runs)
     ended_ms: int | None = None  # when training ended, ms since the epoch: the run's end time
 
 

@@ -532,7 +532,9 @@ def _main(argv: list[str] | None, current: list[str | None]) -> None:
                 if tracker is not None:
                     tracker.stop_system_metrics()
             if ctx.is_main:
-                result = result.model_copy(update={"run_id": trial.run_id, "ended_ms": int(time.time() * 1000)})
+                parent = trial.new_run.parent_run_id if trial.new_run else None
+                result = result.model_copy(update={"run_id": trial.run_id, "parent_run_id": parent,
+                                                   "ended_ms": int(time.time() * 1000)})  # fmt: skip
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(result.model_dump_json(indent=2))
                 os.replace(tmp, path)

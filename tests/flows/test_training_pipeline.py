@@ -112,7 +112,7 @@ def test_mlflow_holds_what_its_ui_shows_a_model_trainer(finished, tmp_path):
     for trial in train["trials"]:
         run = client.get_run(trial["run_id"])
         took = (run.info.end_time - run.info.start_time) / 1000
-        assert trial["seconds"] <= took <= trial["seconds"] + 20, (trial["trial"], took, trial["seconds"])
+        assert trial["seconds"] <= took <= trial["seconds"] + 45, (trial["trial"], took, trial["seconds"])
         spans.append((run.info.start_time, run.info.end_time))
         assert run.data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
         assert run.data.metrics["best_epoch"] == trial["best_epoch"]

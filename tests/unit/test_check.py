@@ -154,7 +154,8 @@ def test_config_schema_is_the_pipeline_configs(capsys):
 @pytest.mark.parametrize(
     ("column", "suggestion"),
     [("e_mail", "drop"), ("PatientName", "drop"), ("date_of_birth", "generalize_date"), ("subject_id", "pseudonymize"),
-     ("annotator_2", "keep"), ("comment", "redact_text"), ("age", "generalize_number"), ("zip_code", "truncate")],
+     ("annotator_2", "keep"), ("comment", "redact_text"), ("age", "generalize_number"), ("zip_code", "truncate"),
+     ("annotator_email", "drop"), ("labeller_name", "drop"), ("class_label", "keep")],
 )  # fmt: skip
 def test_names_suggest_policies(column, suggestion):
     import pandas as pd

@@ -396,3 +396,20 @@ def test_reviewed_export_from_other_data_is_refused(dataset, tmp_path):
         label(dataset, LabelConfig(reviewed=str(tmp_path / "export.json")))
     with pytest.raises(MlpipeError, match="label.reviewed: no such file"):
         label(dataset, LabelConfig(reviewed=str(tmp_path / "missing.json")))
+
+
+def test_a_json_export_from_another_labeling_config_is_read_not_dropped(tmp_path):
+    """A project made from Label Studio's own image-classification template names its control
+    "choice": its reviews count. When a task has mlpipe's "label" control, that one decides."""
+    from mlpipe.label import read_label_studio
+
+    def task(item, *results):
+        return {"id": 1, "data": {"item_id": item}, "annotations": [{"result": list(results)}],
+                "predictions": [{"result": [{"from_name": "label", "type": "choices", "value": {"choices": ["9"]}}]}]}
+
+    def choice(control, value):
+        return {"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": [value]}}
+
+    exported = [task("a" * 16, choice("choice", "3")), task("b" * 16, choice("other", "1"), choice("label", "2"))]
+    (tmp_path / "export.json").write_text(json.dumps(exported))
+    assert read_label_studio(tmp_path / "export.json").values.tolist() == [["a" * 16, "3"], ["b" * 16, "2"]]
