@@ -39,7 +39,7 @@ class SourceConfig(_Section):
     )
     layout: Literal["auto", "manifest", "imagefolder"] = Field(
         "auto",
-        description="manifest: a table of image paths; imagefolder: root/<class>/<image> (column 'class'). auto: "
+        description="manifest: a table of image paths; imagefolder: root/CLASS/IMAGE, one folder per class (column 'class'). auto: "
         "manifest when the root holds source.manifest (sample://digits does), else imagefolder when it has a "
         "subfolder holding images; resolved once before the run and recorded resolved.",
     )
@@ -691,7 +691,7 @@ class ScoringConfig(_Section):
     source: SourceConfig = Field(default_factory=SourceConfig, validate_default=True, description="The images to score; a manifest may "
                                  "omit the training labels' columns. Its other columns follow the model's policy. "
                                  "source.layout auto means manifest here.")  # fmt: skip
-    destination: str = Field("", description="Folder (a path or fsspec URL) that gets predictions-<run id>.csv; "
+    destination: str = Field("", description="Folder (a path or fsspec URL) that gets predictions-RUN_ID.csv; "
                              "empty: <state dir>/scoring.")  # fmt: skip
     drift_threshold: float = Field(0.25, gt=0, description="Population stability index above which a check marks "
                                    "the run as drifted (0.25: a significant shift, Siddiqi 2006).")  # fmt: skip

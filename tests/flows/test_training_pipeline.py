@@ -24,6 +24,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 import mlpipe.evaluate
 import mlpipe.split
 from mlpipe.config import PipelineConfig
+from mlpipe.ingest import resolve_config
 from mlpipe.sample import PERSONAL_COLUMNS
 from tests.flows.serving_checks import same_answers, write_test_split
 from tests.privacy import CANARIES, canaries_in, files_under, plant_canaries, scan
@@ -170,12 +171,15 @@ def test_trials_see_train_and_val_only_and_the_test_set_is_read_once(finished):
 def test_run_is_reproducible_from_its_mlflow_record(finished, tmp_path):
     client, summary = finished["client"], finished["state"].result()
     local = client.download_artifacts(summary["run_id"], "config.yaml", str(tmp_path))
-    assert PipelineConfig.model_validate(yaml.safe_load(Path(local).read_text())) == finished["config"]
+    recorded = PipelineConfig.model_validate(yaml.safe_load(Path(local).read_text()))
+    assert recorded == resolve_config(finished["config"])[0]  # the config as run: its auto values decided
+    assert "auto" not in (recorded.source.layout, recorded.ingest.channels, recorded.ingest.image_size, recorded.search.grid)
     tags = client.get_run(summary["run_id"]).data.tags
     assert {"mlpipe.code_version", "mlpipe.lib.torch", "prefect.flow_run_id", "mlpipe.data_fingerprint"} <= set(tags)
     ingest_report = json.loads(Path(client.download_artifacts(summary["run_id"], "ingest/report.json", str(tmp_path))).read_text())
     inputs = client.get_run(summary["run_id"]).inputs.dataset_inputs
-    assert [i.dataset.digest for i in inputs] == [ingest_report["fingerprint"]] == [tags["mlpipe.data_fingerprint"]]
+    snapshot = [i.dataset.digest for i in inputs if i.dataset.name == "snapshot"]
+    assert snapshot == [ingest_report["fingerprint"]] == [tags["mlpipe.data_fingerprint"]]
 
 
 def test_no_personal_value_reaches_mlflow_logs_or_file_names(finished):
@@ -235,9 +239,11 @@ def test_kfold_cross_validates_every_trial_and_refits_the_winner(harness, env, t
 def test_a_failing_stage_fails_the_mlflow_run_instead_of_leaving_it_running(harness, env):
     from flows.training_pipeline import training_pipeline
 
-    config = PipelineConfig().with_overrides({"source.image_column": "scan_path", "experiment": "failing"})
+    # The sample's four unreadable rows are past a zero drop budget: ingest stops, inside the run.
+    # (A config its data cannot satisfy, e.g. a missing image column, fails before any run opens.)
+    config = PipelineConfig().with_overrides({"ingest.max_drop_fraction": 0.0, "experiment": "failing"})
     state = training_pipeline(config, return_state=True)
-    assert state.is_failed()
+    assert state.is_failed() and "ingest" in str(state.message)
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("failing")
     runs = client.search_runs([experiment.experiment_id])

@@ -1107,7 +1107,7 @@ def _load_at(site: str, path: Path, tmp_path: Path):
     from mlpipe.train.model import build_model
 
     if site == "train.pretrained":  # the user's file, named in the config
-        config = load_config(None, [f"train.pretrained={path}"])
+        config = load_config(None, [f"train.pretrained={path}", "ingest.image_size=16"])  # a decided size
         return build_model(config.train.model, 1, 2, config.ingest.image_size, config.train.pretrained)
     if site == "champion checkpoint":  # downloaded from the registry; evaluate loads it like this (deep or baseline)
         from mlpipe.evaluate import load_model
