@@ -25,20 +25,28 @@ def evaluate(best: StageResult, splits: StageResult, config: EvaluateConfig, ing
         result, _ = evaluate_on_test(best, splits, config, champion, links, Preprocessing.of(ingest))
     report = result.report
     publish(run, result, files=artifact_files(report))
-    card = result.file("model_card.md").read_text(encoding="utf-8")
-    test_metrics, test_set = {**report["metrics"], **per_class_metrics(report)}, dataset_links(splits).get("test")
     tracking.log_metrics(run, report["baseline_metrics"])
-    try:
-        registered = tracking.log_model(run, result.file("serving"), config.registered_model_name,
-                                        result.file("checkpoint"), report["class_names"], description=card)  # fmt: skip
-    except BaseException:
-        tracking.log_metrics(run, test_metrics, dataset=test_set)  # the failed run still shows what was measured
-        raise
-    # Test metrics measure the logged model on the test dataset: MLflow shows them on both.
-    tracking.log_metrics(run, test_metrics, dataset=test_set, model_id=registered["model_id"])
+    registered = register(run, result, splits, config.registered_model_name)
     tracking.record_gate(run, config.registered_model_name, registered["version"], report["gate"])
     tracking.set_description(run, run_description(report, registered))
     return {"metrics": report["metrics"], "gate": report["gate"]["decision"], **registered,
             "registered_as": report["gate"]["registered"]["model"], "best_baseline": report["best_baseline"],
             "baselines": {name: {k: v for k, v in entry.items() if k.startswith("test_")}
                           for name, entry in report["baselines"].items()}}  # fmt: skip
+
+
+def register(run: RunRef, result: StageResult, splits: StageResult, registered_name: str) -> dict:
+    """Log and register the serving model (its card as the version's description), then the test
+    metrics, linked to the test dataset and to that model: MLflow shows them on both. Should
+    registering fail, the run still gets the test metrics it measured."""
+    report = result.report
+    test_metrics, test_set = {**report["metrics"], **per_class_metrics(report)}, dataset_links(splits).get("test")
+    card = result.file("model_card.md").read_text(encoding="utf-8")
+    try:
+        registered = tracking.log_model(run, result.file("serving"), registered_name, result.file("checkpoint"),
+                                        report["class_names"], description=card)  # fmt: skip
+    except BaseException:
+        tracking.log_metrics(run, test_metrics, dataset=test_set)
+        raise
+    tracking.log_metrics(run, test_metrics, dataset=test_set, model_id=registered["model_id"])
+    return registered
