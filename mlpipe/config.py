@@ -37,11 +37,14 @@ class SourceConfig(_Section):
     uri: str = Field(
         SAMPLE_URI, description="Dataset root: a directory or any fsspec URL (file://, s3://, ...), or sample://digits."
     )
-    layout: Literal["auto", "manifest", "imagefolder"] = Field(
+    layout: Literal["auto", "manifest", "imagefolder", "dicom"] = Field(
         "auto",
-        description="manifest: a table of image paths; imagefolder: root/CLASS/IMAGE, one folder per class (column 'class'). auto: "
-        "manifest when the root holds source.manifest (sample://digits does), else imagefolder when it has a "
-        "subfolder holding images; resolved once before the run and recorded resolved.",
+        description="manifest: a table of image paths; imagefolder: root/CLASS/IMAGE, one folder per class (column 'class'); "
+        "dicom: every DICOM file under the root, the manifest built from their headers (label.columns names a header "
+        "attribute, or 'class' for the top folder). DICOM files (.dcm, or the DICM preamble) anywhere get their header "
+        "attributes as columns. auto: manifest when the root holds source.manifest (sample://digits does), else "
+        "imagefolder when a subfolder holds images or DICOM files, else dicom when the root holds DICOM files; "
+        "resolved once before the run and recorded resolved.",
     )
     manifest: str = Field("manifest.csv", description="Manifest file (.csv, .parquet or .jsonl), relative to the root.")
     image_column: str = Field("image", description="Manifest column with image paths relative to the root.")
@@ -50,6 +53,27 @@ class SourceConfig(_Section):
 # ingest.image_size auto: the median longer side of the sampled images, clamped to this range (pixels).
 AUTO_SIZE_RANGE = (16, 128)
 AUTO_SAMPLE_IMAGES = 32  # images an auto value is detected from: evenly spaced over the rows, the same each time
+
+
+class DicomConfig(_Section):
+    window: Literal["header", "minmax"] | tuple[float, float] = Field(
+        "header",
+        description="DICOM grey levels to 8 bits, after Rescale Slope/Intercept: header (the file's VOI LUT, else its "
+        "first Window Center/Width, else the image's own range), minmax (the image's own range), or [center, width] "
+        "in rescaled units (Hounsfield units for CT; e.g. [40, 400] soft tissue, [-600, 1500] lung).",
+    )
+    frames: Literal["first", "middle", "all"] = Field(
+        "middle",
+        description="Multi-frame files (cine loops, enhanced CT/MR): the first frame, the middle one (the first of a "
+        "loop is often blank), or every frame as its own item, the frames of a file kept in one split.",
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _width_positive(cls, value):
+        if isinstance(value, tuple) and value[1] < 1:
+            raise ValueError(f"window width must be at least 1 (got {value[1]:g})")
+        return value
 
 
 class IngestConfig(_Section):
@@ -86,6 +110,7 @@ class IngestConfig(_Section):
     max_drop_fraction: float = Field(
         0.2, ge=0, le=1, description="Quarantined rows and exact duplicates: past this share of the rows, ingest stops."
     )
+    dicom: DicomConfig = Field(default_factory=DicomConfig, description="How DICOM pixels become images.")
 
     _workers_positive = field_validator("workers")(_at_least_one_or_auto)
 
@@ -97,11 +122,15 @@ class IngestConfig(_Section):
         return value
 
 
-Action = Literal["keep", "drop", "pseudonymize", "generalize_date", "generalize_number", "truncate", "redact_text"]
+Action = Literal["keep", "drop", "pseudonymize", "generalize_date", "generalize_number", "truncate", "redact_text",
+                 "remap_uid", "shift_date"]  # fmt: skip
 
 
 class ColumnPolicy(_Section):
-    action: Action = Field(description="What happens to this column's values.")
+    action: Action = Field(
+        description="What happens to this column's values. remap_uid: a DICOM UID to a keyed HMAC UID under 2.25; "
+        "shift_date: DICOM dates moved by a keyed per-patient offset (intervals kept)."
+    )
     granularity: Literal["year", "month"] = Field("year", description="For generalize_date only.")
     bins: list[float] | None = Field(None, description="For generalize_number: ascending bin edges, e.g. [0, 18, 40, 65, 120].")
     keep_chars: int | None = Field(None, ge=1, description="For truncate: characters kept, e.g. 3 for a zip prefix.")
@@ -158,9 +187,35 @@ class AnonymizeConfig(_Section):
     key_secret_block: str | None = Field(
         None, description="Prefect Secret block holding the HMAC key; when set it is required and wins over key_env."
     )
-    k: int = Field(5, ge=1, description="k-anonymity over the quasi-identifier columns: smaller groups are suppressed.")
+    k: int = Field(5, ge=1, description="k-anonymity over the quasi-identifier columns (see suppression).")
+    suppression: Literal["cells", "records"] = Field(
+        "cells",
+        description="How k-anonymity is reached: cells (local suppression, as sdcMicro: the rare quasi-identifier "
+        "values become '*', every row, image and label stays) or records (rows in classes smaller than k are removed).",
+    )
     max_drop_fraction: float = Field(
-        0.2, ge=0, le=1, description="Rows suppressed by k-anonymity. Past this share of its rows removed, the stage stops (raise it to accept)."
+        0.2, ge=0, le=1,
+        description="Rows removed here (record suppression, burned-in text quarantined). Past this share of its rows "
+        "removed, the stage stops (raise it to accept).",
+    )  # fmt: skip
+    dicom_dates: Literal["shift", "year"] = Field(
+        "shift",
+        description="DICOM dates the profile removes: shift (by a keyed per-patient offset that keeps intervals: PS3.15 "
+        "Retain Longitudinal Temporal Information with Modified Dates) or year (only the year is kept).",
+    )
+    burned_in: Literal["quarantine", "redact"] = Field(
+        "quarantine",
+        description="DICOM images whose header says BurnedInAnnotation YES, or whose pixels show text: quarantined, "
+        "or redacted (the text found by OCR blacked out; an image whose text OCR cannot find is quarantined).",
+    )
+    text_scan: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="OCR (Presidio's image redactor with tesseract) of DICOM pixels for burned-in text: auto (every "
+        "image whose header does not say BurnedInAnnotation NO, when tesseract is installed; counted as unscanned "
+        "otherwise), always (tesseract required), never (the header alone decides).",
+    )
+    write_dicom: bool = Field(
+        False, description="Also write each DICOM file de-identified (PS3.15 Basic Profile) next to the PNGs."
     )
 
 
@@ -775,7 +830,7 @@ def flat_params(config: PipelineConfig) -> dict[str, str]:
 class DataFacts(_Section):
     """What `mlpipe.ingest.detect` read from a sample of the source: the inputs of every auto value."""
 
-    layout: Literal["manifest", "imagefolder"]
+    layout: Literal["manifest", "imagefolder", "dicom"]
     channels: Literal[1, 3]
     median_side: int | None = Field(description="Median of max(width, height) in pixels; None: no image readable.")
 

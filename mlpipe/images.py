@@ -51,8 +51,12 @@ class Summary(NamedTuple):
 
 
 def decode(data: bytes, image_size: int, channels: int, max_pixels: int, background: Background = "auto",
-           thumbnail: bool = True) -> Decoded:  # fmt: skip
+           thumbnail: bool = True, frame: int | None = None, window="header") -> Decoded:  # fmt: skip
     """Decode one file's bytes into `image_size` x `image_size` x `channels` uint8 pixels.
+
+    DICOM (the Part 10 preamble, or `frame` given: the caller knows it is DICOM) goes through
+    `mlpipe.dicom.decode_dicom` with `window` and `frame` (None: the first), then the same mode
+    normalization and resize as any image.
 
     `max_pixels` (width x height, read from the header before decoding) is the only size limit;
     larger images raise `Quarantined("over the pixel limit")`. `background` is what transparent
@@ -63,6 +67,12 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int, backgro
     """
     if not data:
         raise Quarantined("empty file")
+    if frame is not None or data[128:132] == b"DICM":
+        from mlpipe.dicom import decode_dicom  # lazy: pydicom loads only for DICOM
+
+        array, mode = decode_dicom(data, frame, window, max_pixels)
+        img = Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
+        return _to_training_size(normalize_mode(img, channels, background), image_size, mode, thumbnail)
     if Image.MAX_IMAGE_PIXELS is not None:  # set again by other code in this process: max_pixels decides
         Image.MAX_IMAGE_PIXELS = None
     try:
@@ -130,8 +140,8 @@ def _to_training_size(normalized: Image.Image, image_size: int, source_mode: str
 
 
 def decode_into(pixels_path: str, rows: list[tuple[int, object]], image_size: int, channels: int, max_pixels: int,
-                background: Background = "auto", read=None) -> list[tuple[int, Summary | Quarantined]]:  # fmt: skip
-    """Decode `(row, path)` pairs, write each image's pixels into row `row` of the memory-mapped
+                background: Background = "auto", read=None, window="header") -> list[tuple[int, Summary | Quarantined]]:  # fmt: skip
+    """Decode `(row, path)` pairs (`(row, (path, frame))` for a DICOM frame), write each image's pixels into row `row` of the memory-mapped
     cache, and return (row, hashes) or (row, reason). Perceptual hashes are computed here too,
     for the whole chunk at once, so that the work is spread over the workers.
 
@@ -144,13 +154,14 @@ def decode_into(pixels_path: str, rows: list[tuple[int, object]], image_size: in
         if isinstance(item, Quarantined):
             results.append((row, item))
             continue
+        path, frame = item if isinstance(item, tuple) else (item, None)
         try:
             if read is None:
-                with open(item, "rb") as f:
+                with open(path, "rb") as f:
                     data = f.read()
             else:
-                data = read(item)
-            decoded = decode(data, image_size, channels, max_pixels, background)
+                data = read(path)
+            decoded = decode(data, image_size, channels, max_pixels, background, frame=frame, window=window)
         except Quarantined as why:
             results.append((row, why))
             continue

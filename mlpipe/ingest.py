@@ -34,9 +34,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from mlpipe.config import (  # IMAGEFOLDER_LABEL: importers of this module name it from here
-    AUTO_SAMPLE_IMAGES, IMAGEFOLDER_LABEL, DataFacts, IngestConfig, PipelineConfig, SourceConfig,
+    AUTO_SAMPLE_IMAGES, IMAGEFOLDER_LABEL, DataFacts, DicomConfig, IngestConfig, PipelineConfig, SourceConfig,
     clamped_side, resolve_auto,
 )  # fmt: skip
+from mlpipe import dicom
 from mlpipe.accounting import check_drop
 from mlpipe.errors import MlpipeError
 from mlpipe.images import Quarantined, Summary, decode, decode_into
@@ -135,9 +136,11 @@ def open_source(source: SourceConfig) -> Source:
     return Source(fs, root, source.uri)
 
 
-def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]:
+def read_manifest(src: Source, source: SourceConfig, frames: dicom.Frames = "middle") -> tuple[pd.DataFrame, str]:
     """(the manifest as text columns, sha256 of what was read): CSV, Parquet or JSONL, or an
-    ImageFolder listing. The file is read once; the digest is of those same bytes.
+    ImageFolder or DICOM listing. The file is read once; the digest is of those same bytes and,
+    when the rows name DICOM files, of the header columns they gain (`with_dicom_headers`;
+    `frames` is ingest.dicom.frames).
 
     Every column is text, the same in every format: a CSV cell as written (`keep_default_na=False`,
     an empty cell is ""); a JSONL value as its JSON text (`_read_jsonl`); a Parquet value as
@@ -145,9 +148,9 @@ def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]
     and NaN are "", like CSV's empty cell. Raises `MlpipeError` for an unreadable manifest.
     """
     source = with_layout(src, source)
-    if source.layout == "imagefolder":
+    if source.layout in ("imagefolder", "dicom"):
         listing = _imagefolder_listing(src, source)
-        return listing, hashlib.sha256(listing.to_csv(index=False).encode()).hexdigest()
+        return _dicom_rows(src, listing, source, frames, hashlib.sha256(listing.to_csv(index=False).encode()).hexdigest())
     path = posixpath.join(src.root, source.manifest)
     if not src.fs.isfile(path):
         raise MlpipeError(f"manifest not found: {source.manifest} in the source directory")
@@ -168,10 +171,85 @@ def read_manifest(src: Source, source: SourceConfig) -> tuple[pd.DataFrame, str]
         raise MlpipeError(
             f"manifest is missing column '{source.image_column}' (source.image_column); it has: {', '.join(frame.columns)}"
         )
-    reserved = {ROW, SHA, PIXEL_INDEX, NEAR_DUP} & set(frame.columns)
+    reserved = {ROW, SHA, PIXEL_INDEX, NEAR_DUP, dicom.FRAME, dicom.DICOM_FILE} & set(frame.columns)
     if reserved:
         raise MlpipeError(f"manifest uses reserved column name(s): {', '.join(sorted(reserved))}")
-    return frame.reset_index(drop=True), hashlib.sha256(data).hexdigest()
+    return _dicom_rows(src, frame.reset_index(drop=True), source, frames, hashlib.sha256(data).hexdigest())
+
+
+def _dicom_rows(src: Source, frame: pd.DataFrame, source: SourceConfig, frames: dicom.Frames, digest: str):
+    """`with_dicom_headers`, and the digest extended by the header table when there was any DICOM row."""
+    frame = with_dicom_headers(src, frame, source, frames)
+    if dicom.FRAME not in frame.columns:
+        return frame, digest
+    headers = frame.drop(columns=[source.image_column]).to_csv(index=False).encode()
+    return frame, hashlib.sha256(digest.encode() + headers).hexdigest()
+
+
+def _dicom_path(src: Source, rel: str, layout: str) -> str | None:
+    """The full path of `rel` when it names a DICOM file (the dicom layout; a .dcm-like suffix; no
+    image suffix and the DICM preamble), else None. Unsafe or missing paths are None: ingest
+    quarantines them with their own reason."""
+    suffix = posixpath.splitext(rel)[1].lower()
+    if layout != "dicom" and not dicom.has_dicom_suffix(rel) and suffix in IMAGE_SUFFIXES:
+        return None
+    try:
+        full = src.resolve(rel)
+    except Quarantined:
+        return None
+    if layout == "dicom" or dicom.has_dicom_suffix(rel):
+        return full
+    try:
+        with src.fs.open(full, "rb") as f:
+            return full if dicom.is_dicom(f.read(132)) else None
+    except OSError:
+        return None
+
+
+def with_dicom_headers(src: Source, frame: pd.DataFrame, source: SourceConfig, frames: dicom.Frames = "middle") -> pd.DataFrame:
+    """`frame` with, for rows that name DICOM files, every header attribute as a text column
+    (`mlpipe.dicom.header_of`; "" where a file lacks it), the hidden columns `__frame` (the frame
+    this row decodes; "" for other rows) and `__dicom_file` (the first row of its file), and a
+    multi-frame file's row repeated per frame when `frames` is "all". Unchanged when no row names
+    a DICOM file. Raises `MlpipeError` when a header keyword is already a manifest column."""
+    paths = [_dicom_path(src, rel, source.layout) for rel in frame[source.image_column]]
+    if not any(paths):
+        return frame
+    headers: list[dicom.Header | str | None] = []
+    for full in paths:
+        if full is None:
+            headers.append(None)
+            continue
+        headers.append(dicom.read_header(partial(src.fs.open, full, "rb"), (full, *src.stat(full))))
+    keywords = list(dict.fromkeys(k for h in headers if isinstance(h, dicom.Header) for k in h.columns))
+    clash = sorted(set(keywords) & set(frame.columns))
+    if clash:
+        raise MlpipeError(f"manifest column(s) {', '.join(clash)} have the name of a DICOM attribute its files carry; "
+                          "rename them (the header's value becomes that column)")  # fmt: skip
+    repeat, frame_of, header_table = [], [], {k: [] for k in keywords}
+    for row, header in enumerate(headers):
+        if header is None:
+            indices: list[int | None] = [None]
+        elif isinstance(header, str):  # unreadable header: one row; decoding names the reason
+            indices = [0]
+        else:
+            indices = list(dicom.frame_indices(header.frames, frames))
+        for index in indices:
+            repeat.append(row)
+            frame_of.append("" if index is None else str(index))
+            for k in keywords:
+                header_table[k].append(header.columns.get(k, "") if isinstance(header, dicom.Header) else "")
+    out = frame.iloc[repeat].reset_index(drop=True)
+    out = pd.concat([out, pd.DataFrame(header_table, dtype=object).astype(str)], axis=1)
+    first_row = pd.Series(range(len(repeat))).groupby(pd.Series(repeat)).transform("min")
+    out[dicom.FRAME] = frame_of
+    out[dicom.DICOM_FILE] = [str(first_row[i]) if frame_of[i] != "" else "" for i in range(len(repeat))]
+    out.attrs["dicom_columns"] = keywords
+    out.attrs["dicom_dropped"] = {
+        "private_tags": sum(h.private_tags for h in headers if isinstance(h, dicom.Header)),
+        "sequences": sum(h.sequences for h in headers if isinstance(h, dicom.Header)),
+    }
+    return out
 
 
 class _JsonFloat(float):
@@ -228,7 +306,8 @@ def _read_jsonl(data: bytes) -> pd.DataFrame:
 def with_layout(src: Source, source: SourceConfig) -> SourceConfig:
     """`source` with layout auto decided (any other value is returned unchanged): manifest when
     the root holds `source.manifest` (sample://digits does), else imagefolder when a subfolder
-    of the root holds an image file. Raises MlpipeError, in one line, when it is neither."""
+    of the root holds an image or DICOM file, else dicom when the root itself holds DICOM files.
+    Raises MlpipeError, in one line, when it is none of them."""
     if source.layout != "auto":
         return source
     try:
@@ -237,16 +316,34 @@ def with_layout(src: Source, source: SourceConfig) -> SourceConfig:
         entries = sorted(src.fs.ls(src.root, detail=True), key=lambda e: e["name"])
         for entry in entries:
             if entry["type"] == "directory" and any(
-                posixpath.splitext(path)[1].lower() in IMAGE_SUFFIXES for path in src.fs.find(entry["name"])
+                _listed(src, path, "imagefolder") for path in src.fs.find(entry["name"])
             ):
                 return source.model_copy(update={"layout": "imagefolder"})
+        if any(entry["type"] == "file" and _listed(src, entry["name"], "dicom") for entry in entries):
+            return source.model_copy(update={"layout": "dicom"})
     except OSError as err:  # no permission, a storage error: one line, not a traceback
         raise MlpipeError(f"the source directory cannot be listed ({type(err).__name__}: {err.strerror or 'unreadable'})") from None
     tables = [posixpath.basename(e["name"]) for e in entries
               if e["type"] == "file" and e["name"].lower().endswith(MANIFEST_SUFFIXES)]  # fmt: skip
     hint = f"; it holds {', '.join(tables[:3])}: set source.manifest" if tables else ""
     raise MlpipeError(f"manifest not found: {source.manifest} in the source directory, nor a class folder of images "
-                      f"(root/<class>/<image>) for source.layout auto{hint}")  # fmt: skip
+                      f"(root/<class>/<image>), nor DICOM files, for source.layout auto{hint}")  # fmt: skip
+
+
+def _listed(src: Source, path: str, layout: str) -> bool:
+    """Whether a listing for `layout` takes the file at `path`: imagefolder takes images and DICOM
+    files, dicom only DICOM files. DICOM: a .dcm-like suffix, or no suffix and the DICM preamble."""
+    name = posixpath.basename(path)
+    suffix = posixpath.splitext(name)[1].lower()
+    if dicom.has_dicom_suffix(name) or (layout == "imagefolder" and suffix in IMAGE_SUFFIXES):
+        return True
+    if suffix or name.startswith("."):
+        return False
+    try:
+        with src.fs.open(path, "rb") as f:
+            return dicom.is_dicom(f.read(132))
+    except OSError:
+        return False
 
 
 def layout_of(source: SourceConfig) -> str:
@@ -256,12 +353,13 @@ def layout_of(source: SourceConfig) -> str:
 
 def _imagefolder_listing(src: Source, source: SourceConfig) -> pd.DataFrame:
     """`root/<class>/.../file` -> rows (image, class); files outside a class folder are listed too,
-    with an empty class, and so are symlinked folders, so that they are quarantined rather than ignored."""
+    with an empty class, and so are symlinked folders, so that they are quarantined rather than ignored
+    (the dicom layout lists only DICOM files, and a file outside a folder is fine there)."""
     rows = []
     for full, info in sorted(src.fs.find(src.root, detail=True).items()):
         rel = posixpath.relpath(full, src.root)
         linked_folder = bool(info.get("islink")) and src.fs.isdir(full)  # never walked: listed, so resolve refuses it
-        if linked_folder or posixpath.splitext(rel)[1].lower() in IMAGE_SUFFIXES:
+        if linked_folder or _listed(src, full, source.layout):
             rows.append({source.image_column: rel,
                          IMAGEFOLDER_LABEL: rel.split("/")[0] if "/" in rel or linked_folder else ""})  # fmt: skip
     return pd.DataFrame(rows, columns=[source.image_column, IMAGEFOLDER_LABEL])
@@ -294,30 +392,34 @@ def validate_manifest(frame: pd.DataFrame, source: SourceConfig) -> tuple[dict[i
     return {f["row"]: f"invalid manifest row ({f['check']})" for f in reversed(failures) if f["row"] is not None}, failures
 
 
-def source_fingerprint(source: SourceConfig) -> str:
+def source_fingerprint(source: SourceConfig, frames: dicom.Frames = "middle") -> str:
     """What a snapshot of `source` depends on, without decoding anything: the manifest's bytes,
     each row's validity, and the size and modification time of every file it lists. Prefect's
     cache key for ingest, and the library's own."""
     src = open_source(source)
     source = with_layout(src, source)
-    frame, digest = read_manifest(src, source)
+    frame, digest = read_manifest(src, source, frames)
     invalid, _ = validate_manifest(frame, source)
     return _fingerprint(src, source, digest, _check_paths(src, frame, source, invalid))
 
 
-def _fingerprint(src: Source, source: SourceConfig, digest: str, checked: list[str | Quarantined]) -> str:
-    stats = [src.stat(c) if isinstance(c, str) else str(c) for c in checked]
+def _fingerprint(src: Source, source: SourceConfig, digest: str, checked: list) -> str:
+    stats = [src.stat(c) if isinstance(c, str) else (*src.stat(c[0]), c[1]) if isinstance(c, tuple) else str(c)
+             for c in checked]  # fmt: skip
     return stable_hash(digest, stats, source.layout, source.image_column)[:16]
 
 
-def _check_paths(src: Source, frame: pd.DataFrame, source: SourceConfig, invalid: dict) -> list[str | Quarantined]:
-    checked: list[str | Quarantined] = []
+def _check_paths(src: Source, frame: pd.DataFrame, source: SourceConfig, invalid: dict) -> list:
+    """Per row: its full path, (full path, frame) for a DICOM row, or `Quarantined` with the reason."""
+    checked: list = []
+    frames = frame[dicom.FRAME].tolist() if dicom.FRAME in frame.columns else [""] * len(frame)
     for row, rel in enumerate(frame[source.image_column]):
         if row in invalid:
             checked.append(Quarantined(invalid[row]))
             continue
         try:
-            checked.append(src.resolve(rel))
+            full = src.resolve(rel)
+            checked.append((full, int(frames[row])) if frames[row] != "" else full)
         except Quarantined as why:
             checked.append(why)
     return checked
@@ -347,7 +449,7 @@ class SampledImage:
 class Detection:
     """What `detect` read from a sample of the source. Rows are manifest positions, never paths."""
 
-    layout: Literal["manifest", "imagefolder"]
+    layout: Literal["manifest", "imagefolder", "dicom"]
     rows: int
     images: list[SampledImage]
 
@@ -383,16 +485,19 @@ def sample_rows(rows: int, images: int = AUTO_SAMPLE_IMAGES) -> list[int]:
 
 
 def detect(source: SourceConfig, images: int = AUTO_SAMPLE_IMAGES, max_pixels: int = 40_000_000,
-           background: str = "auto", decode_all: bool = False) -> Detection:  # fmt: skip
+           background: str = "auto", decode_all: bool = False, dicom_options: DicomConfig | None = None) -> Detection:  # fmt: skip
     """Read `images` rows spread over the source (`sample_rows`; the same rows every time, so auto
     values decide the same from the same data): the layout, each image's header size and mode,
     and, for modes that can hold colour, its pixels at COLOUR_PROBE_SIDE through ingest's own
     `decode` (colour: see COLOUR_LEVELS). `decode_all` also decodes grayscale images, only to
-    find unreadable ones: the facts never depend on it. Raises MlpipeError (one line) for a
-    source or manifest that cannot be read."""
+    find unreadable ones: the facts never depend on it. A DICOM row's size and mode come from its
+    header columns (Columns, Rows, PhotometricInterpretation; `dicom_options`: ingest.dicom).
+    Raises MlpipeError (one line) for a source or manifest that cannot be read."""
+    options = dicom_options or DicomConfig()
     src = open_source(source)
     source = with_layout(src, source)
-    frame, _ = read_manifest(src, source)
+    frame, _ = read_manifest(src, source, options.frames)
+    frames = frame[dicom.FRAME].tolist() if dicom.FRAME in frame.columns else [""] * len(frame)
     invalid, _ = validate_manifest(frame, source)
     sampled = []
     for row in sample_rows(len(frame), images):
@@ -401,12 +506,22 @@ def detect(source: SourceConfig, images: int = AUTO_SAMPLE_IMAGES, max_pixels: i
         try:
             if row in invalid:
                 raise Quarantined(invalid[row])
-            data = src.read(src.resolve(frame[source.image_column].iloc[row]))
-            image.size, image.mode = _header(data)
+            full = src.resolve(frame[source.image_column].iloc[row])
+            index = int(frames[row]) if frames[row] != "" else None
+            if index is not None and "Rows" in frame.columns and frame["Rows"].iloc[row].isdigit():
+                photometric = frame["PhotometricInterpretation"].iloc[row].strip() if "PhotometricInterpretation" in frame else ""
+                image.size = (int(frame["Columns"].iloc[row] or 0), int(frame["Rows"].iloc[row]))
+                image.mode = "L" if photometric.startswith("MONOCHROME") or not photometric else "RGB"
+                data = None
+            else:
+                data = src.read(full)
+                image.size, image.mode = _header(data, index)
             if image.size[0] * image.size[1] > max_pixels:
                 raise Quarantined("over the pixel limit")
             if image.mode not in GRAY_MODES or decode_all:
-                pixels = decode(data, COLOUR_PROBE_SIDE, 3, max_pixels, background, thumbnail=False).pixels
+                data = src.read(full) if data is None else data
+                pixels = decode(data, COLOUR_PROBE_SIDE, 3, max_pixels, background, thumbnail=False,
+                                frame=index, window=options.window).pixels  # fmt: skip
                 spread = pixels.max(axis=2).astype(np.int16) - pixels.min(axis=2)
                 image.colour = image.mode not in GRAY_MODES and float((spread > COLOUR_LEVELS).mean()) >= COLOUR_SHARE
         except Quarantined as why:
@@ -416,9 +531,12 @@ def detect(source: SourceConfig, images: int = AUTO_SAMPLE_IMAGES, max_pixels: i
     return Detection(layout=source.layout, rows=len(frame), images=sampled)
 
 
-def _header(data: bytes) -> tuple[tuple[int, int], str]:
+def _header(data: bytes, frame: int | None = None) -> tuple[tuple[int, int], str]:
     """(width, height) and Pillow mode from the file's header, nothing decoded; `Quarantined` with
-    ingest's reason when there is no readable header."""
+    ingest's reason when there is no readable header (a DICOM row, `frame` given, has none here)."""
+    if frame is not None:
+        decode(data, COLOUR_PROBE_SIDE, 1, 1 << 62, frame=frame)  # its header was unreadable: the reason
+        raise Quarantined("not an image")
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.size, img.mode
@@ -435,7 +553,8 @@ def resolve_config(config: PipelineConfig) -> tuple[PipelineConfig, dict, Detect
     detection = None
     if needs_data:
         try:
-            detection = detect(config.source, max_pixels=config.ingest.max_pixels, background=config.ingest.background)
+            detection = detect(config.source, max_pixels=config.ingest.max_pixels, background=config.ingest.background,
+                               dicom_options=config.ingest.dicom)  # fmt: skip
         except MlpipeError as err:
             raise DataError(str(err)) from None
         if config.ingest.image_size == "auto" and detection.facts().median_side is None:
@@ -474,7 +593,7 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
     source = with_layout(src, source)
     detection = None
     if config.channels == "auto" or config.image_size == "auto":
-        detection = detect(source, max_pixels=config.max_pixels, background=config.background)
+        detection = detect(source, max_pixels=config.max_pixels, background=config.background, dicom_options=config.dicom)
         facts = detection.facts()
         if facts.median_side is None and config.image_size == "auto":
             raise MlpipeError("ingest.image_size auto: none of the sampled images could be read; set ingest.image_size")
@@ -482,7 +601,7 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
             "channels": facts.channels if config.channels == "auto" else config.channels,
             "image_size": clamped_side(facts.median_side or 0) if config.image_size == "auto" else config.image_size,
         })  # fmt: skip
-    frame, digest = read_manifest(src, source)
+    frame, digest = read_manifest(src, source, config.dicom.frames)
     invalid, validation = validate_manifest(frame, source)
 
     # Check paths first (cheap), then look for an earlier snapshot of the very same files.
@@ -496,10 +615,11 @@ def ingest(source: SourceConfig, config: IngestConfig) -> StageResult:
     pixels_path = state_dir() / "work" / "ingest" / f".pixels-{scan_key}-{os.getpid()}.npy"
     pixels_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        detection = detection or detect(source, max_pixels=config.max_pixels, background=config.background)
+        detection = detection or detect(source, max_pixels=config.max_pixels, background=config.background,
+                                        dicom_options=config.dicom)  # fmt: skip
         decoded = _decode_all(src, checked, config, pixels_path)
-        return _snapshot(decoded, digest, validation, scan_key, config, list(frame.columns), pixels_path,
-                         detection.summary())  # fmt: skip
+        return _snapshot(decoded, digest, validation, scan_key, config, [c for c in frame.columns if not c.startswith("__")],
+                         pixels_path, detection.summary(), _dicom_summary(frame, config))  # fmt: skip
     finally:
         pixels_path.unlink(missing_ok=True)
 
@@ -518,7 +638,7 @@ def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: P
     workers = config.workers if config.workers != "auto" else min(8, cores)
     pending = sum(not isinstance(c, Quarantined) for c in checked)
     task = partial(decode_into, str(pixels_path), image_size=config.image_size, channels=config.channels,
-                   max_pixels=config.max_pixels, background=config.background)  # fmt: skip
+                   max_pixels=config.max_pixels, background=config.background, window=config.dicom.window)  # fmt: skip
     if src.local and workers > 1 and pending >= PROCESS_POOL_MIN_IMAGES:
         Image.init()  # import Pillow's plugins before forking: a child must never need the import lock
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
@@ -536,7 +656,25 @@ def _decode_all(src: Source, checked: list, config: IngestConfig, pixels_path: P
     return out
 
 
-def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_path: Path, detected: dict) -> StageResult:
+def _dicom_summary(frame: pd.DataFrame, config: IngestConfig) -> dict | None:
+    """The report's `dicom` entry (None without DICOM rows): counts, the options, the header
+    columns' names (never a value), and per row the first row of its file (frames kept together)."""
+    if dicom.FRAME not in frame.columns:
+        return None
+    is_dicom = frame[dicom.FRAME] != ""
+    return {
+        "files": int(frame.loc[is_dicom, dicom.DICOM_FILE].nunique()),
+        "items": int(is_dicom.sum()),
+        "frames": config.dicom.frames,
+        "window": config.dicom.window if isinstance(config.dicom.window, str) else list(config.dicom.window),
+        "columns": list(frame.attrs.get("dicom_columns", [])),
+        "not_columns": frame.attrs.get("dicom_dropped", {}),
+        "file_of_row": [int(f) if f != "" else -1 for f in frame[dicom.DICOM_FILE]],
+    }
+
+
+def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_path: Path, detected: dict,
+              dicom_summary: dict | None = None) -> StageResult:  # fmt: skip
     kept_rows, hashes, phashes = [], [], []
     quarantine: list[tuple[int, str]] = []
     duplicates: list[tuple[int, int]] = []
@@ -566,7 +704,17 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_pat
 
     check_drop("ingest", rows_in, {**{f"quarantined ({r})": n for r, n in reasons.items()},
                                    "exact duplicates (identical decoded pixels)": len(duplicates)}, config.max_drop_fraction)
-    groups = near_duplicate_groups(phashes, config.near_duplicate_distance)
+    file_of_row = (dicom_summary or {}).pop("file_of_row", None)
+    same_file = []
+    if file_of_row is not None:  # the frames of one multi-frame file: one group, as near-duplicates are
+        position = {row: i for i, row in enumerate(kept_rows)}
+        first: dict[int, int] = {}
+        for row in kept_rows:
+            if file_of_row[row] >= 0:
+                first.setdefault(file_of_row[row], position[row])
+                if first[file_of_row[row]] != position[row]:
+                    same_file.append((first[file_of_row[row]], position[row]))
+    groups = near_duplicate_groups(phashes, config.near_duplicate_distance, same_file)
     # The cache keeps a slot per manifest row (empty for rejected rows): workers wrote in place.
     items = pd.DataFrame({ROW: kept_rows, SHA: hashes, PIXEL_INDEX: kept_rows,
                           NEAR_DUP: [f"n{kept_rows[g]}" if g >= 0 else "" for g in groups]})  # fmt: skip
@@ -586,6 +734,7 @@ def _snapshot(decoded, digest, validation, scan_key, config, columns, pixels_pat
         "image_shape": [config.image_size, config.image_size, config.channels],
         "columns": list(columns),
         "detected": detected,
+        **({"dicom": dicom_summary} if dicom_summary else {}),
     }
     key = stable_hash(fingerprint, code_version("mlpipe.ingest", "mlpipe.images"))[:16]
     with stage_dir("ingest", key) as out:
@@ -617,8 +766,10 @@ def _cached_snapshot(scan_key: str) -> StageResult | None:
     return StageResult.at("ingest", key, {**json.loads((folder / "report.json").read_text()), "cache": "hit"})
 
 
-def near_duplicate_groups(phashes: list[int | None], max_distance: int | None) -> list[int]:
+def near_duplicate_groups(phashes: list[int | None], max_distance: int | None,
+                          linked: list[tuple[int, int]] = ()) -> list[int]:  # fmt: skip
     """Group index (the first member's position) per item, -1 when it has no near-duplicate.
+    `linked`: pairs of positions to group whatever their hashes (the frames of one DICOM file).
 
     Pigeonhole banding: two 64-bit hashes within distance d agree exactly on at least one of
     d + 1 bands, so comparing only items that share a band finds every pair. Groups are the
@@ -646,6 +797,8 @@ def near_duplicate_groups(phashes: list[int | None], max_distance: int | None) -
                 close = np.bitwise_count(values[members][:, None] ^ values[members][None, :]) <= max_distance
                 x, y = np.nonzero(np.triu(close, k=1))
                 pairs.append(np.stack([present[members[x]], present[members[y]]]))
+    if linked:
+        pairs.append(np.array(linked, dtype=np.int64).T)
     if not pairs or not sum(p.shape[1] for p in pairs):
         return [-1] * n
     from scipy.sparse import coo_matrix
@@ -663,7 +816,7 @@ def snapshot_rows(snapshot: StageResult, source: SourceConfig) -> tuple[pd.DataF
     read again from the unchanged source. The snapshot holds no copy of the manifest's personal data.
     """
     src = open_source(source)
-    frame, digest = read_manifest(src, with_layout(src, source))
+    frame, digest = read_manifest(src, with_layout(src, source), snapshot.report.get("dicom", {}).get("frames", "middle"))
     if digest != snapshot.report["manifest_sha256"]:
         raise MlpipeError("the manifest changed since ingest; rerun the pipeline from ingest")
     kept = pd.read_parquet(snapshot.file("items.parquet"))

@@ -22,8 +22,9 @@ def decide_auto(config: PipelineConfig) -> PipelineConfig:
     return resolved
 
 
-@task(name="ingest", cache_policy=StageCache(stage="ingest", modules=("mlpipe.ingest",),
-      fingerprint=lambda inputs: {"source": source_fingerprint(inputs["source"])}), **PERSISTED)  # fmt: skip
+@task(name="ingest", cache_policy=StageCache(stage="ingest", modules=("mlpipe.ingest", "mlpipe.dicom"),
+      fingerprint=lambda inputs: {"source": source_fingerprint(inputs["source"], inputs["config"].dicom.frames)}),
+      **PERSISTED)  # fmt: skip
 def snapshot(source: SourceConfig, config: IngestConfig) -> StageResult:
     """Decode and validate every image once; quarantine and dedupe with full accounting."""
     return ingest_snapshot(source, config)

@@ -1,0 +1,245 @@
+"""dicom: DICOM files in, 8-bit pixels and header columns out (pydicom).
+
+- Pixels: pydicom decodes (native and, through pylibjpeg, JPEG, JPEG-LS, JPEG 2000 and RLE
+  transfer syntaxes); then the Modality LUT (Rescale Slope/Intercept, PS3.3 C.11.1), a VOI
+  transform (the header's VOI LUT or window, a fixed window, or the frame's own range; PS3.3
+  C.11.2), MONOCHROME1 inverted so that bright is dense in every image, and the VOI output
+  scaled to 0-255. Colour images (RGB, YBR_*: converted to RGB by pydicom) are scaled from
+  Bits Stored to 8 bits.
+- Header columns: every top-level, non-private, non-sequence, non-bulk attribute becomes a text
+  column named by its DICOM keyword, so that the anonymization policy governs it like any
+  manifest column. Private tags, sequences and bulk data never become columns (counted).
+- Multi-frame files give one item (`first`, `middle`) or one item per frame (`all`), the
+  frames of a file kept together by split.
+
+Headers are read with `stop_before_pixels` and cached per (path, size, mtime) for the process:
+the manifest is read by the Prefect cache key, ingest and anonymize, and a header costs far
+less than its pixels but is not free.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from mlpipe.errors import MlpipeError
+from mlpipe.images import Quarantined
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+FRAME = "__frame"  # hidden manifest column: the frame of a DICOM file this row is (row order within the file)
+DICOM_FILE = "__dicom_file"  # hidden manifest column: the row index of the file's first row (frames of one file)
+# Value representations (PS3.5 6.2) whose values are numbers: never names or dates.
+NUMERIC_VRS = frozenset({"DS", "IS", "US", "UL", "SS", "SL", "FL", "FD", "SV", "UV", "AT"})
+# Bulk data and sequences: no column (pixel data, overlays, curves, LUT data, nested datasets).
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
+Window = Literal["header", "minmax"] | tuple[float, float]
+Frames = Literal["first", "middle", "all"]
+
+
+def has_dicom_suffix(path: str) -> bool:
+    return posixpath.splitext(path)[1].lower() in DICOM_SUFFIXES
+
+
+def is_dicom(data: bytes) -> bool:
+    """True when `data` has the DICOM Part 10 preamble and 'DICM' prefix (PS3.10 7.1)."""
+    return data[128:132] == b"DICM"
+
+
+def _pydicom():
+    import pydicom  # lazy: a run without DICOM never pays its import
+
+    return pydicom
+
+
+@dataclass(frozen=True)
+class Header:
+    """One file's header as text: {keyword: value} for the attributes that become columns, and
+    the counts of what did not (private tags, sequences)."""
+
+    columns: dict[str, str]
+    frames: int
+    private_tags: int
+    sequences: int
+
+
+def _text(element) -> str:
+    value = element.value
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        return ""
+    if element.VM > 1 and not isinstance(value, str):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def header_of(dataset) -> Header:
+    """The columns a dataset gives (see the module docstring). Keywords are pydicom's data
+    dictionary names; a public tag the dictionary lacks is named "(gggg,eeee)"."""
+    columns, private, sequences = {}, 0, 0
+    for element in dataset:
+        tag = element.tag
+        if tag.is_private:
+            private += 1
+            continue
+        if element.VR == "SQ":
+            sequences += 1
+            continue
+        if tag.group == 0x0002 or tag.element == 0 or element.VR in BULK_VRS or tag == 0x7FE00010:
+            continue
+        columns[element.keyword or f"({tag.group:04X},{tag.element:04X})"] = _text(element)
+    frames = int(str(dataset.get("NumberOfFrames", 1) or 1).strip() or 1) if _is_int(dataset.get("NumberOfFrames")) else 1
+    return Header(columns, max(frames, 1), private, sequences)
+
+
+def _is_int(value) -> bool:
+    try:
+        int(str(value).strip())
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+_HEADERS: dict[tuple[str, int, str], Header | str] = {}
+_HEADER_CACHE_SIZE = 200_000
+
+
+def read_header(opener, key: tuple[str, int, str]) -> Header | str:
+    """The header of the file `opener()` opens (a binary file object), or the reason it cannot be
+    read (ingest's quarantine words). Cached per `key` (path, size, mtime) for the process."""
+    if key in _HEADERS:
+        return _HEADERS[key]
+    pydicom = _pydicom()
+    try:
+        with opener() as f:
+            dataset = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        if "Rows" not in dataset and "PixelData" not in dataset:
+            result: Header | str = "DICOM without pixel data"
+        else:
+            result = header_of(dataset)
+    except Exception as exc:  # noqa: BLE001 - hostile bytes: pydicom raises many kinds
+        result = f"truncated or corrupt DICOM ({type(exc).__name__})"
+    if len(_HEADERS) >= _HEADER_CACHE_SIZE:
+        _HEADERS.clear()
+    _HEADERS[key] = result
+    return result
+
+
+def frame_indices(frames: int, policy: Frames) -> list[int]:
+    """The frames of a `frames`-frame file that become items: [0], [frames // 2] or all of them."""
+    if policy == "all":
+        return list(range(frames))
+    return [0] if policy == "first" else [frames // 2]
+
+
+def decode_dicom(data: bytes, frame: int | None, window: Window, max_pixels: int) -> tuple[np.ndarray, str]:
+    """One frame of a DICOM file as 8-bit pixels: (H x W uint8 for monochrome, H x W x 3 RGB for
+    colour; the source mode, e.g. "DICOM MONOCHROME1 12-bit"). `frame` None: the first.
+
+    `window`: "header" (the VOI LUT Sequence, else the first Window Center/Width, else the
+    frame's range), "minmax" (the frame's own range), or (center, width) in output units of the
+    Modality LUT (Hounsfield units for CT), applied as PS3.3 C.11.2.1.2.1 (LINEAR). Raises
+    `Quarantined` for unreadable files, pixel data no installed decoder handles, and images above
+    `max_pixels` (Rows x Columns, read before decoding).
+    """
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # noqa: BLE001
+        raise Quarantined(f"truncated or corrupt DICOM ({type(exc).__name__})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise Quarantined("DICOM without pixel data")
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows * columns > max_pixels:
+        raise Quarantined("over the pixel limit")
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):  # no meta (a bare dataset): the common default
+        ds.file_meta = ds.get("file_meta") or pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else pydicom.uid.ExplicitVRLittleEndian
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        ds.pixel_array_options(index=None if frames <= 1 else min(frame or 0, frames - 1))
+        array = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - a corrupt stream raises what its decoder raises
+        raise Quarantined(_pixel_problem(exc, ds)) from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+    mode = f"DICOM {photometric} {bits}-bit"
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and not photometric.startswith("MONOCHROME"):
+        scale = 255.0 / max(2**bits - 1, 1)
+        rgb = array[..., :3] if bits == 8 else np.clip(np.rint(array[..., :3] * scale), 0, 255)
+        return np.ascontiguousarray(rgb.astype(np.uint8)), mode
+    if array.ndim != 2:
+        raise Quarantined(f"DICOM pixel data of unexpected shape {array.shape}")
+    if photometric == "PALETTE COLOR":
+        rgb = pydicom.pixels.apply_color_lut(array, ds)
+        return np.clip(np.rint(rgb / 257.0 if rgb.max(initial=0) > 255 else rgb), 0, 255).astype(np.uint8), mode
+    values = pydicom.pixels.apply_modality_lut(array, ds).astype(np.float64)
+    out = _voi(values, ds, window)
+    if photometric == "MONOCHROME1":
+        out = 1.0 - out
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8), mode
+
+
+def _pixel_problem(exc: Exception, ds) -> str:
+    """Ingest's quarantine reason for an exception pydicom raised while decoding pixel data."""
+    syntax = getattr(getattr(ds.file_meta, "TransferSyntaxUID", None), "name", "unknown transfer syntax")
+    if isinstance(exc, NotImplementedError | RuntimeError):  # no plugin, or every installed plugin failed
+        return f"DICOM pixel data no installed decoder reads ({syntax})"
+    if isinstance(exc, AttributeError):
+        return "DICOM lacks a required Image Pixel attribute"
+    if isinstance(exc, ValueError) and "less than expected" in str(exc):
+        return "truncated DICOM pixel data"
+    return f"truncated or corrupt DICOM ({type(exc).__name__})"
+
+
+def _voi(values: np.ndarray, ds, window: Window) -> np.ndarray:
+    """Modality-LUT output to 0..1 (see `decode_dicom`)."""
+    if isinstance(window, tuple | list):
+        return _linear_window(values, float(window[0]), float(window[1]))
+    if window == "header":
+        sequence = ds.get("VOILUTSequence")
+        if sequence and sequence[0].get("LUTDescriptor") is not None and sequence[0].get("LUTData") is not None:
+            bits = int(sequence[0].LUTDescriptor[2])
+            pydicom = _pydicom()
+            return pydicom.pixels.apply_voi(values, ds, 0).astype(np.float64) / max(2**bits - 1, 1)
+        center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+        if center is not None and width is not None and width >= 1:
+            if str(ds.get("VOILUTFunction", "LINEAR")).strip() == "SIGMOID":  # PS3.3 C.11.2.1.3.1
+                return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+            return _linear_window(values, center, width)
+    low, high = float(values.min(initial=0)), float(values.max(initial=0))
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1: y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped to 0..1 (width >= 1)."""
+    if width < 1:
+        raise MlpipeError(f"ingest.dicom.window: width must be at least 1 (got {width:g})")
+    if width == 1:
+        return (values >= center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+def _first(value) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def image_size_of(header: Header) -> tuple[int, int] | None:
+    """(width, height) from the header's Columns and Rows, None when absent."""
+    try:
+        return int(header.columns["Columns"]), int(header.columns["Rows"])
+    except (KeyError, ValueError):
+        return None
+
+
+def has_colour(header: Header) -> bool:
+    return not header.columns.get("PhotometricInterpretation", "MONOCHROME2").strip().startswith("MONOCHROME")
