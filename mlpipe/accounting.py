@@ -32,7 +32,7 @@ def ledger(ingest: dict, anonymize: dict, label: dict, split: dict) -> list[dict
          "removed": {**{f"quarantined: {r}": n for r, n in ingest["quarantine_reasons"].items()},
                      "exact duplicates": ingest["duplicates"]}},
         {"stage": "anonymize", "rows_in": ingest["kept"], "kept": anonymize["rows"],
-         "removed": {f"suppressed (k-anonymity, k={anonymize['k']})": anonymize["rows_suppressed"]}},
+         "removed": anonymize.get("removed") or {f"suppressed (k-anonymity, k={anonymize['k']})": anonymize["rows_suppressed"]}},
         {"stage": "label", "rows_in": label["items"], "kept": label["labelled"],
          "removed": {**{f"review: {why}": n for why, n in label["review_queue"].items()},
                      "dropped ties": label.get("dropped_ties", 0)},

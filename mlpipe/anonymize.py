@@ -17,12 +17,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import io
 import logging
 import os
 import posixpath
 import re
 import secrets
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ahocorasick
@@ -30,17 +32,19 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from mlpipe import dicom
 from mlpipe.config import AnonymizeConfig, ColumnPolicy, SourceConfig
 from mlpipe.accounting import check_drop
 from mlpipe.errors import MlpipeError
 from mlpipe.ingest import IMAGEFOLDER_LABEL, NEAR_DUP, PIXEL_INDEX, ROW, SHA, layout_of, snapshot_rows
+from mlpipe.kanonymity import local_suppression, record_suppression
 from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, state_dir, write_json
 
 log = logging.getLogger(__name__)
 
 ITEM_ID = "item_id"
 NEAR_DUP_GROUP = "near_dup_group"  # ingest's near-duplicate group: kept together by split
-IDENTIFIER_ACTIONS = ("drop", "pseudonymize")
+IDENTIFIER_ACTIONS = ("drop", "pseudonymize", "remap_uid", "shift_date")
 TEXT_ACTIONS = ("keep", "generalize_date", "redact_text")  # outputs that can still carry raw text
 # Recognizers for free text, beyond the row's own identifier values.
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
@@ -224,17 +228,34 @@ def generalize_number(values: pd.Series, bins: list[float]) -> tuple[pd.Series, 
     return pd.Series(out, index=values.index), int(((values != "").to_numpy() & ~inside).sum())
 
 
-def k_anonymize(frame: pd.DataFrame, quasi: list[str], k: int) -> tuple[pd.DataFrame, int, int | None]:
-    """Suppress rows whose quasi-identifier combination occurs fewer than k times.
+def shifted_dates(values: pd.Series, column: str, patients: pd.Series, key: bytes, year: bool) -> tuple[list[str], int]:
+    """Dates moved by each row's patient's keyed offset (`mlpipe.deid.date_offset_days`), or to
+    their year (`year`). DICOM DA/DT columns (by keyword) in DICOM form; other columns are parsed
+    as dates and written YYYY-MM-DD. Returns (values, how many non-empty values were unparseable: "")."""
+    from mlpipe import deid
 
-    Returns (kept rows, rows suppressed, k achieved: the smallest class left).
-    """
-    if not quasi:
-        return frame, 0, None
-    sizes = frame.groupby(quasi, dropna=False)[quasi[0]].transform("size")
-    kept = frame[sizes >= k]
-    achieved = int(sizes[sizes >= k].min()) if len(kept) else 0
-    return kept, int((sizes < k).sum()), achieved
+    vr = dicom.vr_of(column)
+    offsets: dict[str, int] = {}
+    out = []
+    for value, patient in zip(values.tolist(), patients.tolist(), strict=True):
+        if patient not in offsets:
+            offsets[patient] = deid.date_offset_days(patient, key)
+        if vr in ("DA", "DT"):
+            out.append(deid.year_only(value, vr, for_column=True) if year else deid.shift_date(value, vr, offsets[patient]))
+        else:
+            day = pd.to_datetime(value, errors="coerce", format="mixed") if value else pd.NaT
+            out.append("" if pd.isna(day) else f"{day.year:04d}" if year else
+                       (day + pd.Timedelta(days=offsets[patient])).strftime("%Y-%m-%d"))  # fmt: skip
+    return out, sum(bool(v) and not o for v, o in zip(values.tolist(), out, strict=True))
+
+
+def remapped_uids(values: pd.Series, key: bytes) -> list[str]:
+    """DICOM UIDs (multi-valued: "\\"-separated) to their keyed replacements (`mlpipe.deid.remap_uid`)."""
+    from mlpipe import deid
+
+    codes, uniques = pd.factorize(values)
+    mapped = np.array(["\\".join(deid.remap_uid(u, key) for u in v.split("\\")) if v else "" for v in uniques], dtype=object)
+    return mapped[codes].tolist()
 
 
 def apply_policy(
@@ -243,14 +264,22 @@ def apply_policy(
     """The policy, column by column: a table of text in, its anonymized columns and counts out.
 
     `identifiers` (see `identifier_index`) are redacted from free text. A "drop" column is
-    simply not in the output.
+    simply not in the output. shift_date offsets are per patient: the row's raw PatientID when
+    the table has one (DICOM), else one offset for all rows.
     """
     out: dict[str, list[str] | pd.Series] = {}
     counts: dict[str, int] = {}
+    patients = items["PatientID"].astype(str) if "PatientID" in items.columns else pd.Series([""] * len(items), index=items.index)
     for column in columns:
         policy: ColumnPolicy = config.policy[column]
         values = items[column].astype(str)
-        if policy.action == "keep":
+        if policy.action == "remap_uid":
+            out[column] = remapped_uids(values, key)
+        elif policy.action == "shift_date":
+            out[column], counts[f"{column}.unparseable"] = shifted_dates(values, column, patients, key, config.dicom_dates == "year")
+        elif policy.action == "generalize_date" and dicom.vr_of(column) in ("DA", "DT"):
+            out[column], counts[f"{column}.unparseable"] = shifted_dates(values, column, patients, key, True)
+        elif policy.action == "keep":
             out[column] = values
         elif policy.action == "pseudonymize":
             out[column] = pseudonyms(values, key)
@@ -273,15 +302,24 @@ def anonymize(
     snapshot: StageResult, config: AnonymizeConfig, source: SourceConfig, secret_key: bytes | None = None
 ) -> StageResult:
     """`secret_key`: the key from a Prefect Secret block, resolved by the caller (this library
-    never imports Prefect); without it the key comes from the environment or the local key file."""
+    never imports Prefect); without it the key comes from the environment or the local key file.
+
+    DICOM header columns (ingest's report `dicom.columns`) get the Basic Profile's policy unless
+    `config.policy` names them (`mlpipe.dicom.profile_policies`); DICOM images with burned-in text
+    are quarantined or redacted (`burned_in`); `config.write_dicom` also writes each DICOM file
+    de-identified (`mlpipe.deid.deidentify`). k-anonymity: `config.suppression`."""
     items, removed_duplicates = snapshot_rows(snapshot, source)
-    if layout_of(source) == "imagefolder" and IMAGEFOLDER_LABEL not in config.policy:  # the folder name is the label
+    if layout_of(source) in ("imagefolder", "dicom") and IMAGEFOLDER_LABEL not in config.policy:  # the folder name
         config = config.model_copy(update={"policy": {**config.policy, IMAGEFOLDER_LABEL: ColumnPolicy(action="keep")}})
+    dicom_info = snapshot.report.get("dicom") or {}
+    dicom_columns = [c for c in dicom_info.get("columns", []) if c in items.columns]
+    profile, policy_sources = dicom.profile_policies(dicom_columns, config.policy, config.dicom_dates)
+    config = config.model_copy(update={"policy": {**profile, **config.policy}})
     columns = [c for c in items.columns if c not in (source.image_column,) and not c.startswith("__")]
     check_policy(items, columns, config)
     key, key_source = (secret_key, f"prefect-secret:{config.key_secret_block}") if secret_key else load_key(config)
 
-    raw_values = raw_identifier_values(items, columns, config, source.image_column)
+    raw_values = raw_identifier_values(items, columns, config, source.image_column, dicom_columns)
     identifiers = identifier_index(raw_values)
     applied, counts = apply_policy(items, columns, config, key, identifiers)
     out = pd.concat(
@@ -295,47 +333,192 @@ def anonymize(
     keep_cols = [c for c in columns if config.policy[c].action == "keep"]
     item_of_row = dict(zip(items[ROW], out[ITEM_ID], strict=True))
     duplicates = removed_duplicates[keep_cols].assign(**{ITEM_ID: removed_duplicates[ROW].map(item_of_row)})
-    leaks = residual_scan(
-        pd.concat([out[[c for c in columns if config.policy[c].action in TEXT_ACTIONS]], duplicates[keep_cols]]).fillna(""),
-        identifiers,
-    )
+    digits_only = set(dicom.digit_columns(items, dicom_columns))  # numbers, dates, UIDs: no text to leak
+    scanned = [c for c in columns if config.policy[c].action in TEXT_ACTIONS and c not in digits_only]
+    leaks = residual_scan(pd.concat([out[scanned], duplicates[[c for c in keep_cols if c in scanned]]]).fillna(""),
+                          identifiers)  # fmt: skip
     if leaks:
         found = ", ".join(f"{column} ({kind})" for column, kind in sorted(leaks.items()))
         raise MlpipeError(f"anonymization left personal data in column(s) {found}; refusing to continue "
                           f"(use drop, pseudonymize or redact_text for them)")  # fmt: skip
+
+    burned = burned_in(items, source, config, snapshot) if dicom_columns else BurnedIn()
+    quarantined = pd.DataFrame({"row": [int(items[ROW].iloc[i]) for i in burned.quarantine],
+                                "reason": list(burned.quarantine.values())})  # fmt: skip
+    out = out.drop(index=out.index[list(burned.quarantine)])
     quasi = [c for c in columns if config.policy[c].quasi_identifier and config.policy[c].action != "drop"]
-    out, suppressed, k_achieved = k_anonymize(out, quasi, config.k)
+    suppress = local_suppression if config.suppression == "cells" else record_suppression
+    out, suppression = suppress(out, quasi, config.k)
+    removed = {**{f"quarantined ({why})": n for why, n in Counter(burned.quarantine.values()).items()},
+               f"suppressed by k-anonymity (k={config.k})": suppression.rows_suppressed}  # fmt: skip
     if out.empty:
-        raise MlpipeError(f"k-anonymity (k={config.k}) over {', '.join(quasi)} suppressed every row; generalize more")
-    check_drop("anonymize", len(out) + suppressed, {f"suppressed by k-anonymity (k={config.k})": suppressed},
-               config.max_drop_fraction)
+        raise MlpipeError(f"anonymize left no row ({', '.join(f'{n} {why}' for why, n in removed.items() if n)}); "
+                          f"generalize the quasi-identifiers more or use anonymize.suppression cells")  # fmt: skip
+    check_drop("anonymize", len(items), removed, config.max_drop_fraction)
     report = {
         "rows": len(out),
+        "removed": removed,
         "quasi_identifiers": quasi,
         "k": config.k,
-        "k_achieved": k_achieved,
-        "rows_suppressed": suppressed,
+        "k_achieved": suppression.k_achieved,
+        "rows_suppressed": suppression.rows_suppressed,
+        "suppression": suppression.to_dict(),
         "policy": {c: config.policy[c].model_dump() for c in columns},
         "counts": counts,
         "key_source": key_source,
         "key_id": key_id(key),
-        "residual_scan": {"raw_values_checked": len(raw_values), "hits": 0},
+        "residual_scan": {"raw_values_checked": len(raw_values), "hits": 0, "digit_columns_exempt": sorted(digits_only)},
         "images_reencoded": len(out),
     }
-    stage_key = stable_hash(snapshot.key, config, source.image_column, key_id(key), code_version("mlpipe.anonymize"))[:16]
+    if dicom_columns:
+        report["dicom"] = {"profile": dicom.PROFILE_NAME, "policy_sources": dict(Counter(
+            v.split(":")[0] for v in policy_sources.values())), "burned_in": burned.summary,
+            "not_columns": dicom_info.get("not_columns", {})}  # fmt: skip
+    stage_key = stable_hash(snapshot.key, config, source.image_column, key_id(key), burned.ocr,
+                            code_version("mlpipe.anonymize", "mlpipe.dicom", "mlpipe.deid", "mlpipe.kanonymity",
+                                         "mlpipe.burned_in"))[:16]  # fmt: skip
+    pixels = np.load(snapshot.file("pixels.npy"), mmap_mode="r")
     with stage_dir("anonymize", stage_key) as tmp:
-        write_clean_images(np.load(snapshot.file("pixels.npy"), mmap_mode="r"), out, tmp / "images")
+        if burned.redacted:  # the stage's own copy of the pixel cache, with the redacted images
+            pixels = _with_redactions(pixels, burned.redacted, items, tmp / "pixels.npy")
+        write_clean_images(pixels, out, tmp / "images")
+        if config.write_dicom and dicom_columns:
+            report["dicom"]["written"] = write_deidentified_dicom(items.loc[out.index], source, config, key, burned,
+                                                                  tmp / "dicom", out[ITEM_ID])  # fmt: skip
         out.to_parquet(tmp / "items.parquet", index=False)
         duplicates.to_parquet(tmp / "duplicates.parquet", index=False)
+        quarantined.to_csv(tmp / "quarantine.csv", index=False)
         write_json(tmp / "report.json", report)
-    return StageResult.at("anonymize", stage_key, report, pixels=snapshot.file("pixels.npy"))
+    files = {} if burned.redacted else {"pixels": snapshot.file("pixels.npy")}
+    return StageResult.at("anonymize", stage_key, report, **files)
 
 
-def raw_identifier_values(items: pd.DataFrame, columns: list[str], config: AnonymizeConfig, image_column: str) -> set[str]:
+@dataclass
+class BurnedIn:
+    """What `burned_in` found: {position in items: quarantine reason}, {position: redacted image
+    at native resolution (8-bit) and its boxes}, whether OCR ran, and counts for the report."""
+
+    quarantine: dict[int, str] = field(default_factory=dict)
+    redacted: dict[int, tuple[np.ndarray, list]] = field(default_factory=dict)
+    ocr: bool = False
+    summary: dict = field(default_factory=dict)
+
+
+def burned_in(items: pd.DataFrame, source: SourceConfig, config: AnonymizeConfig, snapshot: StageResult) -> BurnedIn:
+    """Burned-in text in DICOM images, by header and by OCR (`mlpipe.burned_in`).
+
+    A row whose BurnedInAnnotation says YES is flagged by its header. OCR (config.text_scan:
+    auto where tesseract is installed, always, never) reads each DICOM image at native resolution
+    (ingest's window) whose header does not say NO. Flagged rows are quarantined, or with
+    config.burned_in "redact" the text boxes OCR found are blacked out (a YES image where OCR
+    finds no box is quarantined: what cannot be located cannot be redacted).
+    """
+    from mlpipe import burned_in as ocr
+    from mlpipe.dicom import FRAME, decode_dicom
+    from mlpipe.ingest import open_source
+
+    if config.text_scan == "always" and not ocr.ocr_available():
+        raise MlpipeError("anonymize.text_scan always: tesseract is not installed (apt-get install tesseract-ocr)")
+    scan = config.text_scan == "always" or (config.text_scan == "auto" and ocr.ocr_available())
+    says = items["BurnedInAnnotation"].astype(str).str.strip().str.upper() if "BurnedInAnnotation" in items else None
+    result = BurnedIn(ocr=scan)
+    counts = Counter()
+    src = open_source(source)
+    window = (snapshot.report.get("dicom") or {}).get("window", "header")
+    window = tuple(window) if isinstance(window, list) else window
+    for position, (rel, frame) in enumerate(zip(items[source.image_column], items[FRAME], strict=True)):
+        if frame == "":
+            continue
+        header = says.iloc[position] if says is not None else ""
+        counts[f"header {header or 'absent'}"] += 1
+        boxes: list = []
+        if scan and header != "NO":
+            native, _ = decode_dicom(src.read(src.resolve(rel)), int(frame), window, 1 << 62)
+            boxes = ocr.find_text(native)
+            counts["scanned by OCR"] += 1
+            counts["text found by OCR"] += bool(boxes)
+        elif header != "NO":
+            counts["not scanned (text_scan never)" if config.text_scan == "never" else "not scanned (no OCR)"] += 1
+        if header == "YES" and (config.burned_in == "quarantine" or not boxes):
+            result.quarantine[position] = "burned-in annotation (header)"
+        elif boxes and config.burned_in == "quarantine":
+            result.quarantine[position] = "burned-in text (OCR)"
+        elif boxes:
+            result.redacted[position] = (ocr.redact(native, boxes), boxes)
+    result.summary = {"burned_in": config.burned_in, "text_scan": config.text_scan, "ocr_ran": scan, **counts,
+                      "quarantined": len(result.quarantine), "redacted": len(result.redacted)}  # fmt: skip
+    if counts["not scanned (no OCR)"]:
+        log.warning("%d DICOM images were not scanned for burned-in text: tesseract is not installed "
+                    "(anonymize.text_scan auto); the header alone decided", counts["not scanned (no OCR)"])  # fmt: skip
+    return result
+
+
+def _with_redactions(pixels: np.ndarray, redacted: dict, items: pd.DataFrame, path: Path) -> np.ndarray:
+    """A copy of the pixel cache at `path` where each redacted image replaces its row, resized as
+    ingest resizes (`mlpipe.images.decode_array`)."""
+    from mlpipe.images import decode_array
+
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=pixels.dtype, shape=pixels.shape)
+    out[:] = pixels
+    size, channels = pixels.shape[1], pixels.shape[3]
+    for position, (image, _) in redacted.items():
+        out[int(items[PIXEL_INDEX].iloc[position])] = decode_array(image, size, channels, 1 << 62, thumbnail=False).pixels
+    out.flush()
+    return out
+
+
+def write_deidentified_dicom(items: pd.DataFrame, source: SourceConfig, config: AnonymizeConfig, key: bytes,
+                             burned: BurnedIn, folder: Path, item_ids: pd.Series) -> dict:  # fmt: skip
+    """Each kept DICOM file once, de-identified (`mlpipe.deid.deidentify`, the patient's offset
+    from its raw PatientID), as `<item id of its first kept item>.dcm`; redacted frames get their
+    boxes blacked out in the original pixel data (stored uncompressed). Returns counts."""
+    import pydicom
+
+    from mlpipe import deid
+    from mlpipe.dicom import DICOM_FILE
+    from mlpipe.ingest import open_source
+
+    src = open_source(source)
+    folder.mkdir()
+    written, reports = 0, Counter()
+    boxes_of = {p: b for p, (_, b) in burned.redacted.items()}  # positions are index labels (a RangeIndex)
+    for file_id, group in items[items[DICOM_FILE] != ""].groupby(DICOM_FILE, sort=False):
+        first = group.index[0]
+        ds = pydicom.dcmread(io.BytesIO(src.read(src.resolve(group[source.image_column].iloc[0]))), force=True)
+        frame_boxes = {int(group.at[i, dicom.FRAME]): boxes_of[i] for i in group.index if i in boxes_of}
+        report = deid.deidentify(ds, key, patient=str(group["PatientID"].iloc[0]) if "PatientID" in group else "",
+                                 dates=config.dicom_dates, clean_pixels=bool(frame_boxes))  # fmt: skip
+        if frame_boxes:
+            _black_out(ds, frame_boxes)
+        ds.save_as(folder / f"{item_ids.loc[first]}.dcm", enforce_file_format=True)
+        written += 1
+        reports.update({k: v for k, v in report.to_dict().items() if isinstance(v, int)})
+    return {"files": written, **reports}
+
+
+def _black_out(ds, frame_boxes: dict[int, list]) -> None:
+    """Fill each frame's boxes with the frame's minimum stored value (black for MONOCHROME2, white-on-
+    inverted for MONOCHROME1 is handled by using the maximum), storing the pixel data uncompressed."""
+    ds.decompress() if ds.file_meta.TransferSyntaxUID.is_compressed else None
+    array = ds.pixel_array.copy()
+    frames = array if int(ds.get("NumberOfFrames", 1) or 1) > 1 else array[None]
+    dark = frames.max() if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" else frames.min()
+    for frame, boxes in frame_boxes.items():
+        for box in boxes:
+            frames[frame, max(box.top - 2, 0): box.top + box.height + 2, max(box.left - 2, 0): box.left + box.width + 2] = dark
+    ds.PixelData = (frames if frames.shape[0] > 1 else frames[0]).tobytes()
+
+
+def raw_identifier_values(items: pd.DataFrame, columns: list[str], config: AnonymizeConfig, image_column: str,
+                          dicom_columns: list[str] = ()) -> set[str]:  # fmt: skip
     """Every raw value that must not survive: identifier columns, columns that get generalized
-    (a full date of birth), and the image paths and file stems (file names often are a name)."""
+    (a full date of birth), and the image paths and file stems (file names often are a name).
+    Of the DICOM header columns only the identifying ones count (`mlpipe.dicom.identifier_columns`):
+    the profile also removes descriptions whose words a kept attribute may rightly hold."""
     generalized = ("generalize_date", "generalize_number", "truncate")
-    personal = [c for c in columns if config.policy[c].action in (*IDENTIFIER_ACTIONS, *generalized)]
+    identifying = set(dicom.identifier_columns(list(dicom_columns)))
+    personal = [c for c in columns if config.policy[c].action in (*IDENTIFIER_ACTIONS, *generalized)
+                and (c not in dicom_columns or c in identifying)]  # fmt: skip
     values = {v for c in personal for v in items[c].astype(str).tolist()}  # lists iterate 10x faster than Series
     paths = items[image_column].astype(str).tolist()
     values.update(paths)

@@ -833,6 +833,7 @@ class DataFacts(_Section):
     layout: Literal["manifest", "imagefolder", "dicom"]
     channels: Literal[1, 3]
     median_side: int | None = Field(description="Median of max(width, height) in pixels; None: no image readable.")
+    dicom: bool = Field(False, description="The rows name DICOM files whose headers carry PatientID.")
 
 
 def clamped_side(median_side: int) -> int:
@@ -859,9 +860,10 @@ def resolve_auto(config: PipelineConfig, facts: DataFacts | None) -> tuple[Pipel
     facts come from `mlpipe.ingest.detect`; the result is revalidated whole, so the compatibility
     probes of train.model and train.augment run on the decided channels and size. Decides:
     source.layout, ingest.channels and ingest.image_size when auto; search.grid auto (`grid`);
-    and for the imagefolder layout the sample's defaults that name manifest columns an
-    imagefolder listing cannot have: label.columns -> [class], anonymize.policy -> {},
-    split.group_column -> null. Explicit values are never changed. `facts` may be None only when
+    and for the imagefolder and dicom layouts the sample's defaults that name manifest columns a
+    listing cannot have: label.columns -> [class] (dicom: an error, it must name a header
+    attribute), anonymize.policy -> {}, split.group_column -> PatientID (pseudonymized by the
+    DICOM profile) when the files are DICOM, else null. Explicit values are never changed. `facts` may be None only when
     source.layout, ingest.channels and ingest.image_size are all explicit. Raises MlpipeError
     (one line) when the decided config is invalid or image_size auto has no readable image to go by."""
     if facts is None and "auto" in (config.source.layout, config.ingest.channels, config.ingest.image_size):
@@ -887,11 +889,14 @@ def auto_overrides(config: PipelineConfig, facts: DataFacts | None) -> dict[str,
         out["ingest.image_size"] = auto_image_size(facts.median_side, models, channels)
     if config.search.grid == "auto":
         out["search.grid"] = config.grid()
-    if layout == "imagefolder":
+    if layout in ("imagefolder", "dicom"):
         if config.label.columns == SAMPLE_LABEL_COLUMNS:
+            if layout == "dicom":
+                raise MlpipeError("source.layout dicom: the files are not in class folders (root/<class>/<file>); set "
+                                  "label.columns to the header attribute that holds the label, e.g. [BodyPartExamined]")  # fmt: skip
             out["label.columns"] = [IMAGEFOLDER_LABEL]
         if config.anonymize.policy == _sample_policy():
             out["anonymize.policy"] = {}
         if config.split.group_column == SAMPLE_GROUP_COLUMN:
-            out["split.group_column"] = None
+            out["split.group_column"] = "PatientID" if facts is not None and facts.dicom else None
     return out

@@ -243,3 +243,75 @@ def image_size_of(header: Header) -> tuple[int, int] | None:
 
 def has_colour(header: Header) -> bool:
     return not header.columns.get("PhotometricInterpretation", "MONOCHROME2").strip().startswith("MONOCHROME")
+
+
+# --- anonymization of the header columns -------------------------------------------------------
+
+FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})  # free text an unlisted attribute may still hold anything in
+# By their VR these hold only digits and punctuation (numbers, dates, times, UIDs): a raw identifier
+# "found" inside them is a coincidence of digits, and they are left out of the residual scan.
+DIGIT_VRS = NUMERIC_VRS | {"DA", "DT", "TM", "UI"}
+_DIGITS = frozenset("0123456789.+-\\ eE:&")
+PROFILE_NAME = "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile (Table E.1-1)"
+
+
+def vr_of(keyword: str) -> str | None:
+    """The attribute's VR from pydicom's data dictionary ("US or SS" -> "US"), None when unknown."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return None
+    try:
+        return dictionary_VR(tag).split(" or ")[0]
+    except KeyError:
+        return None
+
+
+def profile_policies(columns: list[str], user: dict, dates: str) -> tuple[dict, dict[str, str]]:
+    """({column: ColumnPolicy}, {column: where its policy comes from}) for the DICOM header columns.
+
+    The user's `anonymize.policy` wins; else the Basic Profile's action (`mlpipe.deid.column_policy`:
+    remove, UIDs remapped, dates shifted, PatientID pseudonymized); else, for an attribute the
+    profile does not list: person names (PN) dropped, dates (DA, DT) shifted, free text (LT, ST,
+    UT, UC) left without a policy (the run stops and asks, as for any column), and the rest
+    (codes, numbers, short strings such as Manufacturer) retained as the profile retains them,
+    still under the residual scan. Unknown attributes get no policy either.
+    """
+    from mlpipe import deid
+    from mlpipe.config import ColumnPolicy
+
+    policies, sources = {}, {}
+    for column in columns:
+        if column in user:
+            sources[column] = "anonymize.policy"
+            continue
+        vr = vr_of(column)
+        if vr is None:
+            continue
+        action = deid.column_policy(column, vr, dates=dates)
+        where = "profile (Table E.1-1)"
+        if action is None:
+            where = "not in Table E.1-1"
+            if vr in FREE_TEXT_VRS:
+                continue
+            action = "drop" if vr == "PN" else "keep"
+        policies[column] = ColumnPolicy(action=action, granularity="year") if action == "generalize_date" else ColumnPolicy(action=action)
+        sources[column] = f"{where}: {action}"
+    return policies, sources
+
+
+def digit_columns(frame, columns: list[str]) -> list[str]:
+    """The DICOM columns whose VR holds only digits and punctuation and whose values all do."""
+    return [c for c in columns if c in frame.columns and vr_of(c) in DIGIT_VRS
+            and all(set(v) <= _DIGITS for v in frame[c].astype(str).unique())]  # fmt: skip
+
+
+def identifier_columns(columns: list[str]) -> list[str]:
+    """The DICOM columns whose raw values count as identifiers for the residual scan: names, dates,
+    UIDs, and IDs, numbers, addresses and institutions by keyword. Descriptions the profile also
+    removes (SeriesDescription "CHEST") are not: a kept BodyPartExamined "CHEST" is no leak."""
+    import re
+
+    pattern = re.compile(r"ID|Number|Name|Address|Telephone|Identifier|Institution|Station")
+    return [c for c in columns if vr_of(c) in ("PN", "DA", "DT", "UI") or pattern.search(c)]

@@ -452,6 +452,7 @@ class Detection:
     layout: Literal["manifest", "imagefolder", "dicom"]
     rows: int
     images: list[SampledImage]
+    dicom: bool = False  # the rows name DICOM files (header columns, PatientID to group by)
 
     def sides(self) -> list[int]:
         """max(width, height) in pixels of every sampled image whose header was read within the pixel limit."""
@@ -461,7 +462,7 @@ class Detection:
         """The inputs of the auto rules: colour in any sampled image -> 3 channels; the median side."""
         sides = self.sides()
         return DataFacts(layout=self.layout, channels=3 if any(i.colour for i in self.images) else 1,
-                         median_side=int(np.median(sides)) if sides else None)  # fmt: skip
+                         median_side=int(np.median(sides)) if sides else None, dicom=self.dicom)  # fmt: skip
 
     def summary(self) -> dict:
         """JSON-able, for reports: counts, sizes and modes; no path, no value of any column."""
@@ -528,7 +529,7 @@ def detect(source: SourceConfig, images: int = AUTO_SAMPLE_IMAGES, max_pixels: i
             image.problem = str(why)
         except OSError:  # as decode_into says it
             image.problem = "unreadable file"
-    return Detection(layout=source.layout, rows=len(frame), images=sampled)
+    return Detection(layout=source.layout, rows=len(frame), images=sampled, dicom="PatientID" in frame.columns)
 
 
 def _header(data: bytes, frame: int | None = None) -> tuple[tuple[int, int], str]:
