@@ -351,6 +351,9 @@ def anonymize(
     out, suppression = suppress(out, quasi, config.k)
     removed = {**{f"quarantined ({why})": n for why, n in Counter(burned.quarantine.values()).items()},
                f"suppressed by k-anonymity (k={config.k})": suppression.rows_suppressed}  # fmt: skip
+    if not suppression.k_reached:
+        raise MlpipeError(f"k-anonymity (k={config.k}) cannot be reached over {', '.join(quasi)} with {len(out)} rows; "
+                          "lower anonymize.k or mark fewer quasi-identifiers")  # fmt: skip
     if out.empty:
         raise MlpipeError(f"anonymize left no row ({', '.join(f'{n} {why}' for why, n in removed.items() if n)}); "
                           f"generalize the quasi-identifiers more or use anonymize.suppression cells")  # fmt: skip

@@ -136,9 +136,10 @@ def frame_indices(frames: int, policy: Frames) -> list[int]:
     return [0] if policy == "first" else [frames // 2]
 
 
-def decode_dicom(data: bytes, frame: int | None, window: Window, max_pixels: int) -> tuple[np.ndarray, str]:
+def decode_dicom(data: bytes, frame: int | str | None, window: Window, max_pixels: int) -> tuple[np.ndarray, str]:
     """One frame of a DICOM file as 8-bit pixels: (H x W uint8 for monochrome, H x W x 3 RGB for
-    colour; the source mode, e.g. "DICOM MONOCHROME1 12-bit"). `frame` None: the first.
+    colour; the source mode, e.g. "DICOM MONOCHROME1 12-bit"). `frame`: an index, None (the
+    first), or a policy of `frame_indices` ("first", "middle"; "all" serves the middle one).
 
     `window`: "header" (the VOI LUT Sequence, else the first Window Center/Width, else the
     frame's range), "minmax" (the frame's own range), or (center, width) in output units of the
@@ -161,6 +162,8 @@ def decode_dicom(data: bytes, frame: int | None, window: Window, max_pixels: int
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else pydicom.uid.ExplicitVRLittleEndian
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if isinstance(frame, str):
+            frame = frame_indices(frames, "middle" if frame == "all" else frame)[0]
         ds.pixel_array_options(index=None if frames <= 1 else min(frame or 0, frames - 1))
         array = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - a corrupt stream raises what its decoder raises
@@ -211,7 +214,7 @@ def _voi(values: np.ndarray, ds, window: Window) -> np.ndarray:
             if str(ds.get("VOILUTFunction", "LINEAR")).strip() == "SIGMOID":  # PS3.3 C.11.2.1.3.1
                 return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
             return _linear_window(values, center, width)
-    low, high = float(values.min(initial=0)), float(values.max(initial=0))
+    low, high = float(values.min()), float(values.max())  # never empty: decoding gave Rows x Columns
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
@@ -278,6 +281,8 @@ def profile_policies(columns: list[str], user: dict, dates: str) -> tuple[dict, 
     (codes, numbers, short strings such as Manufacturer) retained as the profile retains them,
     still under the residual scan. Unknown attributes get no policy either.
     """
+    from pydicom.datadict import tag_for_keyword
+
     from mlpipe import deid
     from mlpipe.config import ColumnPolicy
 
@@ -290,7 +295,8 @@ def profile_policies(columns: list[str], user: dict, dates: str) -> tuple[dict, 
         if vr is None:
             continue
         action = deid.column_policy(column, vr, dates=dates)
-        where = "profile (Table E.1-1)"
+        listed = deid.profile_action(tag_for_keyword(column)) is not None
+        where = "profile (Table E.1-1)" if listed else "not in Table E.1-1"
         if action is None:
             where = "not in Table E.1-1"
             if vr in FREE_TEXT_VRS:
@@ -314,4 +320,6 @@ def identifier_columns(columns: list[str]) -> list[str]:
     import re
 
     pattern = re.compile(r"ID|Number|Name|Address|Telephone|Identifier|Institution|Station")
-    return [c for c in columns if vr_of(c) in ("PN", "DA", "DT", "UI") or pattern.search(c)]
+    generic = re.compile(r"Protocol|Description|TypeOf")  # ProtocolName "Free Form", TypeOfPatientID "TEXT"
+    return [c for c in columns if vr_of(c) in ("PN", "DA", "DT", "UI")
+            or (vr_of(c) != "CS" and pattern.search(c) and not generic.search(c))]  # codes (CS) name no one

@@ -22,6 +22,7 @@ import pandas as pd
 
 from mlpipe.config import SourceConfig
 from mlpipe.errors import MlpipeError
+from mlpipe.dicom import has_dicom_suffix
 from mlpipe.images import Quarantined
 from mlpipe.ingest import IMAGE_SUFFIXES, Source, open_source, read_manifest
 from mlpipe.serving import CLASS, ERROR, IMAGE
@@ -50,7 +51,7 @@ def list_inputs(sources: list[str], image_column: str = "image") -> tuple[Source
             src = Source(fs, path.rstrip("/") or "/", sources[0])
             prefix = src.root.rstrip("/") + "/"  # fs.find lists full paths under the root: the rest is the name
             names = sorted(f.removeprefix(prefix) for f in fs.find(src.root)
-                           if posixpath.splitext(f)[1].lower() in IMAGE_SUFFIXES)  # fmt: skip
+                           if posixpath.splitext(f)[1].lower() in IMAGE_SUFFIXES or has_dicom_suffix(f))  # fmt: skip
             return src, [Input(name, resolve_input(src, name)) for name in names]
         if posixpath.splitext(path)[1].lower() in MANIFEST_SUFFIXES:
             folder, name = posixpath.split(sources[0].rstrip("/"))

@@ -28,6 +28,7 @@ import torch
 
 from mlpipe import baseline as classical
 from mlpipe.errors import MlpipeError
+from mlpipe.dicom import has_dicom_suffix
 from mlpipe.images import Quarantined, decode, decode_array
 from mlpipe.metrics import apply_threshold
 from mlpipe.store import code_version
@@ -46,7 +47,7 @@ CLASS, PROBABILITY, THRESHOLD, ERROR = "class", "probability", "threshold", "err
 SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 # The modules this one imports, all of them (a test checks): the code the model carries and runs
 # under `mlflow models serve`, whose hash is recorded in the model and compared when loading.
-SERVING_CODE = ("mlpipe.serving", "mlpipe.images", "mlpipe.metrics", "mlpipe.baseline", "mlpipe.errors", "mlpipe.store",
+SERVING_CODE = ("mlpipe.serving", "mlpipe.images", "mlpipe.dicom", "mlpipe.metrics", "mlpipe.baseline", "mlpipe.errors", "mlpipe.store",
                 "mlpipe.train.model")  # fmt: skip
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 256
@@ -90,10 +91,14 @@ class Preprocessing:
     channels: int
     background: str = "auto"
     max_pixels: int = 40_000_000
+    dicom_window: str | list[float] = "header"  # ingest.dicom.window: how a DICOM input's grey levels become 8 bits
+    dicom_frames: str = "middle"  # ingest.dicom.frames: the frame a multi-frame DICOM input is scored on ("all": middle)
 
     @classmethod
     def of(cls, ingest_config: Any) -> Preprocessing:
-        return cls(ingest_config.image_size, ingest_config.channels, ingest_config.background, ingest_config.max_pixels)
+        window = ingest_config.dicom.window
+        return cls(ingest_config.image_size, ingest_config.channels, ingest_config.background, ingest_config.max_pixels,
+                   window if isinstance(window, str) else list(window), ingest_config.dicom.frames)  # fmt: skip
 
 
 @dataclass
@@ -153,6 +158,10 @@ class ImageClassifier:
             if kind == ARRAY:
                 return decode_array(value, p.image_size, p.channels, p.max_pixels, p.background, thumbnail=False)
             data = _read_path(value) if kind == PATH else _as_bytes(value)
+            if data[128:132] == b"DICM" or (kind == PATH and has_dicom_suffix(str(value))):
+                window = p.dicom_window if isinstance(p.dicom_window, str) else tuple(p.dicom_window)
+                return decode(data, p.image_size, p.channels, p.max_pixels, p.background, thumbnail=False,
+                              frame=p.dicom_frames, window=window)  # fmt: skip
             return decode(data, p.image_size, p.channels, p.max_pixels, p.background, thumbnail=False)
         except Quarantined as why:
             return why

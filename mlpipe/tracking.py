@@ -518,7 +518,8 @@ def _warm_model_logging() -> None:
 
 # What `mlpipe.serving` imports when MLflow loads the model (torchvision and timm build the
 # network, scipy comes with scikit-learn's metrics); pinned to the lock's versions in the model.
-SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pillow", "scikit-learn", "scipy")
+SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pillow", "scikit-learn", "scipy",
+                    "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle")  # DICOM inputs
 LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements.lock"
 
 

@@ -55,7 +55,6 @@ def ct_folder(root: Path, per_class: int = 16, side: int = 64, seed: int = 0) ->
     base = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     out = CtFolder(root)
     yy, xx = np.mgrid[:side, :side]
-    body = ((yy - side / 2) / (side * 0.45)) ** 2 + ((xx - side / 2) / (side * 0.38)) ** 2 <= 1
     for label in ("round", "square"):
         (root / label).mkdir(parents=True)
         for n in range(per_class):
@@ -73,8 +72,11 @@ def ct_folder(root: Path, per_class: int = 16, side: int = 64, seed: int = 0) ->
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.BurnedInAnnotation = "NO"
+            # Body, lesion place and size vary per slice: no two slices look alike to the perceptual hash.
+            (by, bx), (ay, ax) = rng.uniform(0.35, 0.65, 2) * side, rng.uniform(0.25, 0.48, 2) * side
+            body = ((yy - by) / ay) ** 2 + ((xx - bx) / ax) ** 2 <= 1
             hu = np.where(body, 40.0, -1000.0) + rng.normal(0, 20, (side, side))
-            cy, cx, r = rng.integers(side // 3, 2 * side // 3, 2).tolist() + [int(rng.integers(side // 10, side // 6))]
+            cy, cx, r = rng.integers(side // 4, 3 * side // 4, 2).tolist() + [int(rng.integers(side // 8, side // 4))]
             mask = (np.hypot(yy - cy, xx - cx) <= r) if label == "round" else ((abs(yy - cy) <= r) & (abs(xx - cx) <= r))
             hu[mask] = 700.0 + rng.normal(0, 20, int(mask.sum()))
             ds.Rows = ds.Columns = side

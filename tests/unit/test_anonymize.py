@@ -171,12 +171,21 @@ def test_generalize_number_truncate_and_k_anonymity(state, tmp_path):
         "zip": {"action": "truncate", "keep_chars": 3, "quasi_identifier": True},
         "grade": "keep",
     }
-    result = anonymize(ingest(source, IngestConfig()), AnonymizeConfig(policy=policy, k=5), source)
+    snapshot = ingest(source, IngestConfig())
+    result = anonymize(snapshot, AnonymizeConfig(policy=policy, k=5, suppression="records"), source)
     out = pd.read_parquet(result.file("items.parquet"))
-    assert sorted(set(out["age"])) == ["[0, 40)", "[40, 60)"]  # the lone 88 is suppressed
+    assert sorted(set(out["age"])) == ["[0, 40)", "[40, 60)"]  # the lone 88 is suppressed, with its row
     assert set(out["zip"]) == {"902"}
     assert result.report["rows_suppressed"] == 1 and result.report["k_achieved"] == 5
     assert result.report["rows"] == 10 and result.report["quasi_identifiers"] == ["age", "zip"]
+
+    # The default, cell suppression: every row (image, label) stays; only rare quasi-identifier cells become "*".
+    result = anonymize(snapshot, AnonymizeConfig(policy=policy, k=5), source)
+    out = pd.read_parquet(result.file("items.parquet"))
+    assert result.report["rows"] == 11 and result.report["rows_suppressed"] == 0 and result.report["k_achieved"] >= 5
+    assert (out["age"] == "*").any() and "[60, 120)" not in set(out["age"])
+    assert out.groupby(["age", "zip"]).size().min() >= 5
+    assert result.report["suppression"]["cells_suppressed_total"] == int((out[["age", "zip"]] == "*").sum().sum())
 
 
 def test_identifier_values_of_any_row_are_redacted_from_free_text():

@@ -267,12 +267,6 @@ def test_multiframe_monochrome_frame_is_that_frame_of_pixel_array_windowed(frame
     assert out.std() > 10
 
 
-MINMAX_BUG = ("mlpipe/dicom.py _voi (line 217): values.min(initial=0) / values.max(initial=0) put 0 into the range, "
-              "so minmax (and header without a window) maps [min(0, lo), max(0, hi)], not the frame's own range, "
-              "whenever all values are positive (MR, rtdose) or all negative")  # fmt: skip
-
-
-@pytest.mark.xfail(strict=True, reason=MINMAX_BUG)
 @pytest.mark.parametrize("name,frame,window", [
     ("MR_small.dcm", None, "minmax"),  # stored 127..2145: the darkest pixel should be 0, is 15
     ("rtdose.dcm", 3, "minmax"),  # 798000..1254000
@@ -697,13 +691,9 @@ def test_profile_policies(column, dates, action):
     assert sources[column].endswith(f": {action}")
     listed = deid.profile_action(tag_for_keyword(column)) is not None
     assert listed == (column not in ("Manufacturer", "Rows", "SecondaryReviewerName", "DateOfGainCalibration"))
-    if column != "DateOfGainCalibration":  # its label: test_unlisted_date_is_not_credited_to_the_profile
-        assert sources[column].startswith("profile (Table E.1-1)" if listed else "not in Table E.1-1")
+    assert sources[column].startswith("profile (Table E.1-1)" if listed else "not in Table E.1-1")
 
 
-@pytest.mark.xfail(strict=True, reason="mlpipe/dicom.py profile_policies (line 296): every action deid.column_policy "
-                   "returns is labelled 'profile (Table E.1-1)', but column_policy shifts any DA/DT, listed or not, so "
-                   "an unlisted date (DateOfGainCalibration) is reported as a Table E.1-1 entry")  # fmt: skip
 def test_unlisted_date_is_not_credited_to_the_profile():
     assert deid.profile_action(tag_for_keyword("DateOfGainCalibration")) is None  # the premise
     policies, sources = dicom.profile_policies(["DateOfGainCalibration"], {}, "shift")
