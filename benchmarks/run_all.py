@@ -106,6 +106,11 @@ BENCHMARKS = [
                         f"{j['rows_kept_records']:,} (entropy lost {j['information_loss']['records']['entropy_loss_total']:.1%}); "
                         f"{j['large_rows']:,} rows x 3 QIs in {j['seconds']['cells_large']} s",
               lambda j: j["rows_kept_cells"] == j["rows_in"] and j["k_achieved_cells"] >= j["k"]),
+    Benchmark("dicom.py", "a bare pydicom loop (dcmread + pixel_array per file, one thread)",
+              lambda j: f"{j['slices']:,} CT slices 512 px 16-bit ({j['files_mb']:,} MB): ingest {j['ingest_s']} s + anonymize "
+                        f"{j['anonymize_s']} s vs bare pydicom {j['anchor_s']} s; {j['kept']:,} kept; OCR "
+                        + (f"{j['ocr_s_per_image']} s/image" if j["ocr_s_per_image"] is not None else "not measured"),
+              lambda j: j["ratio"] >= 0.7 and j["kept"] == j["slices"]),
     Benchmark("split_resample.py", "n log n growth (x 1.25)",
               lambda j: f"split {j['split']['large']:,} rows growth {j['split']['growth']} (bound {j['split']['nlogn_bound']:.2f}); "
                         f"SMOTE {j['smote']['large']:,} items growth {j['smote']['growth']} (bound {j['smote']['nlogn_bound']:.2f})",
