@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from mlpipe import dicom
 from mlpipe.anonymize import suggest_policy
 from mlpipe.config import IMAGEFOLDER_LABEL, PipelineConfig, auto_overrides, resolve_auto
 from mlpipe.errors import MlpipeError
@@ -89,8 +90,9 @@ def check_config(config: PipelineConfig, images: int = AUTO_SAMPLE_IMAGES) -> Ch
     try:
         src = open_source(config.source)
         source = with_layout(src, config.source)
-        frame, _ = read_manifest(src, source)
-        detection = detect(source, images, config.ingest.max_pixels, config.ingest.background, decode_all=True)
+        frame, _ = read_manifest(src, source, config.ingest.dicom.frames)
+        detection = detect(source, images, config.ingest.max_pixels, config.ingest.background, decode_all=True,
+                           dicom_options=config.ingest.dicom)  # fmt: skip
     except MlpipeError as err:
         report.problems.append(f"source: {err}")
         return report
@@ -107,6 +109,9 @@ def check_config(config: PipelineConfig, images: int = AUTO_SAMPLE_IMAGES) -> Ch
         report.summary.append(describe_decided(decided, detection))
 
     policy = decided.get("anonymize.policy", config.anonymize.policy)
+    if isinstance(policy, dict) and frame.attrs.get("dicom_columns"):  # the header columns: the DICOM profile's policy
+        profile, _ = dicom.profile_policies(frame.attrs["dicom_columns"], policy, config.anonymize.dicom_dates)
+        policy = {**profile, **policy}
     label_columns = decided.get("label.columns", config.label.columns)
     group_column = decided.get("split.group_column", config.split.group_column)
     _column_lines(frame, source.image_column, source.layout, policy, label_columns, group_column, report)
@@ -134,13 +139,13 @@ def _sample_lines(detection: Detection, config: PipelineConfig, report: CheckRep
 
 def _column_lines(frame: pd.DataFrame, image_column: str, layout: str, policy: dict, label_columns: list[str],
                   group_column: str | None, report: CheckReport) -> None:  # fmt: skip
-    own = {image_column, IMAGEFOLDER_LABEL} if layout == "imagefolder" else {image_column}
-    columns = [c for c in frame.columns if c not in own]
+    own = {image_column, IMAGEFOLDER_LABEL} if layout in ("imagefolder", "dicom") else {image_column}
+    columns = [c for c in frame.columns if c not in own and not c.startswith("__")]
     for column in columns:
         if column not in policy:
             report.problems.append(f"manifest column '{column}' has no anonymize.policy entry: suggest "
                                    f"{suggest_for(column, frame[column])}; set anonymize.policy.{column}")  # fmt: skip
-    unknown = sorted(set(policy) - set(columns) - ({IMAGEFOLDER_LABEL} if layout == "imagefolder" else set()))
+    unknown = sorted(set(policy) - set(columns) - ({IMAGEFOLDER_LABEL} if layout in ("imagefolder", "dicom") else set()))
     if unknown:
         report.problems.append(f"anonymize.policy names column(s) not in the manifest: {', '.join(unknown)}")
     missing = [c for c in label_columns if c not in frame.columns]
