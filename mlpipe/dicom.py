@@ -6,8 +6,8 @@
   C.11.2), MONOCHROME1 inverted so that bright is dense in every image, and the VOI output
   scaled to 0-255. Colour images (RGB, YBR_*: converted to RGB by pydicom) are scaled from
   Bits Stored to 8 bits.
-- Header columns: every top-level, non-private, non-sequence, non-bulk attribute becomes a text
-  column named by its DICOM keyword, so that the anonymization policy governs it like any
+- Header columns: every top-level, non-private, non-sequence, non-bulk attribute (curves and
+  overlays, groups 50xx and 60xx, neither) becomes a text column named by its DICOM keyword, so that the anonymization policy governs it like any
   manifest column. Private tags, sequences and bulk data never become columns (counted).
 - Multi-frame files give one item (`first`, `middle`) or one item per frame (`all`), the
   frames of a file kept together by split.
@@ -79,19 +79,35 @@ def _text(element) -> str:
 
 def header_of(dataset) -> Header:
     """The columns a dataset gives (see the module docstring). Keywords are pydicom's data
-    dictionary names; a public tag the dictionary lacks is named "(gggg,eeee)"."""
+    dictionary names; a public tag the dictionary lacks is named "(gggg,eeee)". Private tags,
+    sequences and bulk data are skipped by tag and raw VR, before pydicom converts their values
+    (converting the private tags of a CT header costed 4 times the read)."""
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
+
     columns, private, sequences = {}, 0, 0
-    for element in dataset:
-        tag = element.tag
+    for tag in dataset.keys():
         if tag.is_private:
             private += 1
             continue
-        if element.VR == "SQ":
+        if tag.group == 0x0002 or tag.element == 0 or tag == 0x7FE00010 or tag.group >> 8 in (0x50, 0x60):
+            continue  # file meta, group lengths, pixel data, curves and overlays (the profile removes their data)
+        raw = dataset.get_item(tag)
+        vr = getattr(raw, "VR", None)
+        if not vr:
+            try:
+                vr = dictionary_VR(tag).split(" or ")[0]
+            except KeyError:
+                vr = "UN"
+        if vr == "SQ":
             sequences += 1
             continue
-        if tag.group == 0x0002 or tag.element == 0 or element.VR in BULK_VRS or tag == 0x7FE00010:
+        if vr in BULK_VRS:
             continue
-        columns[element.keyword or f"({tag.group:04X},{tag.element:04X})"] = _text(element)
+        element = dataset[tag]
+        if element.VR in BULK_VRS:  # an implicit-VR file: the dictionary's VR decided late
+            sequences += element.VR == "SQ"
+            continue
+        columns[keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"] = _text(element)
     frames = int(str(dataset.get("NumberOfFrames", 1) or 1).strip() or 1) if _is_int(dataset.get("NumberOfFrames")) else 1
     return Header(columns, max(frames, 1), private, sequences)
 
@@ -127,6 +143,18 @@ def read_header(opener, key: tuple[str, int, str]) -> Header | str:
         _HEADERS.clear()
     _HEADERS[key] = result
     return result
+
+
+def cached_headers() -> dict:
+    """The process's header cache ({(path, size, mtime): Header or reason}); read it, do not change it."""
+    return _HEADERS
+
+
+def remember_headers(headers: dict) -> None:
+    """Add headers read elsewhere (a worker process) to the process's cache."""
+    if len(_HEADERS) + len(headers) > _HEADER_CACHE_SIZE:
+        _HEADERS.clear()
+    _HEADERS.update(headers)
 
 
 def frame_indices(frames: int, policy: Frames) -> list[int]:
@@ -180,11 +208,25 @@ def decode_dicom(data: bytes, frame: int | str | None, window: Window, max_pixel
     if photometric == "PALETTE COLOR":
         rgb = pydicom.pixels.apply_color_lut(array, ds)
         return np.clip(np.rint(rgb / 257.0 if rgb.max(initial=0) > 255 else rgb), 0, 255).astype(np.uint8), mode
+    if array.dtype.kind in "iu" and array.size and int(array.max()) - int(array.min()) < 1 << 20:
+        # Through a lookup table over the stored levels present: every transform on at most 2**16
+        # or so values instead of every pixel, and no float copies of the frame.
+        low = int(array.min())
+        index = array.astype(np.int64) - low if array.dtype.itemsize > 2 or low < 0 else array - np.asarray(low, array.dtype)
+        levels = np.arange(low, int(array.max()) + 1, dtype=np.int64)
+        values = pydicom.pixels.apply_modality_lut(levels, ds).astype(np.float64)
+        present = np.bincount(index.ravel(), minlength=len(levels)) > 0
+        table = _to_8bit(_voi(values, ds, window, values[present]), photometric)
+        return table[index], mode
     values = pydicom.pixels.apply_modality_lut(array, ds).astype(np.float64)
-    out = _voi(values, ds, window)
+    return _to_8bit(_voi(values, ds, window), photometric), mode
+
+
+def _to_8bit(out: np.ndarray, photometric: str) -> np.ndarray:
+    """VOI output (0..1) to uint8, MONOCHROME1 inverted (its low values are bright)."""
     if photometric == "MONOCHROME1":
         out = 1.0 - out
-    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8), mode
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
 def _pixel_problem(exc: Exception, ds) -> str:
@@ -199,8 +241,9 @@ def _pixel_problem(exc: Exception, ds) -> str:
     return f"truncated or corrupt DICOM ({type(exc).__name__})"
 
 
-def _voi(values: np.ndarray, ds, window: Window) -> np.ndarray:
-    """Modality-LUT output to 0..1 (see `decode_dicom`)."""
+def _voi(values: np.ndarray, ds, window: Window, observed: np.ndarray | None = None) -> np.ndarray:
+    """Modality-LUT output to 0..1 (see `decode_dicom`). `observed`: the values the frame holds
+    (when `values` is a lookup table over a range of levels), for the frame's own range."""
     if isinstance(window, tuple | list):
         return _linear_window(values, float(window[0]), float(window[1]))
     if window == "header":
@@ -214,7 +257,8 @@ def _voi(values: np.ndarray, ds, window: Window) -> np.ndarray:
             if str(ds.get("VOILUTFunction", "LINEAR")).strip() == "SIGMOID":  # PS3.3 C.11.2.1.3.1
                 return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
             return _linear_window(values, center, width)
-    low, high = float(values.min()), float(values.max())  # never empty: decoding gave Rows x Columns
+    seen = values if observed is None else observed
+    low, high = float(seen.min()), float(seen.max())  # never empty: decoding gave Rows x Columns
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 

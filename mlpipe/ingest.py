@@ -206,6 +206,26 @@ def _dicom_path(src: Source, rel: str, layout: str) -> str | None:
         return None
 
 
+def _read_local_headers(keys: list[tuple[str, int, str]]) -> list[dicom.Header | str]:
+    """`dicom.read_header` of local files, in a worker process."""
+    return [dicom.read_header(partial(open, key[0], "rb"), key) for key in keys]
+
+
+def _dicom_headers(src: Source, paths: list[str | None]) -> list[dicom.Header | str | None]:
+    """The header of each path (None for None), from the process's cache where it has them. Many
+    local files are read by worker processes (a header is a few milliseconds of Python each)."""
+    keys = [None if full is None else (full, *src.stat(full)) for full in paths]
+    missing = [key for key in dict.fromkeys(k for k in keys if k is not None) if key not in dicom.cached_headers()]
+    if src.local and len(missing) >= PROCESS_POOL_MIN_IMAGES // 5 and (os.cpu_count() or 1) > 1:
+        workers = min(8, os.cpu_count() or 1)
+        chunks = [missing[i : i + 64] for i in range(0, len(missing), 64)]
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for chunk, headers in zip(chunks, pool.map(_read_local_headers, chunks), strict=True):
+                dicom.remember_headers(dict(zip(chunk, headers, strict=True)))
+    opener = open if src.local else src.fs.open
+    return [None if key is None else dicom.read_header(partial(opener, key[0], "rb"), key) for key in keys]
+
+
 def with_dicom_headers(src: Source, frame: pd.DataFrame, source: SourceConfig, frames: dicom.Frames = "middle") -> pd.DataFrame:
     """`frame` with, for rows that name DICOM files, every header attribute as a text column
     (`mlpipe.dicom.header_of`; "" where a file lacks it), the hidden columns `__frame` (the frame
@@ -215,12 +235,7 @@ def with_dicom_headers(src: Source, frame: pd.DataFrame, source: SourceConfig, f
     paths = [_dicom_path(src, rel, source.layout) for rel in frame[source.image_column]]
     if not any(paths):
         return frame
-    headers: list[dicom.Header | str | None] = []
-    for full in paths:
-        if full is None:
-            headers.append(None)
-            continue
-        headers.append(dicom.read_header(partial(src.fs.open, full, "rb"), (full, *src.stat(full))))
+    headers = _dicom_headers(src, paths)
     keywords = list(dict.fromkeys(k for h in headers if isinstance(h, dicom.Header) for k in h.columns))
     clash = sorted(set(keywords) & set(frame.columns))
     if clash:

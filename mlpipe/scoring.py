@@ -22,6 +22,7 @@ from mlpipe.anonymize import apply_policy, identifier_index, key_id, raw_identif
 from mlpipe.config import AnonymizeConfig, SourceConfig
 from mlpipe.drift import drift_report, pixel_statistics
 from mlpipe.errors import MlpipeError
+from mlpipe import dicom
 from mlpipe.ingest import IMAGEFOLDER_LABEL, open_source, read_manifest
 from mlpipe.predict import Input, read_bytes, resolve_input
 from mlpipe.serving import CLASS, ERROR, IMAGE, ImageClassifier
@@ -43,15 +44,20 @@ def anonymized_columns(frame: pd.DataFrame, source: SourceConfig, policy: Anonym
     """The manifest's columns under the model's anonymization policy (image paths never leave).
     Raises MlpipeError, naming them, for columns the policy does not cover, and when the residual
     scan finds a raw identifier left (fail closed, as the anonymize stage)."""
-    folder_label = (IMAGEFOLDER_LABEL,) if source.layout == "imagefolder" else ()  # the listing's own column
-    columns = [c for c in frame.columns if c not in (source.image_column, *folder_label)]
+    folder_label = (IMAGEFOLDER_LABEL,) if source.layout in ("imagefolder", "dicom") else ()  # the listing's own column
+    columns = [c for c in frame.columns if c not in (source.image_column, *folder_label) and not c.startswith("__")]
+    dicom_columns = [c for c in frame.attrs.get("dicom_columns", []) if c in columns]
+    if dicom_columns:  # DICOM header columns: the Basic Profile's policy, as training's anonymize stage gives them
+        profile, _ = dicom.profile_policies(dicom_columns, policy.policy, policy.dicom_dates)
+        policy = policy.model_copy(update={"policy": {**profile, **policy.policy}})
     missing = [c for c in columns if c not in policy.policy]
     if missing:
         raise MlpipeError(f"scored manifest column(s) without a policy in the model's anonymization policy: "
                           f"{', '.join(missing)}; drop them from the manifest or retrain with a policy for them")  # fmt: skip
-    identifiers = identifier_index(raw_identifier_values(frame, columns, policy, source.image_column))
+    identifiers = identifier_index(raw_identifier_values(frame, columns, policy, source.image_column, dicom_columns))
     applied, _ = apply_policy(frame, columns, policy, key, identifiers)
-    leaks = residual_scan(applied.fillna(""), identifiers)
+    digits_only = set(dicom.digit_columns(frame, dicom_columns))
+    leaks = residual_scan(applied[[c for c in applied.columns if c not in digits_only]].fillna(""), identifiers)
     if leaks:
         raise MlpipeError(f"scoring stopped: raw identifiers remain after the policy in column(s) {', '.join(sorted(leaks))}")
     return suppress_rare_combinations(applied, policy).reset_index(drop=True)

@@ -1,0 +1,87 @@
+"""Issue 20 at the anonymize stage: the Basic Profile as the default policy of DICOM header
+columns (fail-closed where it says nothing of free text), burned-in annotations quarantined and
+counted, a flat DICOM folder needing its label column, and scoring under the same rules."""
+
+import shutil
+
+import pandas as pd
+import pydicom
+import pytest
+
+from mlpipe.anonymize import anonymize
+from mlpipe.config import AnonymizeConfig, IngestConfig, PipelineConfig, SourceConfig
+from mlpipe.errors import MlpipeError
+from mlpipe.ingest import ingest
+from tests.dicom_data import ct_folder, deid_data_file
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on deid-data's over-long values
+SMALL = IngestConfig(image_size=32, channels=1, workers=1)
+
+
+@pytest.fixture
+def scans(state, tmp_path):
+    return ct_folder(tmp_path / "scans", per_class=4, side=32)
+
+
+def test_header_columns_follow_the_profile_and_no_identifying_value_stays(scans):
+    source = SourceConfig(uri=str(scans.root))
+    result = anonymize(ingest(source, SMALL), AnonymizeConfig(policy={}, text_scan="never"), source)
+    out = pd.read_parquet(result.file("items.parquet"))
+    policy = result.report["policy"]
+    assert {policy[c]["action"] for c in ("PatientName", "AccessionNumber", "InstitutionName")} == {"drop"}
+    assert (policy["PatientID"]["action"], policy["StudyInstanceUID"]["action"], policy["StudyDate"]["action"]) == (
+        "pseudonymize", "remap_uid", "shift_date")  # fmt: skip
+    assert policy["Manufacturer"]["action"] == "keep" and policy["Rows"]["action"] == "keep"
+    assert not {"PatientName", "AccessionNumber", "InstitutionName"} & set(out.columns)
+    assert out["StudyInstanceUID"].str.match(r"^2\.25\.[1-9]\d*$").all() and out["PatientID"].str.startswith("p_").all()
+    blob = out.to_csv()
+    assert not [v for v in scans.personal if v in blob]
+    sources = result.report["dicom"]["policy_sources"]
+    assert sources["profile (Table E.1-1)"] > 20 and sources["not in Table E.1-1"] > 20
+    assert result.report["residual_scan"]["hits"] == 0 and "Rows" in result.report["residual_scan"]["digit_columns_exempt"]
+
+
+def test_an_unlisted_free_text_attribute_stops_the_run_until_it_has_a_policy(scans):
+    path = next(scans.root.rglob("*.dcm"))
+    ds = pydicom.dcmread(path)
+    ds.DetectorDescription = "flat panel, room of Dr Quinn"  # LT: free text the profile does not list
+    ds.save_as(path)
+    source = SourceConfig(uri=str(scans.root))
+    snapshot = ingest(source, SMALL)
+    with pytest.raises(MlpipeError, match=r"no anonymization policy for column\(s\): DetectorDescription \(suggest"):
+        anonymize(snapshot, AnonymizeConfig(policy={}, text_scan="never"), source)
+    result = anonymize(snapshot, AnonymizeConfig(policy={"DetectorDescription": "drop"}, text_scan="never"), source)
+    assert result.report["policy"]["DetectorDescription"]["action"] == "drop"
+
+
+def test_a_burned_in_annotation_is_quarantined_and_counted(scans):
+    shutil.copy(deid_data_file("ultrasounds/GREYSCALE_IMAGE.dcm"), scans.root / "round" / "us.dcm")
+    source = SourceConfig(uri=str(scans.root))
+    snapshot = ingest(source, SMALL)
+    assert snapshot.report["kept"] == scans.items + 1
+    result = anonymize(snapshot, AnonymizeConfig(policy={}, text_scan="never"), source)
+    assert result.report["rows"] == scans.items
+    assert result.report["removed"]["quarantined (burned-in annotation (header))"] == 1
+    burned = result.report["dicom"]["burned_in"]
+    assert (burned["header YES"], burned["header NO"], burned["quarantined"]) == (1, scans.items, 1)
+    assert burned["not scanned (text_scan never)"] == 1
+    quarantine = pd.read_csv(result.file("quarantine.csv"))
+    assert list(quarantine["reason"]) == ["burned-in annotation (header)"] and set(quarantine.columns) == {"row", "reason"}
+    # max_drop_fraction counts the quarantined row: past it, the stage stops with the reason.
+    with pytest.raises(MlpipeError, match=r"anonymize removed 1 of 9 rows .*burned-in annotation"):
+        anonymize(snapshot, AnonymizeConfig(policy={}, text_scan="never", max_drop_fraction=0.1), source)
+
+
+def test_a_flat_dicom_folder_needs_the_header_attribute_that_holds_the_label(scans, tmp_path):
+    from mlpipe.ingest import resolve_config
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n, path in enumerate(sorted(scans.root.rglob("*.dcm"))):
+        shutil.copy(path, flat / f"{n}.dcm")
+    config = PipelineConfig().with_overrides({"source.uri": str(flat)})
+    with pytest.raises(MlpipeError, match=r"source.layout dicom: .* set label.columns to the header attribute"):
+        resolve_config(config)
+    resolved, decided, _ = resolve_config(config.with_overrides({"label.columns": ["Modality"]}))
+    assert decided["source.layout"] == "dicom" and decided["split.group_column"] == "PatientID"
+    assert resolved.anonymize.policy == {}
