@@ -55,6 +55,12 @@ def _pydicom():
     return pydicom
 
 
+def preload() -> None:
+    """Import pydicom and its data dictionary now (before worker processes fork)."""
+    _pydicom()
+    import pydicom.datadict  # noqa: F401
+
+
 @dataclass(frozen=True)
 class Header:
     """One file's header as text: {keyword: value} for the attributes that become columns, and

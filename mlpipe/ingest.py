@@ -218,6 +218,7 @@ def _dicom_headers(src: Source, paths: list[str | None]) -> list[dicom.Header | 
     missing = [key for key in dict.fromkeys(k for k in keys if k is not None) if key not in dicom.cached_headers()]
     if src.local and len(missing) >= PROCESS_POOL_MIN_IMAGES // 5 and (os.cpu_count() or 1) > 1:
         workers = min(8, os.cpu_count() or 1)
+        dicom.preload()  # imported once here, not in every worker
         chunks = [missing[i : i + 64] for i in range(0, len(missing), 64)]
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
             for chunk, headers in zip(chunks, pool.map(_read_local_headers, chunks), strict=True):
