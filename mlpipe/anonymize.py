@@ -375,7 +375,10 @@ def anonymize(
         "images_reencoded": len(out),
     }
     if dicom_columns:
-        report["dicom"] = {"profile": dicom.PROFILE_NAME, "policy_sources": dict(Counter(
+        from mlpipe.deid import method_record
+
+        report["dicom"] = {"profile": dicom.PROFILE_NAME, "method": method_record(config.dicom_dates, bool(burned.redacted)),
+                           "policy_sources": dict(Counter(
             v.split(":")[0] for v in policy_sources.values())), "burned_in": burned.summary,
             "not_columns": dicom_info.get("not_columns", {})}  # fmt: skip
     stage_key = stable_hash(snapshot.key, config, source.image_column, key_id(key), burned.ocr,

@@ -292,6 +292,14 @@ def _method_text(dates: str, clean_pixels: bool) -> list[str]:
     return lines
 
 
+def method_record(dates: str, clean_pixels: bool) -> dict:
+    """What (0012,0062), (0012,0063) and (0012,0064) record for these options (PS3.3 C.7.1.1), as
+    JSON: for the anonymize report, also when no DICOM file is written."""
+    return {"PatientIdentityRemoved": "YES", "DeidentificationMethod": _method_text(dates, clean_pixels),
+            "DeidentificationMethodCodeSequence": [{"CodeValue": c.value, "CodingSchemeDesignator": c.scheme_designator,
+                                                    "CodeMeaning": c.meaning} for c in _method_codes(dates, clean_pixels)]}  # fmt: skip
+
+
 @dataclass
 class DeidReport:
     """What `deidentify` did, as counts and codes: never a value of the dataset."""

@@ -39,6 +39,9 @@ def test_header_columns_follow_the_profile_and_no_identifying_value_stays(scans)
     sources = result.report["dicom"]["policy_sources"]
     assert sources["profile (Table E.1-1)"] > 20 and sources["not in Table E.1-1"] > 20
     assert result.report["residual_scan"]["hits"] == 0 and "Rows" in result.report["residual_scan"]["digit_columns_exempt"]
+    method = result.report["dicom"]["method"]  # as (0012,0062)-(0012,0064) would record it, written file or not
+    assert method["PatientIdentityRemoved"] == "YES"
+    assert [c["CodeValue"] for c in method["DeidentificationMethodCodeSequence"]] == ["113100", "113107"]
 
 
 def test_an_unlisted_free_text_attribute_stops_the_run_until_it_has_a_policy(scans):
