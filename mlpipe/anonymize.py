@@ -411,14 +411,23 @@ class BurnedIn:
     summary: dict = field(default_factory=dict)
 
 
+# Modalities where burned-in text is common (ultrasound, captures, angiography, radiographs,
+# endoscopy, photos, mammography): `text_scan` auto reads these with OCR when the header does not
+# say NO. CT, MR, PET and NM images rarely carry it and cost a second of OCR each: auto trusts
+# their header and counts them; `text_scan: always` reads every image.
+OCR_MODALITIES = frozenset({"US", "SC", "OT", "XA", "RF", "ES", "XC", "GM", "SM", "DX", "CR", "MG", "IO", "PX", "DG", ""})
+
+
 def burned_in(items: pd.DataFrame, source: SourceConfig, config: AnonymizeConfig, snapshot: StageResult) -> BurnedIn:
     """Burned-in text in DICOM images, by header and by OCR (`mlpipe.burned_in`).
 
-    A row whose BurnedInAnnotation says YES is flagged by its header. OCR (config.text_scan:
-    auto where tesseract is installed, always, never) reads each DICOM image at native resolution
-    (ingest's window) whose header does not say NO. Flagged rows are quarantined, or with
-    config.burned_in "redact" the text boxes OCR found are blacked out (a YES image where OCR
-    finds no box is quarantined: what cannot be located cannot be redacted).
+    A row whose BurnedInAnnotation says YES is flagged by its header. OCR reads each DICOM image
+    at native resolution (ingest's window) whose header does not say NO: with config.text_scan
+    always, every one; auto (when tesseract is installed), those of OCR_MODALITIES; never, none.
+    Images OCR reads run on threads (tesseract runs as a process). Flagged rows are quarantined,
+    or with config.burned_in "redact" the text boxes OCR found are blacked out (a YES image where
+    OCR finds no box is quarantined: what cannot be located cannot be redacted). Every image is
+    counted under its header value and whether OCR read it, and why not.
     """
     from mlpipe import burned_in as ocr
     from mlpipe.dicom import FRAME, decode_dicom
@@ -426,37 +435,54 @@ def burned_in(items: pd.DataFrame, source: SourceConfig, config: AnonymizeConfig
 
     if config.text_scan == "always" and not ocr.ocr_available():
         raise MlpipeError("anonymize.text_scan always: tesseract is not installed (apt-get install tesseract-ocr)")
-    scan = config.text_scan == "always" or (config.text_scan == "auto" and ocr.ocr_available())
+    available = config.text_scan != "never" and ocr.ocr_available()
     says = items["BurnedInAnnotation"].astype(str).str.strip().str.upper() if "BurnedInAnnotation" in items else None
-    result = BurnedIn(ocr=scan)
-    counts = Counter()
+    modality = items["Modality"].astype(str).str.strip().str.upper() if "Modality" in items else None
+    result = BurnedIn(ocr=available)
+    counts: Counter = Counter()
     src = open_source(source)
     window = (snapshot.report.get("dicom") or {}).get("window", "header")
     window = tuple(window) if isinstance(window, list) else window
-    for position, (rel, frame) in enumerate(zip(items[source.image_column], items[FRAME], strict=True)):
+    headers: dict[int, str] = {}
+    to_read: list[int] = []
+    for position, frame in enumerate(items[FRAME]):
         if frame == "":
             continue
-        header = says.iloc[position] if says is not None else ""
+        header = headers[position] = says.iloc[position] if says is not None else ""
         counts[f"header {header or 'absent'}"] += 1
-        boxes: list = []
-        if scan and header != "NO":
-            native, _ = decode_dicom(src.read(src.resolve(rel)), int(frame), window, 1 << 62)
-            boxes = ocr.find_text(native)
-            counts["scanned by OCR"] += 1
-            counts["text found by OCR"] += bool(boxes)
-        elif header != "NO":
+        kind = modality.iloc[position] if modality is not None else ""
+        if header == "NO":
+            continue
+        if not available:
             counts["not scanned (text_scan never)" if config.text_scan == "never" else "not scanned (no OCR)"] += 1
+        elif config.text_scan == "always" or kind in OCR_MODALITIES:
+            to_read.append(position)
+        else:
+            counts[f"not scanned (modality {kind}; text_scan always scans it)"] += 1
+
+    def read(position: int):
+        native, _ = decode_dicom(src.read(src.resolve(items[source.image_column].iloc[position])),
+                                 int(items[FRAME].iloc[position]), window, 1 << 62)  # fmt: skip
+        boxes = ocr.find_text(native)
+        return position, (native if boxes else None), boxes
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        found = {position: (native, boxes) for position, native, boxes in pool.map(read, to_read)}
+    counts["scanned by OCR"] += len(found)
+    counts["text found by OCR"] += sum(bool(boxes) for _, boxes in found.values())
+    for position, header in headers.items():
+        native, boxes = found.get(position, (None, []))
         if header == "YES" and (config.burned_in == "quarantine" or not boxes):
             result.quarantine[position] = "burned-in annotation (header)"
         elif boxes and config.burned_in == "quarantine":
             result.quarantine[position] = "burned-in text (OCR)"
         elif boxes:
             result.redacted[position] = (ocr.redact(native, boxes), boxes)
-    result.summary = {"burned_in": config.burned_in, "text_scan": config.text_scan, "ocr_ran": scan, **counts,
+    result.summary = {"burned_in": config.burned_in, "text_scan": config.text_scan, "ocr_ran": bool(found), **counts,
                       "quarantined": len(result.quarantine), "redacted": len(result.redacted)}  # fmt: skip
     if counts["not scanned (no OCR)"]:
         log.warning("%d DICOM images were not scanned for burned-in text: tesseract is not installed "
-                    "(anonymize.text_scan auto); the header alone decided", counts["not scanned (no OCR)"])  # fmt: skip
+                    "(anonymize.text_scan auto); their header alone decided", counts["not scanned (no OCR)"])  # fmt: skip
     return result
 
 
