@@ -20,6 +20,9 @@ install: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-cache-dir -r requirements.lock
+# presidio-image-redactor (mlpipe.burned_in) without its declared deps: it asks for opencv-python, which would
+# overwrite the cv2 files of albumentations' opencv-python-headless; what its import needs is in requirements.lock.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps presidio-image-redactor==0.0.62
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -36,12 +39,14 @@ $(LS_STAMP):
 	$(LS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir label-studio==$(LABEL_STUDIO_VERSION)
 	touch $@
 
-# Debian's PostgreSQL (the integration tests' MLflow server), Chromium (the Prefect UI test) and
-# Fashion-MNIST (the real-data flow test and the model-quality benchmark), if missing.
+# Debian's PostgreSQL (the integration tests' MLflow server), Chromium (the Prefect UI test),
+# Fashion-MNIST (the real-data flow test and the model-quality benchmark) and tesseract-ocr with its
+# English data (the burned-in text OCR, mlpipe.burned_in), if missing.
 system-packages:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v tesseract >/dev/null 2>&1 || missing="$$missing tesseract-ocr"; \
 	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian's$$missing for the tests"; \
