@@ -14,6 +14,7 @@ from mlpipe import serving
 from mlpipe.config import IngestConfig, SourceConfig
 from mlpipe.drift import drift_report, pixel_statistics, psi, reference_profile
 from mlpipe.errors import MlpipeError
+from mlpipe.images import decode
 from mlpipe.ingest import ingest, snapshot_rows
 from mlpipe.predict import Input, list_inputs, predict_inputs, write_predictions
 from mlpipe.train.model import build_model
@@ -127,7 +128,8 @@ def test_the_model_folder_records_what_serving_needs_and_refuses_a_foreign_one(c
 
     spec = json.loads((tmp_path / "model" / serving.SPEC_FILE).read_text())
     assert spec["class_names"] == NAMES and spec["preprocessing"] == {"image_size": 16, "channels": 1,
-                                                                     "background": "auto", "max_pixels": 40_000_000}  # fmt: skip
+                                                                     "background": "auto", "max_pixels": 40_000_000,
+                                                                     "dicom_window": "header", "dicom_frames": "middle"}  # fmt: skip
     assert spec["decision_rule"] == {"kind": "argmax"} and classifier.drift_reference == {"class_shares": [1 / 3] * 3}
     assert not caplog.text  # loaded by the code that saved it: no warning
     assert Image.open(tmp_path / "model" / serving.EXAMPLE_FILE).size == (16, 16)
@@ -275,3 +277,26 @@ def test_the_model_carries_every_module_serving_runs(classifier, tmp_path):
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     carried = {".".join(p.with_suffix("").parts).removesuffix(".__init__") for p in serving.code_files()}
     assert "mlpipe.serving" in loaded and set(loaded) <= carried, set(loaded) - carried
+
+
+def test_a_dicom_file_is_scored_with_the_training_window_and_frame(classifier, tmp_path):
+    """New images may be DICOM, as bytes or a path: decoded through ingest's DICOM path with the
+    training run's ingest.dicom.window and frames (recorded in the model)."""
+    from tests.dicom_data import deid_data_file, pydicom_file
+
+    ct = pydicom_file("CT_small.dcm")
+    loop = deid_data_file("ultrasounds/ultrasound-multiframe.dcm")  # 30 frames, RGB
+    out = classifier.predict(pd.DataFrame({"path": [str(ct), str(loop), str(tmp_path / "none.dcm")]}))
+    assert out["error"].iloc[0] is None and out["error"].iloc[1] is None and out["error"].iloc[2] is not None
+    decoded = classifier.decode(pd.DataFrame({"image": [ct.read_bytes()]}))
+    expected = decode(ct.read_bytes(), 16, 1, 40_000_000, thumbnail=False, frame="middle", window="header")
+    assert np.array_equal(decoded.pixels[0], expected.pixels)
+    import dataclasses
+
+    trained = classifier.preprocessing
+    classifier.preprocessing = dataclasses.replace(trained, dicom_window=[40, 400])  # soft tissue: other pixels
+    try:
+        windowed = classifier.decode(pd.DataFrame({"image": [ct.read_bytes()]}))
+    finally:
+        classifier.preprocessing = trained
+    assert not np.array_equal(windowed.pixels[0], decoded.pixels[0])
