@@ -56,7 +56,7 @@ AUTO_SAMPLE_IMAGES = 32  # images an auto value is detected from: evenly spaced 
 
 
 class DicomConfig(_Section):
-    window: Literal["header", "minmax"] | tuple[float, float] = Field(
+    window: Literal["header", "minmax"] | list[float] = Field(
         "header",
         description="DICOM grey levels to 8 bits, after Rescale Slope/Intercept: header (the file's VOI LUT, else its "
         "first Window Center/Width, else the image's own range), minmax (the image's own range), or [center, width] "
@@ -70,9 +70,9 @@ class DicomConfig(_Section):
 
     @field_validator("window")
     @classmethod
-    def _width_positive(cls, value):
-        if isinstance(value, tuple) and value[1] < 1:
-            raise ValueError(f"window width must be at least 1 (got {value[1]:g})")
+    def _center_and_width(cls, value):
+        if isinstance(value, list) and (len(value) != 2 or value[1] < 1):
+            raise ValueError(f"a window is [center, width] with width at least 1 (got {value})")
         return value
 
 
