@@ -39,7 +39,7 @@ from mlpipe.accounting import check_drop
 from mlpipe.errors import MlpipeError
 from mlpipe.ingest import IMAGEFOLDER_LABEL, NEAR_DUP, PIXEL_INDEX, ROW, SHA, layout_of, snapshot_rows
 from mlpipe.kanonymity import local_suppression, record_suppression
-from mlpipe.store import StageResult, code_version, stable_hash, stage_dir, state_dir, write_json
+from mlpipe.store import StageResult, code_version, final_path, stable_hash, stage_dir, state_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,7 @@ def anonymize(
         config = config.model_copy(update={"policy": {**config.policy, IMAGEFOLDER_LABEL: ColumnPolicy(action="keep")}})
     dicom_info = snapshot.report.get("dicom") or {}
     dicom_columns = [c for c in dicom_info.get("columns", []) if c in items.columns]
+    user_policy = dict(config.policy)
     profile, policy_sources = dicom.profile_policies(dicom_columns, config.policy, config.dicom_dates)
     config = config.model_copy(update={"policy": {**profile, **config.policy}})
     columns = [c for c in items.columns if c not in (source.image_column,) and not c.startswith("__")]
@@ -337,11 +338,11 @@ def anonymize(
     digits_only = set(dicom.digit_columns(items, dicom_columns))  # numbers, dates, UIDs: no text to leak
     scanned = [c for c in columns if config.policy[c].action in TEXT_ACTIONS and c not in digits_only]
     leaks = residual_scan(pd.concat([out[scanned], duplicates[[c for c in keep_cols if c in scanned]]]).fillna(""),
-                          identifiers)  # fmt: skip
+                          identifiers, set(dicom_columns), value_sources(items, columns, config, raw_values))  # fmt: skip
     if leaks:
         found = ", ".join(f"{column} ({kind})" for column, kind in sorted(leaks.items()))
         raise MlpipeError(f"anonymization left personal data in column(s) {found}; refusing to continue "
-                          f"(use drop, pseudonymize or redact_text for them)")  # fmt: skip
+                          f"(set anonymize.policy.<column> to drop, pseudonymize or redact_text)")  # fmt: skip
 
     burned = burned_in(items, source, config, snapshot) if dicom_columns else BurnedIn()
     quarantined = pd.DataFrame({"row": [int(items[ROW].iloc[i]) for i in burned.quarantine],
@@ -390,14 +391,15 @@ def anonymize(
             pixels = _with_redactions(pixels, burned.redacted, items, tmp / "pixels.npy")
         write_clean_images(pixels, out, tmp / "images")
         if config.write_dicom and dicom_columns:
+            user_columns = [c for c in dicom_columns if c in user_policy and user_policy[c].action != "keep"]
             report["dicom"]["written"] = write_deidentified_dicom(items.loc[out.index], source, config, key, burned,
-                                                                  tmp / "dicom", out[ITEM_ID])  # fmt: skip
+                                                                  tmp / "dicom", out[ITEM_ID], user_columns)  # fmt: skip
         out.to_parquet(tmp / "items.parquet", index=False)
         duplicates.to_parquet(tmp / "duplicates.parquet", index=False)
         quarantined.to_csv(tmp / "quarantine.csv", index=False)
         write_json(tmp / "report.json", report)
-    files = {} if burned.redacted else {"pixels": snapshot.file("pixels.npy")}
-    return StageResult.at("anonymize", stage_key, report, **files)
+    pixels_file = final_path("anonymize", stage_key) / "pixels.npy" if burned.redacted else snapshot.file("pixels.npy")
+    return StageResult.at("anonymize", stage_key, report, pixels=pixels_file)
 
 
 @dataclass
@@ -501,10 +503,14 @@ def _with_redactions(pixels: np.ndarray, redacted: dict, items: pd.DataFrame, pa
 
 
 def write_deidentified_dicom(items: pd.DataFrame, source: SourceConfig, config: AnonymizeConfig, key: bytes,
-                             burned: BurnedIn, folder: Path, item_ids: pd.Series) -> dict:  # fmt: skip
+                             burned: BurnedIn, folder: Path, item_ids: pd.Series, user_columns: list[str] = ()) -> dict:  # fmt: skip
     """Each kept DICOM file once, de-identified (`mlpipe.deid.deidentify`, the patient's offset
-    from its raw PatientID), as `<item id of its first kept item>.dcm`; redacted frames get their
-    boxes blacked out in the original pixel data (stored uncompressed). Returns counts."""
+    from its raw PatientID), as `<item id of its first kept item>.dcm`. `user_columns`: header
+    attributes the user's anonymize.policy gives an action other than keep: removed from the file
+    too (the manifest's generalized text is no valid value of their VR). A file with burned-in
+    text redacted in a scanned frame gets those boxes blacked out in every frame (a loop's overlay
+    text sits in the same place; frames OCR did not read are not trusted), stored uncompressed.
+    Returns counts."""
     import pydicom
 
     from mlpipe import deid
@@ -515,31 +521,39 @@ def write_deidentified_dicom(items: pd.DataFrame, source: SourceConfig, config: 
     folder.mkdir()
     written, reports = 0, Counter()
     boxes_of = {p: b for p, (_, b) in burned.redacted.items()}  # positions are index labels (a RangeIndex)
-    for file_id, group in items[items[DICOM_FILE] != ""].groupby(DICOM_FILE, sort=False):
+    for _, group in items[items[DICOM_FILE] != ""].groupby(DICOM_FILE, sort=False):
         first = group.index[0]
         ds = pydicom.dcmread(io.BytesIO(src.read(src.resolve(group[source.image_column].iloc[0]))), force=True)
-        frame_boxes = {int(group.at[i, dicom.FRAME]): boxes_of[i] for i in group.index if i in boxes_of}
+        boxes = [box for i in group.index for box in boxes_of.get(i, [])]
         report = deid.deidentify(ds, key, patient=str(group["PatientID"].iloc[0]) if "PatientID" in group else "",
-                                 dates=config.dicom_dates, clean_pixels=bool(frame_boxes))  # fmt: skip
-        if frame_boxes:
-            _black_out(ds, frame_boxes)
+                                 dates=config.dicom_dates, clean_pixels=bool(boxes))  # fmt: skip
+        for keyword in user_columns:
+            if keyword in ds:
+                delattr(ds, keyword)
+                reports["removed by anonymize.policy"] += 1
+        if boxes:
+            _black_out(ds, boxes)
         ds.save_as(folder / f"{item_ids.loc[first]}.dcm", enforce_file_format=True)
         written += 1
         reports.update({k: v for k, v in report.to_dict().items() if isinstance(v, int)})
     return {"files": written, **reports}
 
 
-def _black_out(ds, frame_boxes: dict[int, list]) -> None:
-    """Fill each frame's boxes with the frame's minimum stored value (black for MONOCHROME2, white-on-
-    inverted for MONOCHROME1 is handled by using the maximum), storing the pixel data uncompressed."""
-    ds.decompress() if ds.file_meta.TransferSyntaxUID.is_compressed else None
-    array = ds.pixel_array.copy()
-    frames = array if int(ds.get("NumberOfFrames", 1) or 1) > 1 else array[None]
-    dark = frames.max() if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" else frames.min()
-    for frame, boxes in frame_boxes.items():
-        for box in boxes:
-            frames[frame, max(box.top - 2, 0): box.top + box.height + 2, max(box.left - 2, 0): box.left + box.width + 2] = dark
-    ds.PixelData = (frames if frames.shape[0] > 1 else frames[0]).tobytes()
+def _black_out(ds, boxes: list) -> None:
+    """Fill `boxes` (pixels of a frame: left, top, width, height), padded by 2, in every frame with
+    the darkest stored value (the brightest for MONOCHROME1), and store the pixel data again,
+    uncompressed and interleaved (pydicom's `set_pixel_data`; YBR data becomes RGB, as decoded)."""
+    array = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    stack = (array if frames > 1 else array[None]).copy()
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    dark = stack.max() if photometric == "MONOCHROME1" else stack.min()
+    for box in boxes:
+        stack[:, max(box.top - 2, 0) : box.top + box.height + 2, max(box.left - 2, 0) : box.left + box.width + 2] = dark
+    colour = stack.ndim == 4
+    bits = 8 if colour else int(ds.get("BitsStored", 8 * stack.dtype.itemsize))
+    ds.set_pixel_data(stack if frames > 1 else stack[0], "RGB" if colour else photometric, bits,
+                      generate_instance_uid=False)  # fmt: skip
 
 
 def raw_identifier_values(items: pd.DataFrame, columns: list[str], config: AnonymizeConfig, image_column: str,
@@ -559,12 +573,29 @@ def raw_identifier_values(items: pd.DataFrame, columns: list[str], config: Anony
     return {v for v in values if len(v) >= 3}
 
 
-def residual_scan(frame: pd.DataFrame, identifiers: ahocorasick.Automaton | None) -> dict[str, str]:
+def value_sources(items: pd.DataFrame, columns: list[str], config: AnonymizeConfig, raw_values: set[str]) -> dict:
+    """{raw identifier value: the policy-changed columns holding it}, for naming where a residual
+    hit came from (the value itself is never shown)."""
+    out: dict[str, list[str]] = {}
+    for column in columns:
+        if config.policy[column].action != "keep":
+            for value in set(items[column].astype(str).tolist()) & raw_values:
+                out.setdefault(value, []).append(column)
+    for value in raw_values - set(out):
+        out[value] = ["an image file name"]
+    return out
+
+
+def residual_scan(frame: pd.DataFrame, identifiers: ahocorasick.Automaton | None, no_phone: set[str] = frozenset(),
+                  sources: dict[str, list[str]] | None = None) -> dict[str, str]:  # fmt: skip
     """{column: kind of hit} for raw identifier values and e-mail/phone patterns; empty is a pass.
 
-    Names the column and the kind, never the value. Raw values are matched with the Aho-Corasick
-    automaton of `identifier_index`: one pass over each column, however many values (a
-    value-by-value search is quadratic in the rows).
+    Names the column and the kind, never the value; with `sources` ({raw value: columns it came
+    from}) also the columns whose raw value was found. Raw values are matched with the
+    Aho-Corasick automaton of `identifier_index`: one pass over each column, however many values
+    (a value-by-value search is quadratic in the rows). `no_phone`: columns left out of the phone
+    pattern (DICOM header strings such as software versions "1.2.3.4567": phone numbers in a
+    DICOM header are in attributes the profile removes).
     """
     automaton = identifiers
     hits = {}
@@ -572,11 +603,14 @@ def residual_scan(frame: pd.DataFrame, identifiers: ahocorasick.Automaton | None
         if frame[column].dtype.kind in "iuf":
             continue
         blob = "\n".join(map(str, frame[column].tolist()))
-        if automaton is not None and next(automaton.iter(blob), None) is not None:
-            hits[column] = "raw identifier value"
+        found = next(automaton.iter(blob), None) if automaton is not None else None
+        if found is not None:
+            end, length = found
+            origin = sorted((sources or {}).get(blob[end - length + 1 : end + 1], []))
+            hits[column] = "raw identifier value" + (f" of {', '.join(origin)} in some row" if origin else "")
         elif EMAIL.search(blob):
             hits[column] = "e-mail pattern"
-        elif PHONE.search(blob):
+        elif column not in no_phone and PHONE.search(blob):
             hits[column] = "phone pattern"
     return hits
 

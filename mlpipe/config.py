@@ -897,8 +897,10 @@ def auto_overrides(config: PipelineConfig, facts: DataFacts | None) -> dict[str,
                 raise MlpipeError("source.layout dicom: the files are not in class folders (root/<class>/<file>); set "
                                   "label.columns to the header attribute that holds the label, e.g. [BodyPartExamined]")  # fmt: skip
             out["label.columns"] = [IMAGEFOLDER_LABEL]
-        if config.anonymize.policy == _sample_policy():
-            out["anonymize.policy"] = {}
+        sample = _sample_policy()
+        if any(config.anonymize.policy.get(c) == p for c, p in sample.items()):  # the sample's entries, maybe with
+            out["anonymize.policy"] = {c: p.model_dump(exclude_defaults=True) for c, p in config.anonymize.policy.items()
+                                       if sample.get(c) != p}  # the user's added on top  # fmt: skip
         if config.split.group_column == SAMPLE_GROUP_COLUMN:
             out["split.group_column"] = "PatientID" if facts is not None and facts.dicom else None
     return out

@@ -52,7 +52,19 @@ def is_dicom(data: bytes) -> bool:
 def _pydicom():
     import pydicom  # lazy: a run without DICOM never pays its import
 
+    global _QUIET
+    if not _QUIET:  # pydicom warns (and logs, with tracebacks of failed decoders) for what ingest already
+        # reports as a quarantine reason: off, so that a run's output is the account, not library noise
+        import logging
+        import warnings
+
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+        _QUIET = True
     return pydicom
+
+
+_QUIET = False
 
 
 def preload() -> None:
@@ -238,8 +250,10 @@ def _to_8bit(out: np.ndarray, photometric: str) -> np.ndarray:
 def _pixel_problem(exc: Exception, ds) -> str:
     """Ingest's quarantine reason for an exception pydicom raised while decoding pixel data."""
     syntax = getattr(getattr(ds.file_meta, "TransferSyntaxUID", None), "name", "unknown transfer syntax")
-    if isinstance(exc, NotImplementedError | RuntimeError):  # no plugin, or every installed plugin failed
-        return f"DICOM pixel data no installed decoder reads ({syntax})"
+    if isinstance(exc, NotImplementedError):  # no plugin for the transfer syntax
+        return f"DICOM compression without an installed decoder ({syntax})"
+    if isinstance(exc, RuntimeError):  # every installed plugin failed: corrupt data, or a variant none reads
+        return f"DICOM pixel data the installed decoders fail on ({syntax}: corrupt, or a variant they do not read)"
     if isinstance(exc, AttributeError):
         return "DICOM lacks a required Image Pixel attribute"
     if isinstance(exc, ValueError) and "less than expected" in str(exc):
@@ -359,8 +373,8 @@ def profile_policies(columns: list[str], user: dict, dates: str) -> tuple[dict, 
 
 def digit_columns(frame, columns: list[str]) -> list[str]:
     """The DICOM columns whose VR holds only digits and punctuation and whose values all do."""
-    return [c for c in columns if c in frame.columns and vr_of(c) in DIGIT_VRS
-            and all(set(v) <= _DIGITS for v in frame[c].astype(str).unique())]  # fmt: skip
+    return [c for c in columns if c in frame.columns and (vr_of(c) == "AT" or (vr_of(c) in DIGIT_VRS  # AT: "(0018,1063)"
+            and all(set(v) <= _DIGITS for v in frame[c].astype(str).unique())))]  # fmt: skip
 
 
 def identifier_columns(columns: list[str]) -> list[str]:

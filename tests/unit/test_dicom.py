@@ -314,7 +314,7 @@ def _truncated_half(name: str) -> bytes:
     (lambda: _bytes("reportsi.dcm"), "DICOM without pixel data"),
     (lambda: _bytes("waveform_ecg.dcm"), "DICOM without pixel data"),
     (lambda: _bytes("nested_priv_SQ.dcm"), "DICOM lacks a required Image Pixel attribute"),
-    (lambda: _bytes("JPEG-lossy.dcm"), "DICOM pixel data no installed decoder reads (JPEG Extended (Process 2 and 4))"),
+    (lambda: _bytes("JPEG-lossy.dcm"), "DICOM pixel data the installed decoders fail on (JPEG Extended (Process 2 and 4): corrupt, or a variant they do not read)"),
 ])  # fmt: skip
 def test_broken_files_are_quarantined_with_their_reason(make, reason):
     with pytest.raises(Quarantined) as caught:

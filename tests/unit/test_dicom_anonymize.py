@@ -88,3 +88,44 @@ def test_a_flat_dicom_folder_needs_the_header_attribute_that_holds_the_label(sca
     resolved, decided, _ = resolve_config(config.with_overrides({"label.columns": ["Modality"]}))
     assert decided["source.layout"] == "dicom" and decided["split.group_column"] == "PatientID"
     assert resolved.anonymize.policy == {}
+
+
+def _ocr_or_skip():
+    import os
+
+    from mlpipe.burned_in import ocr_available
+
+    if not ocr_available():
+        if os.environ.get("CI"):
+            pytest.fail("tesseract is not installed: make test installs it (apt-get install tesseract-ocr)")
+        pytest.skip("tesseract is not installed (apt-get install tesseract-ocr)")
+
+
+def test_redacted_text_is_blacked_out_in_training_pixels_and_every_frame_of_the_written_file(scans):
+    import numpy as np
+
+    _ocr_or_skip()
+    for name in ("GREYSCALE_IMAGE.dcm", "ultrasound-multiframe.dcm"):  # header YES; the loop: RGB, planar, 30 frames
+        shutil.copy(deid_data_file(f"ultrasounds/{name}"), scans.root / "round" / name)
+    source = SourceConfig(uri=str(scans.root))
+    snapshot = ingest(source, SMALL)
+    result = anonymize(snapshot, AnonymizeConfig(policy={}, burned_in="redact", write_dicom=True), source)
+    burned = result.report["dicom"]["burned_in"]
+    assert burned["redacted"] + burned["quarantined"] == 2 and burned["redacted"] >= 1
+    assert burned["scanned by OCR"] == 2 and burned["header NO"] == scans.items  # the CT slices say NO: not read
+    # Training reads the stage's own pixel cache, where the redacted rows differ from ingest's.
+    pixels, before = np.load(result.file("pixels")), np.load(snapshot.file("pixels.npy"))
+    assert result.file("pixels").name == "pixels.npy" and pixels.shape == before.shape
+    assert int((pixels != before).any(axis=(1, 2, 3)).sum()) == burned["redacted"]
+
+    written_us = [ds for ds in map(pydicom.dcmread, result.file("dicom").glob("*.dcm")) if ds.get("Modality") == "US"]
+    assert len(written_us) == burned["redacted"] == 2  # both located and redacted: none quarantined
+    assert sorted(int(ds.get("NumberOfFrames", 1)) for ds in written_us) == [1, 30]
+    for ds in written_us:
+        assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence][:2] == ["113100", "113101"]
+        source_ds = pydicom.dcmread(deid_data_file(f"ultrasounds/{'ultrasound-multiframe.dcm' if 'NumberOfFrames' in ds else 'GREYSCALE_IMAGE.dcm'}"))
+        new, old = ds.pixel_array, source_ds.pixel_array
+        assert new.shape == old.shape and ds.get("PlanarConfiguration", 0) == 0
+        changed = (new != old).reshape(old.shape[0], -1).any(axis=1) if "NumberOfFrames" in ds else [(new != old).any()]
+        assert all(changed)  # every frame got the boxes
+        assert (new == old).mean() > 0.9  # only the boxes: the rest of each frame is the source's, not scrambled
