@@ -103,7 +103,7 @@ def header_of(dataset) -> Header:
     from pydicom.datadict import dictionary_VR, keyword_for_tag
 
     columns, private, sequences = {}, 0, 0
-    for tag in dataset.keys():
+    for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts every element
         if tag.is_private:
             private += 1
             continue
