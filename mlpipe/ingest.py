@@ -193,9 +193,11 @@ def _dicom_path(src: Source, rel: str, layout: str) -> str | None:
     suffix = posixpath.splitext(rel)[1].lower()
     if layout != "dicom" and not dicom.has_dicom_suffix(rel) and suffix in IMAGE_SUFFIXES:
         return None
+    if not rel or "\x00" in rel or len(rel) > 4096:  # validate_manifest quarantines these rows
+        return None
     try:
         full = src.resolve(rel)
-    except Quarantined:
+    except (Quarantined, ValueError, OSError):  # unsafe, absent, or a name the OS refuses: ingest says why
         return None
     if layout == "dicom" or dicom.has_dicom_suffix(rel):
         return full
