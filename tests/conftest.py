@@ -52,8 +52,18 @@ def checkout_changes():
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """The checkout guard (tests/test_checkout_untouched.py) runs after every other test."""
-    items.sort(key=lambda item: item.path.name == "test_checkout_untouched.py")
+    """The checkout guard (tests/test_checkout_untouched.py) runs after every other test. The load test
+    runs right after the integration tests, whose servers it shares: tests/servers.py stops them after
+    their last test, and they need not idle through the reliability tests in between."""
+    integration = [i for i, item in enumerate(items) if "integration" in item.path.parts]
+
+    def key(pair: tuple[int, pytest.Item]) -> tuple[bool, float]:
+        at, item = pair
+        if integration and item.path.parts[-2:] == ("reliability", "test_load.py"):
+            return False, integration[-1] + 0.5
+        return item.path.name == "test_checkout_untouched.py", at
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 
 
 def pytest_sessionfinish(session) -> None:
@@ -82,7 +92,8 @@ from tests.privacy import plant_canaries  # noqa: E402
 
 # Real servers on 127.0.0.1 (PostgreSQL, S3, MLflow, Prefect + worker), started once for the session
 # by whichever test first needs them: the integration tests and the reliability load test share them.
-pytest_plugins = ["tests.servers"]
+# And one small `mlpipe run` (tests/cli_runs.py) that two tests read.
+pytest_plugins = ["tests.servers", "tests.cli_runs"]
 
 
 @pytest.fixture(scope="session")

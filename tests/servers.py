@@ -1,8 +1,9 @@
-"""Real servers on 127.0.0.1, started here and stopped after the session: PostgreSQL (Debian's
-package), moto's standalone S3 server, an MLflow tracking server with PostgreSQL as its backend
-store and an S3 bucket on moto as its artifact store (proxied: clients upload and download
-through the MLflow server and hold no S3 credentials), a Prefect server, a process work pool
-with a worker, and the deployments from prefect.yaml."""
+"""Real servers on 127.0.0.1, started here for the session's first test that needs them and stopped
+after its last (`pytest_runtest_teardown` below): PostgreSQL (Debian's package), moto's standalone
+S3 server, an MLflow tracking server with PostgreSQL as its backend store and an S3 bucket on moto
+as its artifact store (proxied: clients upload and download through the MLflow server and hold no
+S3 credentials), a Prefect server, a process work pool with a worker, and the deployments from
+prefect.yaml."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +58,37 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, 9)
 
 
+# The session fixtures below; a test that uses any of them keeps every one running until it is done.
+STACK_FIXTURES = frozenset({"postgres", "artifact_store", "mlflow_server", "_prefect_server", "prefect_stack"})
+_running: list[Callable[[], None]] = []  # how to stop what is up, in the order it started
+
+
+def _stopping(how: Callable[[], None]) -> Callable[[], None]:
+    """`how`, to be called once: by the fixture's teardown or, earlier, by `pytest_runtest_teardown`."""
+
+    def once() -> None:
+        if once in _running:
+            _running.remove(once)
+            how()
+
+    _running.append(once)
+    return once
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """Stop the servers once the last test that uses them is done, not at the session's end: idle,
+    they still took ~6% of a core (the Prefect server's services and the worker's polls, MLflow's job
+    consumers), for the 20 minutes of tests that followed the load test in CI."""
+    if not _running or not STACK_FIXTURES & set(item.fixturenames):
+        return
+    items = item.session.items
+    if any(STACK_FIXTURES & set(later.fixturenames) for later in items[items.index(item) + 1 :]):
+        return
+    for stop_one in reversed(list(_running)):
+        stop_one()
+
+
 def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
@@ -73,11 +106,17 @@ def postgres() -> str:
     log = base / "server.log"
     subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
                                  f"-h 127.0.0.1 -p {port} -k {base}", "start"]), check=True, capture_output=True)  # fmt: skip
+
+    def stop_postgres() -> None:
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(base, ignore_errors=True)
+
+    stopping = _stopping(stop_postgres)
     subprocess.run(_as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"]),
                    check=True, capture_output=True)  # fmt: skip
     yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
-    subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    stopping()
 
 
 # Dummy credentials moto accepts; only the MLflow server (and tests reading the bucket) get them.
@@ -106,25 +145,30 @@ def artifact_store(tmp_path_factory) -> ArtifactStore:
     base = tmp_path_factory.mktemp("moto")
     port, log = free_port(), base / "server.log"
     proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, {**os.environ, **S3_CREDENTIALS})
+    stopping = _stopping(lambda: stop(proc))
     store = ArtifactStore(endpoint=f"http://127.0.0.1:{port}", bucket="mlpipe-artifacts", prefix="mlflow")
     wait_for(f"{store.endpoint}/", "moto s3 server", proc, log)
     store.client().create_bucket(Bucket=store.bucket)
     yield store
-    stop(proc)
+    stopping()
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(postgres, artifact_store, tmp_path_factory) -> str:
     base = tmp_path_factory.mktemp("mlflow")
     port, log = free_port(), base / "server.log"
-    env = {**os.environ, **S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": artifact_store.endpoint}
+    # Without MLflow's job execution (GenAI jobs, which mlpipe never submits): its runner and seven huey consumers
+    # took ~28 s of CPU to start, while the Prefect server boots beside it, and ~1% of a core idle after.
+    env = {**os.environ, **S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": artifact_store.endpoint,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # fmt: skip
     destination = f"s3://{artifact_store.bucket}/{artifact_store.prefix}"
     proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", postgres, "--artifacts-destination",
                   destination, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log, env)  # fmt: skip
+    stopping = _stopping(lambda: stop(proc))
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/health", "mlflow server", proc, log)
     yield url
-    stop(proc)
+    stopping()
 
 
 @dataclass
@@ -136,21 +180,46 @@ class PrefectStack:
     base: Path  # everything the stack writes: PREFECT_HOME (its database), server and worker logs, `home`
 
 
-@pytest.fixture(scope="session")
-def prefect_stack(mlflow_server, tmp_path_factory) -> PrefectStack:
-    """`prefect server start`, the process work pool, `prefect deploy --all` from prefect.yaml and a worker."""
-    base = tmp_path_factory.mktemp("prefect")
-    port = free_port()
+def _prefect_env(base: Path, port: int) -> dict[str, str]:
+    """The environment of the stack's Prefect server, CLI calls and worker (these also get MLFLOW_TRACKING_URI)."""
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api,
            "MLPIPE_PROJECT_DIR": str(ROOT), "MLPIPE_HOME": str(base / "mlpipe-home"),
-           "MLFLOW_TRACKING_URI": mlflow_server, "NO_ALBUMENTATIONS_UPDATE": "1"}  # fmt: skip
-    for name in ("PREFECT_PROFILES_PATH", *S3_ACCESS_VARS):
+           "NO_ALBUMENTATIONS_UPDATE": "1"}  # fmt: skip
+    for name in ("PREFECT_PROFILES_PATH", "MLFLOW_TRACKING_URI", *S3_ACCESS_VARS):
         env.pop(name, None)
-    server_log = base / "server.log"
-    server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_log, env)
-    wait_for(f"{api}/health", "prefect server", server, server_log)
+    return env
+
+
+@dataclass
+class _PrefectServer:
+    proc: subprocess.Popen
+    port: int
+    base: Path
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def _prefect_server(tmp_path_factory) -> _PrefectServer:
+    """`prefect server start`, not yet waited for: it needs nothing of the other servers, so it boots
+    while PostgreSQL, S3 and MLflow start (prefect_stack asks for it first, then waits)."""
+    base = tmp_path_factory.mktemp("prefect")
+    port, log = free_port(), base / "server.log"
+    server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log,
+                   _prefect_env(base, port))  # fmt: skip
+    stopping = _stopping(lambda: stop(server))
+    yield _PrefectServer(proc=server, port=port, base=base, log=log)
+    stopping()
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(_prefect_server, mlflow_server) -> PrefectStack:
+    """`prefect server start`, the process work pool, `prefect deploy --all` from prefect.yaml and a worker."""
+    base, port = _prefect_server.base, _prefect_server.port
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**_prefect_env(base, port), "MLFLOW_TRACKING_URI": mlflow_server}
+    wait_for(f"{api}/health", "prefect server", _prefect_server.proc, _prefect_server.log)
     prefect = [str(BIN / "prefect"), "--no-prompt"]
     for cmd in (["work-pool", "create", "mlpipe-process", "--type", "process"], ["deploy", "--all"]):
         done = subprocess.run(prefect + cmd, env=env, cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -158,6 +227,6 @@ def prefect_stack(mlflow_server, tmp_path_factory) -> PrefectStack:
     worker_log = base / "worker.log"
     worker = start(prefect + ["worker", "start", "--pool", "mlpipe-process", "--limit", "2"], worker_log,
                    {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=ROOT)  # polls every 2 s, not 10: a freed slot is used at once
+    stopping = _stopping(lambda: stop(worker))
     yield PrefectStack(api_url=api, ui_url=f"http://127.0.0.1:{port}", env=env, home=base / "mlpipe-home", base=base)
-    for proc in (worker, server):
-        stop(proc)
+    stopping()

@@ -273,12 +273,10 @@ def test_each_stage_publishes_a_prefect_artifact_and_training_reports_progress(f
     assert progress and float(progress[0].data) == 100.0
 
 
-def test_cli_success_prints_the_summary_and_no_traceback(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--set", "train.epochs=2", "--set", "search.grid={train.lr: [0.003]}"],
-        capture_output=True, text=True, cwd=tmp_path,
-        env={k: v for k, v in {**os.environ, "MLPIPE_HOME": str(tmp_path / "s")}.items() if k != "MLFLOW_TRACKING_URI"},
-    )  # fmt: skip
+def test_cli_success_prints_the_summary_and_no_traceback(small_run):
+    """`mlpipe run` on a copy of the sample, one trial of two epochs: tests/cli_runs.py's run, which
+    tests/reliability/test_reproducibility.py then reproduces."""
+    done = small_run.done
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     at = lines.index("Data accounting (rows per stage):")

@@ -23,7 +23,7 @@ CATEGORIES: dict[str, list[tuple[str, str]]] = {
     "hostile input": [("tests.reliability.test_hostile_input", "")],
     "access": [("tests.reliability.test_access_control", "")],
     "reproducibility": [("tests.reliability.test_reproducibility", "")],
-    "privacy canary scan": [("tests.reliability.test_load", "test_eight_runs"), ("tests.reliability.test_faults", ""),
+    "privacy canary scan": [("tests.reliability.test_load", "test_four_runs"), ("tests.reliability.test_faults", ""),
                             ("tests.flows.test_training_pipeline", "test_canaries")],
 }  # fmt: skip
 

@@ -237,7 +237,8 @@ def _mlflow(found: dict[str, Secret], pg_port: int, base: Path):
                   "--artifacts-destination", str(base / "artifacts"),
                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log, env, cwd=base)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
+
+    def ready() -> None:
         wait_for(f"{url}/health", "mlflow server (basic-auth)", proc, log)
         admin = ("admin", found["mlflow_admin_password"].value)
         for user in ("mlpipe", "outsider"):  # neither is an admin; with no grant, neither sees anything
@@ -246,7 +247,9 @@ def _mlflow(found: dict[str, Secret], pg_port: int, base: Path):
             assert made.ok, (
                 f"creating MLflow user {user}: {made.status_code} {made.text[:500]}\n{log.read_text()[-3000:]}"
             )
-        yield url
+
+    try:
+        yield url, ready  # started; `ready()` waits for it and creates the users
     finally:
         stop(proc)
 
@@ -265,9 +268,8 @@ def _prefect(found: dict[str, Secret], pg_port: int, base: Path):
     proc = start(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log, env, cwd=base
     )
-    try:
-        wait_for(f"{api}/health", "prefect server (auth string)", proc, log)  # /health stays open for probes
-        yield api
+    try:  # started; `ready()` waits for it (/health stays open for probes)
+        yield api, lambda: wait_for(f"{api}/health", "prefect server (auth string)", proc, log)
     finally:
         stop(proc)
 
@@ -276,8 +278,11 @@ def _prefect(found: dict[str, Secret], pg_port: int, base: Path):
 def stack(tmp_path_factory) -> Stack:
     found = _random_secrets()
     base = tmp_path_factory.mktemp("access-control")
-    with _postgres(found) as (pg_port, pg_log), _mlflow(found, pg_port, base / "mlflow") as mlflow_url, \
-            _prefect(found, pg_port, base / "prefect") as prefect_api:  # fmt: skip
+    with _postgres(found) as (pg_port, pg_log), \
+            _mlflow(found, pg_port, base / "mlflow") as (mlflow_url, mlflow_ready), \
+            _prefect(found, pg_port, base / "prefect") as (prefect_api, prefect_ready):  # fmt: skip
+        mlflow_ready()  # both servers boot side by side (each migrates its own database)
+        prefect_ready()
         yield Stack(
             secrets=found, pg_port=pg_port, mlflow_url=mlflow_url, prefect_api=prefect_api, base=base, pg_log=pg_log
         )

@@ -469,6 +469,10 @@ class MlflowServer:
         self.starts += 1
         log = self.base / f"server-{self.starts}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # Without MLflow's job execution (GenAI jobs, which mlpipe never submits): its runner and seven huey
+        # consumers cost ~28 s of CPU a start here, each restart included, and the restart measured below is
+        # the tracking server's own.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         self.proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.base / 'mlflow.db'}",
                            "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
                            "--port", str(self.port), "--workers", "1"], log, env)  # fmt: skip
@@ -504,7 +508,8 @@ class MlflowServer:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def tracking_server(tmp_path):
+    """This test's own server (not tests/servers.py's `mlflow_server`, which stays up only while a test uses it)."""
     server = MlflowServer(tmp_path / "mlflow-server")
     server.base.mkdir()
     server.start()
@@ -591,7 +596,7 @@ def _mlflow_default_retry_window_s(monkeypatch: pytest.MonkeyPatch) -> float:
 
 @pytest.mark.slow
 def test_the_tracking_server_dying_mid_run_fails_in_bounded_time_and_a_restart_is_ridden_out(
-    harness, state, mlflow_server, monkeypatch, source
+    harness, state, tracking_server, monkeypatch, source
 ):  # fmt: skip
     """Killed (SIGKILL) after the first stage logged, the server stays down: the run fails with one
     line naming the server, and the stages it computed stay on disk. Bounded: with a short retry
@@ -610,22 +615,22 @@ def test_the_tracking_server_dying_mid_run_fails_in_bounded_time_and_a_restart_i
     which no HTTP client retries for a POST (it may have been applied: runs/create would make a
     second run). That is a crash, not a restart, and on a loaded machine it is what this test hit
     when the kill landed on runs/create."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
     for key, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}.items():  # fmt: skip
         monkeypatch.setenv(key, value)
     window = tracking.retry_window_s()
     assert window == _shortest_retry_window_s() == 2.0
     unbounded = _mlflow_default_retry_window_s(monkeypatch)
-    calls = Calls(mlflow_server.url, monkeypatch)
+    calls = Calls(tracking_server.url, monkeypatch)
     killed_at = []
-    watcher = _when_logged(mlflow_server, lambda: (mlflow_server.kill(), killed_at.append(time.monotonic())))
+    watcher = _when_logged(tracking_server, lambda: (tracking_server.kill(), killed_at.append(time.monotonic())))
     failed = _flow(source, {})
     ended = time.monotonic()
     watcher.join()
     assert killed_at, "the server was never killed"
     message = _one_line_error(failed)
-    assert message.startswith(f"MLflow tracking server {mlflow_server.url} stopped answering during the run"), message
+    assert message.startswith(f"MLflow tracking server {tracking_server.url} stopped answering during the run"), message
     assert "gave up after 2 retries over about 2 s" in message
     # Each request that waited on the dead server: from the kill (or its start, if later) to its failure.
     waits = [(c["path"], c["ended"] - max(c["began"], killed_at[0])) for c in list(calls.calls)
@@ -646,7 +651,7 @@ def test_the_tracking_server_dying_mid_run_fails_in_bounded_time_and_a_restart_i
 
     for key, value in tracking.HTTP_RETRY_DEFAULTS.items():  # mlpipe's own retry policy from here on
         monkeypatch.setenv(key, value)
-    restart_s = mlflow_server.start()  # this machine's restart time, now
+    restart_s = tracking_server.start()  # this machine's restart time, now
     retries = int(tracking.HTTP_RETRY_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
     while _shortest_retry_window_s() < 3 * restart_s:
         retries += 1
@@ -657,16 +662,16 @@ def test_the_tracking_server_dying_mid_run_fails_in_bounded_time_and_a_restart_i
 
     def stop_wait_start() -> None:
         restart["stop"] = time.monotonic()
-        mlflow_server.stop()
+        tracking_server.stop()
         restart["down"] = time.monotonic()
         first = calls.waiting_since(restart["stop"], run_over)  # the run is waiting on the stopped server
         if first is None:
             return
         restart["waiting"] = first["began"]
-        mlflow_server.start()
+        tracking_server.start()
         restart["up"] = time.monotonic()
 
-    watcher = _when_logged(mlflow_server, stop_wait_start)
+    watcher = _when_logged(tracking_server, stop_wait_start)
     survived = _flow(source, {})
     run_over.set()
     watcher.join()
@@ -684,7 +689,7 @@ def test_the_tracking_server_dying_mid_run_fails_in_bounded_time_and_a_restart_i
     assert any(c["ended"] >= restart["up"] for c in riders), riders  # ... after the restart
     assert waited_s < window
     summary = survived.result()
-    client = MlflowClient(mlflow_server.url)
+    client = MlflowClient(tracking_server.url)
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     for stage in ("ingest", "anonymize", "label", "split", "resample", "train", "search", "evaluate"):

@@ -2,61 +2,35 @@
 and identical CPU test metrics, and `mlpipe reproduce` reruns a run from its MLflow record alone.
 
 Two small flow runs serve every test, each a `mlpipe` process with Prefect's temporary server as a
-user's: the original (`mlpipe run`, state directory A, MLflow store in A) and its reproduction
-(`mlpipe reproduce`, a fresh state directory B, A's store), run while everything of A but its
-MLflow store is moved away. The refusals stop before any flow runs.
+user's: the original (`mlpipe run`, state directory A, MLflow store in A; tests/cli_runs.py's
+`small_run`, whose printed summary tests/flows/test_training_pipeline.py checks too) and its
+reproduction (`mlpipe reproduce`, a fresh state directory B, A's store), run while everything of A
+but its MLflow store is moved away. The refusals stop before any flow runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from mlpipe.reproduce import compare
 from mlpipe.store import code_version
+from tests.cli_runs import mlpipe_cli as _cli
 
 pytestmark = pytest.mark.slow
-SMALL = {"train": {"epochs": 2}, "search": {"grid": {"train.lr": [0.003]}}}  # one trial, two epochs
-KEY = "reproducibility-test-key"  # pseudonyms (in split/assignments.csv) need the same key on both runs
 STORE_FILES = ("mlflow.db", "mlartifacts")  # what of A stays in place while B reproduces it
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, sample_root):
+def world(small_run):
     """A private copy of the sample (the refusal test changes a byte of it) and a small config."""
-    root = tmp_path_factory.mktemp("reproducibility")
-    data = root / "data"
-    shutil.copytree(sample_root, data)
-    config = root / "small.yaml"
-    config.write_text(yaml.safe_dump({"source": {"uri": str(data)}, **SMALL}))
-    return {"root": root, "data": data, "config": config}
-
-
-def _cli(*argv: str | Path, home: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`mlpipe ...` as a user runs it: its own process and Prefect temporary server. `home`: MLPIPE_HOME.
-    Output goes through files, not pipes: a server process left behind would hold a pipe open."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLPIPE_HOME")}
-    env.update(MLPIPE_PSEUDONYM_KEY=KEY, **({"MLPIPE_HOME": str(home)} if home else {}))
-    # On a loaded machine the temporary server can take longer than Prefect's 20 s to come up.
-    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    args = [sys.executable, "-m", "flows.cli", *map(str, argv)]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        code = subprocess.run(
-            args, check=False, env=env, cwd=ROOT, stdout=out, stderr=err, text=True, timeout=timeout
-        ).returncode
-        out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess(args, code, out.read(), err.read())
+    return {"root": small_run.root, "data": small_run.data, "config": small_run.config}
 
 
 def _run_id(stdout: str) -> str:
@@ -64,9 +38,9 @@ def _run_id(stdout: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def original(world):
-    home = world["root"] / "A"
-    done = _cli("run", "--config", str(world["config"]), home=home)
+def original(small_run):
+    """`mlpipe run --config small.yaml` in state directory A (tests/cli_runs.py)."""
+    home, done = small_run.home, small_run.done
     assert done.returncode == 0, done.stderr[-3000:]
     uri = f"sqlite:///{home / 'mlflow.db'}"
     return {"home": home, "uri": uri, "run_id": _run_id(done.stdout), "client": MlflowClient(uri)}

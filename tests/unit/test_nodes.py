@@ -122,8 +122,12 @@ def test_two_nodes_train_like_one_node_with_as_many_processes(prepared, state, m
     node_b = subprocess.Popen([sys.executable, "-m", "flows.cli", "join", "--idle-exit", "20"], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     two_nodes = _trials(nproc=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_timeout_s=120)
+    one_node = _trials(nproc=2)
     try:
         two = train(splits, resampled, two_nodes, {}, None)
+        # The one-node run trains while node B waits out its --idle-exit (a one-node launch is announced to no
+        # node, so B joins nothing more: its "joined 1 launch(es)" below says so).
+        one = train(splits, resampled, one_node, {}, None)
         out, _ = node_b.communicate(timeout=120)
     finally:
         node_b.kill()
@@ -132,8 +136,6 @@ def test_two_nodes_train_like_one_node_with_as_many_processes(prepared, state, m
     assert list(launches_dir().glob("*")) == []
     logs = [two.file("launch-0.log"), two.file(f"launch-0.{socket.gethostname()}.log")]  # node B's, beside the spec
     assert "[trial-000] done" in "".join(p.read_text() for p in logs)  # rank 0 prints, on either node
-    one_node = _trials(nproc=2)
-    one = train(splits, resampled, one_node, {}, None)
     (a,), (b,) = two.report["trials"], one.report["trials"]
     assert a["world_size"] == b["world_size"] == 2
     assert a["val_metrics"] == b["val_metrics"]

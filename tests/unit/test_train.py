@@ -223,9 +223,14 @@ def test_pretrained_weights_from_local_timm_and_torchvision_files(tmp_path):
 
 
 def test_pretrained_tag_without_network_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+
     from mlpipe.train.model import build_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, when imported (here, long before this test): the variable alone
+    # left the hub trying the network, which in CI meant ~45 s of connection retries before the same error.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MlpipeError, match=r"train.pretrained 'a1_in1k' for resnet18: .*offline: give a local weights file") as err:
         build_model("resnet18", 1, 3, 32, pretrained="a1_in1k")
     assert "\n" not in str(err.value)
