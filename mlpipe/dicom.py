@@ -19,9 +19,12 @@ less than its pixels but is not free.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import posixpath
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -74,58 +77,94 @@ def preload() -> None:
 
 
 @dataclass(frozen=True)
+class PixelModule:
+    """What decoding a file's frames needs of its header, kept from the header read so that
+    decoding parses only the pixel data element, not the whole header again (a CT header of 258
+    elements costs as much to parse as its 512 x 512 pixels to decode): the file meta, every
+    attribute of group 0028 (Image Pixel, Modality LUT, VOI LUT, palette) and of group 7FE0 before
+    the pixel data (extended offset table), the byte offset of the pixel data element, and a
+    digest of every byte before it (`decode_dicom` uses the module only for the same bytes)."""
+
+    dataset: object  # pydicom Dataset: file_meta and those attributes
+    offset: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
 class Header:
-    """One file's header as text: {keyword: value} for the attributes that become columns, and
-    the counts of what did not (private tags, sequences)."""
+    """One file's header as text: {keyword: value} for the attributes that become columns, the
+    counts of what did not (private tags, sequences), and the file's `PixelModule` (None when
+    the header was read without one)."""
 
     columns: dict[str, str]
     frames: int
     private_tags: int
     sequences: int
+    pixels: PixelModule | None = field(default=None, compare=False, repr=False)
 
 
-def _text(element) -> str:
-    value = element.value
-    if value is None:
+def _text(value) -> str:
+    """An element's value as text: "" for none and for bytes, multiple values joined by backslash."""
+    if value is None or isinstance(value, bytes | bytearray):
         return ""
-    if isinstance(value, bytes | bytearray):
-        return ""
-    if element.VM > 1 and not isinstance(value, str):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and len(value) > 1:  # pydicom's MultiValue, a MutableSequence
         return "\\".join(str(v) for v in value)
     return str(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _column_of(tag: int) -> tuple[str, str]:
+    """(column name, dictionary VR) of a public tag: pydicom's keyword, else "(gggg,eeee)"; the
+    first VR of "US or SS", "UN" for a tag the dictionary lacks."""
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
+
+    try:
+        vr = dictionary_VR(tag).split(" or ")[0]
+    except KeyError:
+        vr = "UN"
+    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})", vr
 
 
 def header_of(dataset) -> Header:
     """The columns a dataset gives (see the module docstring). Keywords are pydicom's data
     dictionary names; a public tag the dictionary lacks is named "(gggg,eeee)". Private tags,
     sequences and bulk data are skipped by tag and raw VR, before pydicom converts their values
-    (converting the private tags of a CT header costed 4 times the read)."""
-    from pydicom.datadict import dictionary_VR, keyword_for_tag
+    (converting the private tags of a CT header cost 4 times the read). An explicit-VR element is
+    converted by pydicom's `convert_value` straight from its raw bytes (what `dataset[tag]` does,
+    without building and storing a DataElement); any other, or one that fails so, by `dataset[tag]`."""
+    from pydicom.charset import convert_encodings
+    from pydicom.values import convert_value
 
+    charset = dataset.get_item(0x00080005)  # Specific Character Set, for names and text
+    encodings = convert_encodings(dataset[0x00080005].value) if charset is not None and charset.value else None
     columns, private, sequences = {}, 0, 0
-    for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts every element
-        if tag.is_private:
+    for tag, raw in dataset.items():  # raw elements: only the kept ones are converted, below
+        group = tag >> 16
+        if group & 1:
             private += 1
             continue
-        if tag.group == 0x0002 or tag.element == 0 or tag == 0x7FE00010 or tag.group >> 8 in (0x50, 0x60):
+        if group == 0x0002 or not tag & 0xFFFF or tag == 0x7FE00010 or group >> 8 in (0x50, 0x60):
             continue  # file meta, group lengths, pixel data, curves and overlays (the profile removes their data)
-        raw = dataset.get_item(tag)
-        vr = getattr(raw, "VR", None)
-        if not vr:
-            try:
-                vr = dictionary_VR(tag).split(" or ")[0]
-            except KeyError:
-                vr = "UN"
+        name, known = _column_of(tag)
+        vr = known if not raw.VR or raw.VR == "UN" else raw.VR  # pydicom reads a known tag's UN by the dictionary
         if vr == "SQ":
             sequences += 1
             continue
         if vr in BULK_VRS:
             continue
+        if getattr(raw, "is_raw", False) and raw.VR == vr:  # explicit VR, as pydicom would read it
+            try:
+                columns[name] = _text(convert_value(vr, raw, encodings))
+                continue
+            except Exception:  # noqa: BLE001, S110 - pydicom's own conversion below decides (or raises)
+                pass
         element = dataset[tag]
         if element.VR in BULK_VRS:  # an implicit-VR file: the dictionary's VR decided late
             sequences += element.VR == "SQ"
             continue
-        columns[keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"] = _text(element)
+        columns[name] = _text(element.value)
     frames = int(str(dataset.get("NumberOfFrames", 1) or 1).strip() or 1) if _is_int(dataset.get("NumberOfFrames")) else 1
     return Header(columns, max(frames, 1), private, sequences)
 
@@ -143,24 +182,64 @@ _HEADER_CACHE_SIZE = 200_000
 
 
 def read_header(opener, key: tuple[str, int, str]) -> Header | str:
-    """The header of the file `opener()` opens (a binary file object), or the reason it cannot be
-    read (ingest's quarantine words). Cached per `key` (path, size, mtime) for the process."""
+    """The header of the file `opener()` opens (a binary, seekable file object), with its
+    `PixelModule`, or the reason it cannot be read (ingest's quarantine words). Cached per `key`
+    (path, size, mtime) for the process."""
     if key in _HEADERS:
         return _HEADERS[key]
     pydicom = _pydicom()
     try:
         with opener() as f:
             dataset = pydicom.dcmread(f, stop_before_pixels=True, force=True)
-        if "Rows" not in dataset and "PixelData" not in dataset:
-            result: Header | str = "DICOM without pixel data"
-        else:
-            result = header_of(dataset)
+            if "Rows" not in dataset and "PixelData" not in dataset:
+                result: Header | str = "DICOM without pixel data"
+            else:
+                result = replace(header_of(dataset), pixels=_pixel_module(dataset, f))
     except Exception as exc:  # noqa: BLE001 - hostile bytes: pydicom raises many kinds
         result = f"truncated or corrupt DICOM ({type(exc).__name__})"
-    if len(_HEADERS) >= _HEADER_CACHE_SIZE:
-        _HEADERS.clear()
-    _HEADERS[key] = result
+    remember_headers({key: result})
     return result
+
+
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data
+_PIXEL_GROUPS = (0x0028, 0x7FE0)
+
+
+def _pixel_module(dataset, f) -> PixelModule | None:
+    """The `PixelModule` of a header `dcmread(f, stop_before_pixels=True)` just read: `f` stands at
+    the start of the pixel data element (pydicom rewinds to it). None for a deflated file (its
+    offsets are those of the inflated stream) or one without a transfer syntax."""
+    pydicom = _pydicom()
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or syntax.is_deflated or not syntax.is_transfer_syntax:
+        return None
+    offset = f.tell()
+    kept = pydicom.Dataset()
+    kept.file_meta = meta
+    kept.update({tag: raw for tag, raw in dataset.items() if tag >> 16 in _PIXEL_GROUPS})
+    f.seek(0)
+    return PixelModule(kept, offset, hashlib.blake2b(f.read(offset), digest_size=16).digest())
+
+
+def _from_pixel_module(data: bytes, module: PixelModule):
+    """The dataset `decode_dicom` needs, from `module` and the pixel data element of `data` (parsed
+    alone); None when `data` is not the file the module was read from."""
+    pydicom = _pydicom()
+    offset = module.offset
+    if hashlib.blake2b(data[:offset], digest_size=16).digest() != module.digest:
+        return None
+    syntax = module.dataset.file_meta.TransferSyntaxUID
+    fp = io.BytesIO(data)
+    fp.seek(offset)
+    tail = pydicom.filereader.read_dataset(fp, syntax.is_implicit_VR, syntax.is_little_endian)
+    if not _PIXEL_TAGS & set(tail.keys()):
+        return None
+    ds = pydicom.Dataset()
+    ds.file_meta = module.dataset.file_meta
+    ds.update(module.dataset)
+    ds.update(tail)
+    return ds
 
 
 def cached_headers() -> dict:
@@ -172,7 +251,18 @@ def remember_headers(headers: dict) -> None:
     """Add headers read elsewhere (a worker process) to the process's cache."""
     if len(_HEADERS) + len(headers) > _HEADER_CACHE_SIZE:
         _HEADERS.clear()
+        _PIXEL_MODULES.clear()
     _HEADERS.update(headers)
+    _PIXEL_MODULES.update({key[0]: h.pixels for key, h in headers.items() if isinstance(h, Header) and h.pixels})
+
+
+_PIXEL_MODULES: dict[str, PixelModule] = {}  # by path: decoding finds the module of the header read last
+
+
+def pixel_module(path: str) -> PixelModule | None:
+    """The `PixelModule` of the header read last from `path` in this process (or before a worker
+    forked from it), None if none was."""
+    return _PIXEL_MODULES.get(path)
 
 
 def frame_indices(frames: int, policy: Frames) -> list[int]:
@@ -182,7 +272,8 @@ def frame_indices(frames: int, policy: Frames) -> list[int]:
     return [0] if policy == "first" else [frames // 2]
 
 
-def decode_dicom(data: bytes, frame: int | str | None, window: Window, max_pixels: int) -> tuple[np.ndarray, str]:
+def decode_dicom(data: bytes, frame: int | str | None, window: Window, max_pixels: int,
+                 module: PixelModule | None = None) -> tuple[np.ndarray, str]:  # fmt: skip
     """One frame of a DICOM file as 8-bit pixels: (H x W uint8 for monochrome, H x W x 3 RGB for
     colour; the source mode, e.g. "DICOM MONOCHROME1 12-bit"). `frame`: an index, None (the
     first), or a policy of `frame_indices` ("first", "middle"; "all" serves the middle one).
@@ -191,11 +282,15 @@ def decode_dicom(data: bytes, frame: int | str | None, window: Window, max_pixel
     frame's range), "minmax" (the frame's own range), or (center, width) in output units of the
     Modality LUT (Hounsfield units for CT), applied as PS3.3 C.11.2.1.2.1 (LINEAR). Raises
     `Quarantined` for unreadable files, pixel data no installed decoder handles, and images above
-    `max_pixels` (Rows x Columns, read before decoding).
+    `max_pixels` (Rows x Columns, read before decoding). `module`: the file's `PixelModule` from
+    its header read, if any: then only the pixel data element is parsed (the same dataset, for
+    the same bytes; other bytes are parsed whole).
     """
     pydicom = _pydicom()
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = _from_pixel_module(data, module) if module is not None else None
+        if ds is None:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # noqa: BLE001
         raise Quarantined(f"truncated or corrupt DICOM ({type(exc).__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -226,15 +321,18 @@ def decode_dicom(data: bytes, frame: int | str | None, window: Window, max_pixel
     if photometric == "PALETTE COLOR":
         rgb = pydicom.pixels.apply_color_lut(array, ds)
         return np.clip(np.rint(rgb / 257.0 if rgb.max(initial=0) > 255 else rgb), 0, 255).astype(np.uint8), mode
-    if array.dtype.kind in "iu" and array.size and int(array.max()) - int(array.min()) < 1 << 20:
-        # Through a lookup table over the stored levels present: every transform on at most 2**16
-        # or so values instead of every pixel, and no float copies of the frame.
-        low = int(array.min())
-        index = array.astype(np.int64) - low if array.dtype.itemsize > 2 or low < 0 else array - np.asarray(low, array.dtype)
-        levels = np.arange(low, int(array.max()) + 1, dtype=np.int64)
-        values = pydicom.pixels.apply_modality_lut(levels, ds).astype(np.float64)
-        present = np.bincount(index.ravel(), minlength=len(levels)) > 0
-        table = _to_8bit(_voi(values, ds, window, values[present]), photometric)
+    low, high = (int(array.min()), int(array.max())) if array.dtype.kind in "iu" and array.size else (0, 1 << 20)
+    if high - low < 1 << 20:
+        # Through a lookup table over the stored levels from the lowest to the highest: every
+        # transform on at most 2**16 or so values instead of every pixel, no float copy of the frame.
+        index = array.astype(np.intp)
+        index -= low
+        values = pydicom.pixels.apply_modality_lut(np.arange(low, high + 1, dtype=np.int64), ds).astype(np.float64)
+        if "ModalityLUTSequence" in ds:  # a table: the values the frame holds are those of the levels present
+            observed = values[np.bincount(index.ravel(), minlength=len(values)) > 0]
+        else:  # Rescale Slope and Intercept: a line, whose extremes over the frame are at its extreme levels
+            observed = values[[0, -1]]
+        table = _to_8bit(_voi(values, ds, window, observed), photometric)
         return table[index], mode
     values = pydicom.pixels.apply_modality_lut(array, ds).astype(np.float64)
     return _to_8bit(_voi(values, ds, window), photometric), mode

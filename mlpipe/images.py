@@ -51,12 +51,13 @@ class Summary(NamedTuple):
 
 
 def decode(data: bytes, image_size: int, channels: int, max_pixels: int, background: Background = "auto",
-           thumbnail: bool = True, frame: int | None = None, window="header") -> Decoded:  # fmt: skip
+           thumbnail: bool = True, frame: int | None = None, window="header", module=None) -> Decoded:  # fmt: skip
     """Decode one file's bytes into `image_size` x `image_size` x `channels` uint8 pixels.
 
     DICOM (the Part 10 preamble, or `frame` given: the caller knows it is DICOM) goes through
-    `mlpipe.dicom.decode_dicom` with `window` and `frame` (None: the first), then the same mode
-    normalization and resize as any image.
+    `mlpipe.dicom.decode_dicom` with `window`, `frame` (None: the first) and `module` (the file's
+    `mlpipe.dicom.PixelModule`, if its header was read), then the same mode normalization and
+    resize as any image.
 
     `max_pixels` (width x height, read from the header before decoding) is the only size limit;
     larger images raise `Quarantined("over the pixel limit")`. `background` is what transparent
@@ -70,7 +71,7 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int, backgro
     if frame is not None or data[128:132] == b"DICM":
         from mlpipe.dicom import decode_dicom  # lazy: pydicom loads only for DICOM
 
-        array, mode = decode_dicom(data, frame, window, max_pixels)
+        array, mode = decode_dicom(data, frame, window, max_pixels, module)
         img = Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
         return _to_training_size(normalize_mode(img, channels, background), image_size, mode, thumbnail)
     if Image.MAX_IMAGE_PIXELS is not None:  # set again by other code in this process: max_pixels decides
@@ -161,7 +162,12 @@ def decode_into(pixels_path: str, rows: list[tuple[int, object]], image_size: in
                     data = f.read()
             else:
                 data = read(path)
-            decoded = decode(data, image_size, channels, max_pixels, background, frame=frame, window=window)
+            module = None
+            if frame is not None:  # a DICOM frame: its header was read (and its PixelModule kept) before
+                from mlpipe.dicom import pixel_module
+
+                module = pixel_module(path)
+            decoded = decode(data, image_size, channels, max_pixels, background, frame=frame, window=window, module=module)
         except Quarantined as why:
             results.append((row, why))
             continue

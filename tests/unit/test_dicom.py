@@ -5,6 +5,7 @@ checked on the real DICOM files pydicom's wheel and deid-data ship. pydicom's ow
 import hashlib
 import io
 import json
+import pickle
 import re
 import shutil
 import warnings
@@ -430,6 +431,93 @@ def test_header_frames_and_read_header_reasons_and_cache():
         raise ValueError("boom")
 
     assert read_header(broken, ("test:broken", 1, "a")) == "truncated or corrupt DICOM (ValueError)"
+
+
+def _pydicom_columns(ds: Dataset) -> dict[str, str]:
+    """The columns header_of should give, by pydicom's own way: iterating a dataset converts every
+    element (DataElement values, ambiguous and UN VRs resolved as pydicom resolves them)."""
+    out = {}
+    for elem in ds:
+        tag = elem.tag
+        if (tag.is_private or tag.group == 2 or tag.element == 0 or tag == 0x7FE00010 or tag.group >> 8 in (0x50, 0x60)
+                or elem.VR in dicom.BULK_VRS):  # fmt: skip
+            continue
+        value = elem.value
+        text = "" if value is None or isinstance(value, bytes) else str(value)
+        if elem.VM > 1 and not isinstance(value, str):
+            text = "\\".join(str(v) for v in value)
+        out[elem.keyword or f"({tag.group:04X},{tag.element:04X})"] = text
+    return out
+
+
+def _every_test_file() -> list[Path]:
+    """Every file of pydicom's test_files (most have no .dcm suffix)."""
+    return sorted(p for p in TEST_FILES.rglob("*") if p.is_file())
+
+
+def test_header_columns_are_pydicoms_own_values_for_every_test_file():
+    """header_of converts explicit-VR elements from their raw bytes (faster than `dataset[tag]`):
+    on every file pydicom ships (implicit and explicit VR, big endian, character sets, UN, bad
+    values), its columns are those pydicom's own element access gives."""
+    compared = 0
+    for path in _every_test_file():
+        raw = path.read_bytes()
+        try:
+            expected = _pydicom_columns(_ds(raw, stop_before_pixels=True))
+        except Exception:  # noqa: BLE001 - a file pydicom itself cannot convert: nothing to compare to
+            continue
+        assert header_of(_ds(raw, stop_before_pixels=True)).columns == expected, path.name
+        compared += 1
+    assert compared >= 150, compared
+
+
+def test_decoding_through_the_pixel_module_is_decoding_the_whole_file():
+    """read_header keeps each file's PixelModule; decode_dicom with it parses only the pixel data
+    element: the same pixels (or the same reason) as a full read, for every file pydicom ships and
+    every window. With another file's bytes the module is not used (a full read instead)."""
+    used = 0
+    for n, path in enumerate(_every_test_file()):
+        raw = path.read_bytes()
+        header = read_header(lambda raw=raw: io.BytesIO(raw), (f"module:{n}", len(raw), "a"))
+        if not isinstance(header, Header):
+            continue
+        module = pickle.loads(pickle.dumps(header.pixels))  # as it comes back from a worker process
+        if module is not None:
+            used += dicom._from_pixel_module(raw, module) is not None
+        for frame, window in ((0, "header"), (header.frames - 1, "minmax"), (0, (40.0, 400.0))):
+            outcome = []
+            for with_module in (None, module):
+                try:
+                    outcome.append(decode_dicom(raw, frame, window, NO_LIMIT, with_module))
+                except Quarantined as why:
+                    outcome.append(str(why))
+            full, through = outcome
+            if isinstance(full, str) or isinstance(through, str):
+                assert full == through, path.name
+            else:
+                assert np.array_equal(full[0], through[0]) and full[1] == through[1], (path.name, frame, window)
+    assert used >= 80, used  # 92 of pydicom 3.0.2's files: the others have no transfer syntax, or are deflated
+    ct, mr = _bytes("CT_small.dcm"), _bytes("MR_small.dcm")
+    ct_module = read_header(lambda: io.BytesIO(ct), ("module:ct", len(ct), "a")).pixels
+    assert dicom._from_pixel_module(mr, ct_module) is None  # another file's bytes
+    assert np.array_equal(decode_dicom(mr, 0, "header", NO_LIMIT, ct_module)[0], _dd(mr))
+    changed = bytearray(ct)
+    changed[ct_module.offset - 40] ^= 0xFF  # one byte of the header before the pixel data
+    assert dicom._from_pixel_module(bytes(changed), ct_module) is None
+
+
+def test_ingest_parses_each_dicom_header_once(state, tmp_path, monkeypatch):
+    """A folder of DICOM files: the header pass reads each file's header, and decoding parses the
+    pixel data element alone (through the PixelModule), not the whole file again."""
+    from tests.dicom_data import ct_folder
+
+    folder = ct_folder(tmp_path / "ct", per_class=4, side=32)
+    reads = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **kw: reads.append(kw.get("stop_before_pixels", False)) or real(*a, **kw))
+    result = ingest(SourceConfig(uri=str(folder.root)), _cfg())
+    assert result.report["kept"] == 8
+    assert reads == [True] * 8  # eight headers; no full read
 
 
 @pytest.mark.parametrize("frames,policy,expected", [
