@@ -835,7 +835,9 @@ class DataFacts(_Section):
     layout: Literal["manifest", "imagefolder", "dicom"]
     channels: Literal[1, 3]
     median_side: int | None = Field(description="Median of max(width, height) in pixels; None: no image readable.")
-    dicom: bool = Field(False, description="The rows name DICOM files whose headers carry PatientID.")
+    dicom: bool = Field(False, description="The rows name DICOM files (their header attributes are columns).")
+    dicom_group: str | None = Field(None, description="The header attribute DICOM items are grouped by for the split: "
+                                    "PatientID, StudyInstanceUID when no file has a PatientID, None when neither.")  # fmt: skip
 
 
 def clamped_side(median_side: int) -> int:
@@ -865,7 +867,8 @@ def resolve_auto(config: PipelineConfig, facts: DataFacts | None) -> tuple[Pipel
     and for the imagefolder and dicom layouts the sample's defaults that name manifest columns a
     listing cannot have: label.columns -> [class] (dicom: an error, it must name a header
     attribute), anonymize.policy -> {}, split.group_column -> PatientID (pseudonymized by the
-    DICOM profile) when the files are DICOM, else null. Explicit values are never changed. `facts` may be None only when
+    DICOM profile; StudyInstanceUID, remapped, when no file has a PatientID) when the files are
+    DICOM, else null. Explicit values are never changed. `facts` may be None only when
     source.layout, ingest.channels and ingest.image_size are all explicit. Raises MlpipeError
     (one line) when the decided config is invalid or image_size auto has no readable image to go by."""
     if facts is None and "auto" in (config.source.layout, config.ingest.channels, config.ingest.image_size):
@@ -902,5 +905,5 @@ def auto_overrides(config: PipelineConfig, facts: DataFacts | None) -> dict[str,
             out["anonymize.policy"] = {c: p.model_dump(exclude_defaults=True) for c, p in config.anonymize.policy.items()
                                        if sample.get(c) != p}  # the user's added on top  # fmt: skip
         if config.split.group_column == SAMPLE_GROUP_COLUMN:
-            out["split.group_column"] = "PatientID" if facts is not None and facts.dicom else None
+            out["split.group_column"] = facts.dicom_group if facts is not None and facts.dicom else None
     return out

@@ -470,7 +470,8 @@ class Detection:
     layout: Literal["manifest", "imagefolder", "dicom"]
     rows: int
     images: list[SampledImage]
-    dicom: bool = False  # the rows name DICOM files (header columns, PatientID to group by)
+    dicom: bool = False  # the rows name DICOM files (header columns)
+    dicom_group: str | None = None  # the header attribute to group DICOM items by (`dicom_group_column`)
 
     def sides(self) -> list[int]:
         """max(width, height) in pixels of every sampled image whose header was read within the pixel limit."""
@@ -480,7 +481,8 @@ class Detection:
         """The inputs of the auto rules: colour in any sampled image -> 3 channels; the median side."""
         sides = self.sides()
         return DataFacts(layout=self.layout, channels=3 if any(i.colour for i in self.images) else 1,
-                         median_side=int(np.median(sides)) if sides else None, dicom=self.dicom)  # fmt: skip
+                         median_side=int(np.median(sides)) if sides else None, dicom=self.dicom,
+                         dicom_group=self.dicom_group)  # fmt: skip
 
     def summary(self) -> dict:
         """JSON-able, for reports: counts, sizes and modes; no path, no value of any column."""
@@ -547,7 +549,23 @@ def detect(source: SourceConfig, images: int = AUTO_SAMPLE_IMAGES, max_pixels: i
             image.problem = str(why)
         except OSError:  # as decode_into says it
             image.problem = "unreadable file"
-    return Detection(layout=source.layout, rows=len(frame), images=sampled, dicom="PatientID" in frame.columns)
+    return Detection(layout=source.layout, rows=len(frame), images=sampled, dicom=dicom.FRAME in frame.columns,
+                     dicom_group=dicom_group_column(frame))  # fmt: skip
+
+
+# The header attributes that tell whose image a DICOM file is, best first: a patient's files must
+# not span splits; a study (Study Instance UID, Type 1 in every image IOD) is one patient's.
+DICOM_GROUP_ATTRIBUTES = ("PatientID", "StudyInstanceUID")
+
+
+def dicom_group_column(frame: pd.DataFrame) -> str | None:
+    """split.group_column auto for DICOM rows: PatientID when any DICOM row has one, else
+    StudyInstanceUID when any has one (files whose Patient ID was blanked before they reached
+    us: grouping every one of them under "" would make one group of the whole dataset), else None."""
+    if dicom.FRAME not in frame.columns:
+        return None
+    rows = frame[frame[dicom.FRAME] != ""]
+    return next((c for c in DICOM_GROUP_ATTRIBUTES if c in rows.columns and (rows[c].str.strip() != "").any()), None)
 
 
 def _header(data: bytes, frame: int | None = None) -> tuple[tuple[int, int], str]:
@@ -595,6 +613,9 @@ def describe_decided(decided: dict, detection: Detection | None) -> str:
         text = json.dumps(value, separators=(", ", ": ")) if not isinstance(value, str) else value
         if key == "ingest.image_size" and detection is not None:
             text += f" (median longer side {detection.facts().median_side} px)"
+        elif key == "split.group_column" and detection is not None and detection.dicom:
+            text = (value or "null") + (" (no DICOM file has a PatientID)" if value == "StudyInstanceUID" else
+                                 " (no DICOM file has a PatientID or StudyInstanceUID)" if value is None else "")  # fmt: skip
         elif key == "ingest.channels" and detection is not None:
             colour = sum(bool(i.colour) for i in detection.images)
             text += f" ({colour} of {len(detection.images)} sampled images in colour)"

@@ -109,12 +109,15 @@ def leak_report(items: pd.DataFrame, group_col: str) -> dict[str, int]:
     return report
 
 
-def check_stratifiable(labels: pd.Series, groups: pd.Series) -> None:
+def check_stratifiable(labels: pd.Series, groups: pd.Series, blank: int = 0, group_column: str | None = None) -> None:
+    """Raises MlpipeError naming each class with items from fewer than 3 groups, and how many items
+    had no `group_column` value (`blank`: they are one group, so that none of them can leak)."""
     per_class = pd.DataFrame({"label": labels, "group": groups}).groupby("label")["group"].nunique()
     small = per_class[per_class < len(SPLITS)]
     if len(small):
         detail = ", ".join(f"'{name}' ({n} group(s))" for name, n in small.items())
-        raise MlpipeError(f"too few items to stratify: class {detail}; each class needs items from at least 3 groups")
+        why = f"; {blank} item(s) have no {group_column} value and are one group" if blank else ""
+        raise MlpipeError(f"too few items to stratify: class {detail}; each class needs items from at least 3 groups{why}")
 
 
 def check_split(frame: pd.DataFrame, group_col: str) -> None:
@@ -135,7 +138,8 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
         raise MlpipeError(f"split.group_column '{config.group_column}' is not a column of the labelled data")
     group_col = config.group_column or ITEM_ID
     items["group"] = combined_groups(items[group_col], items.get(NEAR_DUP_GROUP))
-    check_stratifiable(items[LABEL], items["group"])
+    blank = int((items[group_col].astype(str).str.strip() == "").sum()) if config.group_column else 0
+    check_stratifiable(items[LABEL], items["group"], blank, group_col)
 
     y, groups = items[TARGET].to_numpy(), items["group"].to_numpy()
     if config.mode == "kfold":
@@ -166,6 +170,7 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
         "mode": config.mode,
         "folds": [int((items["fold"] == f).sum()) for f in range(config.folds)] if config.mode == "kfold" else None,
         "group_column": group_col,
+        "items_without_group": blank,  # no group_column value: one group together
         "proportion_gap_linf": round(gap, 4),
         "group_step": round(step, 4),
         "leaks": leak_report(items, group_col),

@@ -90,6 +90,32 @@ def test_a_flat_dicom_folder_needs_the_header_attribute_that_holds_the_label(sca
     assert resolved.anonymize.policy == {}
 
 
+def test_dicom_files_without_a_patient_id_are_grouped_by_study(scans, tmp_path):
+    """Files whose PatientID was blanked before they reached us: grouped by StudyInstanceUID (a
+    study is one patient's), not all under "" (one group: no split); neither: no group column."""
+    import pydicom
+
+    from mlpipe.ingest import describe_decided, dicom_group_column, resolve_config
+
+    for blank, expected in ((["PatientID"], "StudyInstanceUID"), (["PatientID", "StudyInstanceUID"], None)):
+        root = tmp_path / "-".join(blank)
+        shutil.copytree(scans.root, root)
+        for path in root.rglob("*.dcm"):
+            ds = pydicom.dcmread(path)
+            for keyword in blank:
+                setattr(ds, keyword, "")
+            ds.save_as(path)
+        resolved, decided, detection = resolve_config(PipelineConfig().with_overrides({"source.uri": str(root)}))
+        assert decided["split.group_column"] == expected and resolved.split.group_column == expected
+        line = describe_decided(decided, detection)
+        assert f"split.group_column {expected or 'null'} (no DICOM file has a PatientID" in line, line
+    one = pd.DataFrame({"image": ["a.dcm", "b.dcm", "c.png"], "PatientID": ["", "MRN1", ""],
+                        "StudyInstanceUID": ["1.2", "1.3", ""], "__frame": ["0", "0", ""]})  # fmt: skip
+    assert dicom_group_column(one) == "PatientID"  # any DICOM file with a PatientID: by patient
+    assert dicom_group_column(one.assign(PatientID=["", "", "X"])) == "StudyInstanceUID"  # the PNG row's value does not count
+    assert dicom_group_column(one.drop(columns="__frame")) is None  # no DICOM rows
+
+
 def _ocr_or_skip():
     import os
 

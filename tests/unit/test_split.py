@@ -51,6 +51,22 @@ def test_class_too_small_to_stratify_is_a_one_line_error(state, tmp_path):
         split(labelled, SplitConfig(group_column="subject"))
 
 
+def test_items_without_a_group_value_are_one_group_and_the_error_says_how_many(state, tmp_path):
+    """A blank group value names no subject: those items are kept together (none can leak), and
+    when that leaves a class too few groups the error says why."""
+    labels = [0] * 30 + [1] * 30 + [2] * 6
+    root = write_dataset(tmp_path / "d", labels)
+    manifest = pd.read_csv(root / "manifest.csv", dtype=str)
+    manifest.loc[manifest["label"] == "2", "subject"] = ""
+    manifest.to_csv(root / "manifest.csv", index=False)
+    source = SourceConfig(uri=str(root))
+    policy = {"subject": "pseudonymize", "label": "keep"}
+    data = anonymize(ingest(source, IngestConfig(image_size=8)), AnonymizeConfig(policy=policy), source)
+    labelled = label(data, LabelConfig(columns=["label"]))
+    with pytest.raises(MlpipeError, match=r"class '2' \(1 group\(s\)\); .* 6 item\(s\) have no subject value and are one group"):
+        split(labelled, SplitConfig(group_column="subject"))
+
+
 def test_manifest_is_byte_identical_for_the_same_seed_and_has_a_chart(labelled):
     from mlpipe.store import state_dir
 
