@@ -250,6 +250,18 @@ def shifted_dates(values: pd.Series, column: str, patients: pd.Series, key: byte
     return out, sum(bool(v) and not o for v, o in zip(values.tolist(), out, strict=True))
 
 
+def date_subjects(items: pd.DataFrame) -> pd.Series:
+    """Whose keyed date offset each row's dates move by (raw values: never written out): its
+    PatientID; for a row without one, its study ("study " + StudyInstanceUID: a study is one
+    patient's, and intervals within it are kept); with neither, "" (one offset for all such rows).
+    Without the study, every file whose Patient ID was blanked upstream shared one offset: one
+    known date would have given away all of theirs."""
+    blank = pd.Series([""] * len(items), index=items.index)
+    patient = items["PatientID"].astype(str) if "PatientID" in items.columns else blank
+    study = items["StudyInstanceUID"].astype(str).str.strip() if "StudyInstanceUID" in items.columns else blank
+    return patient.where(patient.str.strip() != "", ("study " + study).where(study != "", ""))
+
+
 def remapped_uids(values: pd.Series, key: bytes) -> list[str]:
     """DICOM UIDs (multi-valued: "\\"-separated) to their keyed replacements (`mlpipe.deid.remap_uid`)."""
     from mlpipe import deid
@@ -265,21 +277,22 @@ def apply_policy(
     """The policy, column by column: a table of text in, its anonymized columns and counts out.
 
     `identifiers` (see `identifier_index`) are redacted from free text. A "drop" column is
-    simply not in the output. shift_date offsets are per patient: the row's raw PatientID when
-    the table has one (DICOM), else one offset for all rows.
+    simply not in the output. shift_date offsets are per patient (`date_subjects`): the row's raw
+    PatientID, else its study, else one offset for all such rows.
     """
     out: dict[str, list[str] | pd.Series] = {}
     counts: dict[str, int] = {}
-    patients = items["PatientID"].astype(str) if "PatientID" in items.columns else pd.Series([""] * len(items), index=items.index)
+    patients = functools.cache(lambda: date_subjects(items))  # only a table with dates to shift needs them
     for column in columns:
         policy: ColumnPolicy = config.policy[column]
         values = items[column].astype(str)
         if policy.action == "remap_uid":
             out[column] = remapped_uids(values, key)
         elif policy.action == "shift_date":
-            out[column], counts[f"{column}.unparseable"] = shifted_dates(values, column, patients, key, config.dicom_dates == "year")
+            out[column], counts[f"{column}.unparseable"] = shifted_dates(values, column, patients(), key,
+                                                                        config.dicom_dates == "year")  # fmt: skip
         elif policy.action == "generalize_date" and dicom.vr_of(column) in ("DA", "DT"):
-            out[column], counts[f"{column}.unparseable"] = shifted_dates(values, column, patients, key, True)
+            out[column], counts[f"{column}.unparseable"] = shifted_dates(values, column, patients(), key, True)
         elif policy.action == "keep":
             out[column] = values
         elif policy.action == "pseudonymize":
@@ -504,8 +517,8 @@ def _with_redactions(pixels: np.ndarray, redacted: dict, items: pd.DataFrame, pa
 
 def write_deidentified_dicom(items: pd.DataFrame, source: SourceConfig, config: AnonymizeConfig, key: bytes,
                              burned: BurnedIn, folder: Path, item_ids: pd.Series, user_columns: list[str] = ()) -> dict:  # fmt: skip
-    """Each kept DICOM file once, de-identified (`mlpipe.deid.deidentify`, the patient's offset
-    from its raw PatientID), as `<item id of its first kept item>.dcm`. `user_columns`: header
+    """Each kept DICOM file once, de-identified (`mlpipe.deid.deidentify`, the date offset of its
+    `date_subjects`, as the columns'), as `<item id of its first kept item>.dcm`. `user_columns`: header
     attributes the user's anonymize.policy gives an action other than keep: removed from the file
     too (the manifest's generalized text is no valid value of their VR). A file with burned-in
     text redacted in a scanned frame gets those boxes blacked out in every frame (a loop's overlay
@@ -525,8 +538,8 @@ def write_deidentified_dicom(items: pd.DataFrame, source: SourceConfig, config: 
         first = group.index[0]
         ds = pydicom.dcmread(io.BytesIO(src.read(src.resolve(group[source.image_column].iloc[0]))), force=True)
         boxes = [box for i in group.index for box in boxes_of.get(i, [])]
-        report = deid.deidentify(ds, key, patient=str(group["PatientID"].iloc[0]) if "PatientID" in group else "",
-                                 dates=config.dicom_dates, clean_pixels=bool(boxes))  # fmt: skip
+        report = deid.deidentify(ds, key, patient=date_subjects(group).iloc[0], dates=config.dicom_dates,
+                                 clean_pixels=bool(boxes))  # fmt: skip
         for keyword in user_columns:
             if keyword in ds:
                 delattr(ds, keyword)

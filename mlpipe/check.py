@@ -13,6 +13,8 @@ What it reads, through ingest's own functions (`open_source`, `with_layout`, `re
 - the manifest's columns against anonymize.policy: each column without one gets a line and a
   suggested policy (`suggest_policy`); policy entries naming absent columns;
 - label.columns and split.group_column exist;
+- DICOM items whose header says BurnedInAnnotation YES: quarantined by anonymize (past
+  anonymize.max_drop_fraction, a problem) or, with anonymize.burned_in redact, redacted;
 - the labels (majority vote, as the label stage, before review and deduplication) against the
   split: classes, and item groups per class against what split.mode needs.
 
@@ -115,12 +117,33 @@ def check_config(config: PipelineConfig, images: int = AUTO_SAMPLE_IMAGES) -> Ch
     label_columns = decided.get("label.columns", config.label.columns)
     group_column = decided.get("split.group_column", config.split.group_column)
     _column_lines(frame, source.image_column, source.layout, policy, label_columns, group_column, report)
+    _burned_in_lines(frame, config, report)
     if not set(label_columns) - set(frame.columns):
         invalid, _ = validate_manifest(frame, source)
         usable = [not isinstance(c, Exception) for c in _check_paths(src, frame, source, invalid)]
         _class_lines(frame[usable], label_columns, group_column, config, report)
     report.summary.append(f"result: {len(report.problems)} problem(s), {len(report.warnings)} warning(s)")
     return report
+
+
+def _burned_in_lines(frame: pd.DataFrame, config: PipelineConfig, report: CheckReport) -> None:
+    """What anonymize does with the DICOM rows whose header says BurnedInAnnotation YES (read from
+    every header; text OCR finds in pixels is found only by the run, which reads them)."""
+    if "BurnedInAnnotation" not in frame.columns:
+        return
+    burned = int((frame["BurnedInAnnotation"].str.strip().str.upper() == "YES").sum())
+    if not burned:
+        return
+    if config.anonymize.burned_in == "redact":
+        report.summary.append(f"burned-in text: {burned} DICOM item(s) say BurnedInAnnotation YES; anonymize "
+                              "blacks out the text OCR locates in them and quarantines those where it locates none")  # fmt: skip
+        return
+    line = f"{burned} of {len(frame)} DICOM item(s) say BurnedInAnnotation YES: anonymize quarantines them"
+    if burned / max(len(frame), 1) > config.anonymize.max_drop_fraction:
+        report.problems.append(f"{line}, more than anonymize.max_drop_fraction {config.anonymize.max_drop_fraction}: "
+                               "anonymize would stop; anonymize.burned_in: redact blacks the text out instead")  # fmt: skip
+    else:
+        report.warnings.append(line)
 
 
 def _sample_lines(detection: Detection, config: PipelineConfig, report: CheckReport) -> None:

@@ -117,6 +117,35 @@ def test_a_class_with_too_few_items_is_one_line(state, capsys, tmp_path):
     assert "3 classes: green 10, rare 2, red 10" in out
 
 
+def test_dicom_items_whose_header_says_burned_in_text_are_predicted(state, capsys, tmp_path):
+    """BurnedInAnnotation YES is in every header: check counts what anonymize will quarantine (a
+    warning; a problem past anonymize.max_drop_fraction), or, with burned_in redact, redact."""
+    import pydicom
+
+    from tests.dicom_data import ct_folder
+
+    root = ct_folder(tmp_path / "ct", per_class=8, side=32).root
+    files = sorted(root.rglob("*.dcm"))
+
+    def say_yes(count: int) -> None:
+        for n, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            ds.BurnedInAnnotation = "YES" if n < count else "NO"
+            ds.save_as(path)
+
+    say_yes(1)
+    _, _, err = _check(capsys, "--set", f"source.uri={root}")
+    assert "mlpipe: warning: 1 of 16 DICOM item(s) say BurnedInAnnotation YES: anonymize quarantines them" in err, err
+    say_yes(5)
+    code, _, err = _check(capsys, "--set", f"source.uri={root}")
+    assert code == 1 and ("mlpipe: error: 5 of 16 DICOM item(s) say BurnedInAnnotation YES: anonymize quarantines them, "
+                          "more than anonymize.max_drop_fraction 0.2: anonymize would stop; anonymize.burned_in: "
+                          "redact blacks the text out instead") in err, err  # fmt: skip
+    _, out, err = _check(capsys, "--set", f"source.uri={root}", "--set", "anonymize.burned_in=redact")
+    assert "burned-in text: 5 DICOM item(s) say BurnedInAnnotation YES; anonymize blacks out" in out
+    assert not [line for line in err if "BurnedInAnnotation" in line], err
+
+
 def test_a_colour_only_transform_on_gray_data_is_refused_by_the_decided_channels(state, capsys, tmp_path):
     root = _manifest(tmp_path / "data", {})
     flare = "{transform: {__class_fullname__: Compose, p: 1.0, transforms: [{__class_fullname__: RandomSunFlare, p: 0.3}]}}"

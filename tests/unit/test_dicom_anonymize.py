@@ -109,11 +109,39 @@ def test_dicom_files_without_a_patient_id_are_grouped_by_study(scans, tmp_path):
         assert decided["split.group_column"] == expected and resolved.split.group_column == expected
         line = describe_decided(decided, detection)
         assert f"split.group_column {expected or 'null'} (no DICOM file has a PatientID" in line, line
+        if expected:  # the written files' dates moved by their study's offset, as the columns' did
+            source = SourceConfig(uri=str(root))
+            result = anonymize(ingest(source, SMALL), AnonymizeConfig(policy={}, text_scan="never", write_dicom=True), source)
+            out = pd.read_parquet(result.file("items.parquet")).set_index("item_id")
+            written = sorted(result.file("dicom").glob("*.dcm"))
+            assert len(written) == len(out) == 8
+            for path in written:
+                assert pydicom.dcmread(path).StudyDate == out.loc[path.stem, "StudyDate"], path.stem
     one = pd.DataFrame({"image": ["a.dcm", "b.dcm", "c.png"], "PatientID": ["", "MRN1", ""],
                         "StudyInstanceUID": ["1.2", "1.3", ""], "__frame": ["0", "0", ""]})  # fmt: skip
     assert dicom_group_column(one) == "PatientID"  # any DICOM file with a PatientID: by patient
     assert dicom_group_column(one.assign(PatientID=["", "", "X"])) == "StudyInstanceUID"  # the PNG row's value does not count
     assert dicom_group_column(one.drop(columns="__frame")) is None  # no DICOM rows
+
+
+def test_dates_of_files_without_a_patient_id_move_by_their_studys_offset():
+    """Offsets are per patient; a file without a PatientID takes its study's (not one offset shared
+    by every such file: one known date would give all of them away)."""
+    from mlpipe.anonymize import date_subjects, shifted_dates
+    from mlpipe.deid import date_offset_days
+
+    key = b"test key"
+    rows = pd.DataFrame({"PatientID": ["MRN1", "MRN1", "", "", "", " "],
+                         "StudyInstanceUID": ["1.1", "1.2", "1.3", "1.3", "1.4", ""],
+                         "StudyDate": ["20200110"] * 6})  # fmt: skip
+    subjects = date_subjects(rows)
+    assert subjects.tolist() == ["MRN1", "MRN1", "study 1.3", "study 1.3", "study 1.4", ""]
+    dates, unparseable = shifted_dates(rows["StudyDate"], "StudyDate", subjects, key, year=False)
+    assert unparseable == 0
+    assert dates[0] == dates[1] and dates[2] == dates[3]  # one patient's studies; one study's files
+    assert len({dates[0], dates[2], dates[4], dates[5]}) == 4  # four subjects, four offsets
+    assert date_offset_days("study 1.3", key) != date_offset_days("", key)
+    assert date_subjects(rows[["StudyDate"]]).tolist() == [""] * 6  # neither column: one offset
 
 
 def _ocr_or_skip():
