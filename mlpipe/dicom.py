@@ -192,13 +192,20 @@ def read_header(opener, key: tuple[str, int, str]) -> Header | str:
         with opener() as f:
             dataset = pydicom.dcmread(f, stop_before_pixels=True, force=True)
             if "Rows" not in dataset and "PixelData" not in dataset:
-                result: Header | str = "DICOM without pixel data"
+                result: Header | str = _no_pixels(getattr(dataset, "preamble", None) is not None)
             else:
                 result = replace(header_of(dataset), pixels=_pixel_module(dataset, f))
     except Exception as exc:  # noqa: BLE001 - hostile bytes: pydicom raises many kinds
         result = f"truncated or corrupt DICOM ({type(exc).__name__})"
     remember_headers({key: result})
     return result
+
+
+def _no_pixels(preamble: bool) -> str:
+    """The reason for a file pydicom parsed (force=True parses any bytes) without pixel data: a
+    DICOM file (its DICM preamble) of a non-image kind, or, without the preamble, no DICOM at all
+    (a text file named .dcm): then ingest's and predict's words for any file that is no image."""
+    return "DICOM without pixel data" if preamble else "not an image"
 
 
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data
@@ -294,7 +301,7 @@ def decode_dicom(data: bytes, frame: int | str | None, window: Window, max_pixel
     except Exception as exc:  # noqa: BLE001
         raise Quarantined(f"truncated or corrupt DICOM ({type(exc).__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise Quarantined("DICOM without pixel data")
+        raise Quarantined(_no_pixels(is_dicom(data)))
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows * columns > max_pixels:
         raise Quarantined("over the pixel limit")

@@ -27,9 +27,10 @@ SPLITS = ("train", "val", "test")
 
 def _holdout(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(rest, held-out) positions: one fold of round(1/fraction) stratified group folds."""
-    # scikit-learn refuses more folds than the largest class has items; tiny data gets fewer,
-    # larger folds (a held-out share above `fraction`) instead of a crash.
-    n_splits = max(2, min(round(1 / fraction), int(np.bincount(y).max())))
+    # scikit-learn refuses more folds than the largest class has items, or than there are groups
+    # (6 patients for a 0.15 share's 7 folds); tiny data gets fewer, larger folds (a held-out share
+    # above `fraction`) instead of a crash.
+    n_splits = max(2, min(round(1 / fraction), int(np.bincount(y).max()), len(np.unique(groups))))
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return next(folds.split(np.zeros(len(y)), y, groups))
 

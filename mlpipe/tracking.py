@@ -866,11 +866,19 @@ def download_serving_model(model_uri: str, workdir: Path) -> tuple[Path, Any, di
     info = _model_version_info(model_uri)
     # An alias is resolved once: the version downloaded is the version recorded, even if the alias moves meanwhile.
     source = f"models:/{info['registered_model']}/{info['version']}" if info else model_uri
+    # MLflow resolves a models:/ URI through its default tracking and registry URIs, not the tracking_uri passed
+    # below: with MLFLOW_TRACKING_URI unset, that was ./mlflow.db (made empty in the working directory), not the
+    # store `mlpipe run` wrote to. For the download, the variable names that store.
+    unset = "MLFLOW_TRACKING_URI" not in os.environ
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir),
                                                          tracking_uri=tracking_uri()))  # fmt: skip
     except (MlflowException, OSError) as err:
         raise MlpipeError(f"cannot load model {model_uri}: {_first_line(err)}") from None
+    finally:
+        if unset:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         meta = Model.load(str(local))
     except (OSError, MlflowException):
@@ -897,7 +905,11 @@ def _model_version_info(model_uri: str) -> dict:
             name, _, number = name.partition("/")
             version = client.get_model_version(name, number)
     except MlflowException as err:
-        raise MlpipeError(f"cannot load model {model_uri}: {_first_line(err)}") from None
+        hint = ""
+        if ref and "alias" in str(err).lower() and "not found" in str(err).lower():
+            hint = (f": no version of {name} holds @{ref} (a version the registry gate rejected gets none); name one, "
+                    f"--model models:/{name}/VERSION, or give it the alias: mlpipe promote --version VERSION")  # fmt: skip
+        raise MlpipeError(f"cannot load model {model_uri}: {_first_line(err).rstrip('.')}{hint}") from None
     return {"registered_model": version.name, "version": str(version.version), "training_run_id": version.run_id}
 
 

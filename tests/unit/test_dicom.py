@@ -316,6 +316,7 @@ def _truncated_half(name: str) -> bytes:
     (lambda: _bytes("waveform_ecg.dcm"), "DICOM without pixel data"),
     (lambda: _bytes("nested_priv_SQ.dcm"), "DICOM lacks a required Image Pixel attribute"),
     (lambda: _bytes("JPEG-lossy.dcm"), "DICOM pixel data the installed decoders fail on (JPEG Extended (Process 2 and 4): corrupt, or a variant they do not read)"),
+    (lambda: b"patient list, not an image\n" * 20, "not an image"),  # a text file named .dcm: no DICM preamble, no pixels
 ])  # fmt: skip
 def test_broken_files_are_quarantined_with_their_reason(make, reason):
     with pytest.raises(Quarantined) as caught:
@@ -420,6 +421,8 @@ def test_header_frames_and_read_header_reasons_and_cache():
         return open_
 
     assert read_header(opener("rtplan.dcm"), ("test:rtplan", 1, "a")) == "DICOM without pixel data"
+    text = b"patient list, not an image\n" * 20  # named .dcm, no DICM preamble: what ingest says of any non-image
+    assert read_header(lambda: io.BytesIO(text), ("test:text", len(text), "a")) == "not an image"
     first = read_header(opener("CT_small.dcm"), ("test:ct", 1, "a"))
     assert isinstance(first, Header) and first.columns["Modality"] == "CT"
     assert read_header(opener("MR_small.dcm"), ("test:ct", 1, "a")) is first  # cached by key: not opened again

@@ -3,6 +3,7 @@ check (mlpipe.drift): no MLflow server, tiny models and images made here."""
 
 import io
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -230,6 +231,26 @@ def test_a_pyfunc_that_is_not_mlpipe_serving_is_refused_before_loading(tmp_path,
         tracking.load_serving_model(str(tmp_path / "foreign"), tmp_path / "work")
     with pytest.raises(MlpipeError, match="cannot load model models:/absent@champion"):
         tracking.load_serving_model("models:/absent@champion", tmp_path / "work")
+
+
+def test_a_registered_version_is_found_in_the_state_directorys_store(tmp_path, monkeypatch):
+    """Without MLFLOW_TRACKING_URI, models:/ URIs resolve in the store `mlpipe run` writes
+    ($MLPIPE_HOME/mlflow.db), not in a new, empty ./mlflow.db (MLflow's own default); a missing
+    alias says how to name a version instead."""
+    from mlpipe import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLPIPE_HOME", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    client = tracking._client()
+    client.create_registered_model("m")
+    run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))).info.run_id
+    client.create_model_version("m", f"runs:/{run}/model", run)
+    with pytest.raises(MlpipeError, match=r"^models:/m/1 is not an MLflow model"):  # found: a version with no model in it
+        tracking.load_serving_model("models:/m/1", tmp_path / "work")
+    assert not (tmp_path / "mlflow.db").exists() and "MLFLOW_TRACKING_URI" not in os.environ
+    with pytest.raises(MlpipeError, match=r"no version of m holds @champion .*mlpipe promote --version VERSION$"):
+        tracking.load_serving_model("models:/m@champion", tmp_path / "work")
 
 
 def test_predict_reads_image_files_named_by_url_on_their_own_filesystem(classifier):

@@ -51,6 +51,20 @@ def test_class_too_small_to_stratify_is_a_one_line_error(state, tmp_path):
         split(labelled, SplitConfig(group_column="subject"))
 
 
+def test_fewer_groups_than_the_split_fractions_folds_still_split(state, tmp_path):
+    """Six patients, each with images of both classes: a 0.15 share is one of 7 group folds, and
+    scikit-learn refuses 7 folds of 6 groups (ValueError). The split takes 6 larger folds instead,
+    and no patient spans two splits."""
+    labels = [i % 2 for i in range(36)]
+    root = write_dataset(tmp_path / "d", labels, groups=[i // 6 for i in range(36)])
+    source = SourceConfig(uri=str(root))
+    policy = {"subject": "pseudonymize", "label": "keep"}
+    data = anonymize(ingest(source, IngestConfig(image_size=8)), AnonymizeConfig(policy=policy), source)
+    result = split(label(data, LabelConfig(columns=["label"])), SplitConfig(group_column="subject"))
+    report = result.report
+    assert report["groups"] == {"train": 4, "val": 1, "test": 1} and report["leaks"]["subjects_across_splits"] == 0
+
+
 def test_items_without_a_group_value_are_one_group_and_the_error_says_how_many(state, tmp_path):
     """A blank group value names no subject: those items are kept together (none can leak), and
     when that leaves a class too few groups the error says why."""
