@@ -122,6 +122,34 @@ def connect() -> None:
     _client().search_experiments(max_results=1)
 
 
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """MLflow's process-wide tracking URI (its fluent API's, and the store `models:/` URIs resolve in),
+    and its active experiment when `experiment_id` is given, set for the block, then put back as they
+    were. `mlflow.set_tracking_uri` and `set_experiment` keep their value in module globals and also
+    write `$MLFLOW_TRACKING_URI` and `$MLFLOW_EXPERIMENT_ID`: left set, a later call in the same process
+    (the next flow run of a worker, `mlpipe predict` after a run, a test) or a child it starts would
+    still reach this store, whatever the variables said before."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils  # the globals have no public getters
+
+    saved = (utils._tracking_uri, fluent._active_experiment_id,
+             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")})  # fmt: skip
+    mlflow.set_tracking_uri(uri)
+    try:
+        if experiment_id is not None:
+            mlflow.set_experiment(experiment_id=experiment_id)
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])  # None included: MLflow's tracer state is reset with it
+        fluent._active_experiment_id = saved[1]
+        for name, value in saved[2].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=without_credentials(uri) if uri else tracking_uri())
 
@@ -588,9 +616,8 @@ def _log_model(ref: RunRef, data: Path, registered_name: str, checkpoint: Path, 
 
     from mlpipe import serving
 
-    mlflow.set_tracking_uri(ref.tracking_uri)
-    mlflow.set_experiment(experiment_id=ref.experiment_id)  # LoggedModels live in the run's experiment
-    with tempfile.TemporaryDirectory() as scratch:
+    # LoggedModels live in the run's experiment: Model.log takes it from the active one.
+    with _fluent_tracking_uri(ref.tracking_uri, ref.experiment_id), tempfile.TemporaryDirectory() as scratch:
         code = Path(scratch) / "mlpipe"  # the modules serving runs, and nothing else of the package
         for rel in serving.code_files():
             (Path(scratch) / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -866,19 +893,15 @@ def download_serving_model(model_uri: str, workdir: Path) -> tuple[Path, Any, di
     info = _model_version_info(model_uri)
     # An alias is resolved once: the version downloaded is the version recorded, even if the alias moves meanwhile.
     source = f"models:/{info['registered_model']}/{info['version']}" if info else model_uri
-    # MLflow resolves a models:/ URI through its default tracking and registry URIs, not the tracking_uri passed
-    # below: with MLFLOW_TRACKING_URI unset, that was ./mlflow.db (made empty in the working directory), not the
-    # store `mlpipe run` wrote to. For the download, the variable names that store.
-    unset = "MLFLOW_TRACKING_URI" not in os.environ
-    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())
+    # MLflow resolves a models:/ URI through its process-wide tracking and registry URIs, not the tracking_uri
+    # passed below: with MLFLOW_TRACKING_URI unset, that was ./mlflow.db (made empty in the working directory),
+    # and after an earlier set_tracking_uri in this process, that earlier store.
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir),
-                                                         tracking_uri=tracking_uri()))  # fmt: skip
+        with _fluent_tracking_uri(tracking_uri()):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(workdir),
+                                                             tracking_uri=tracking_uri()))  # fmt: skip
     except (MlflowException, OSError) as err:
         raise MlpipeError(f"cannot load model {model_uri}: {_first_line(err)}") from None
-    finally:
-        if unset:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         meta = Model.load(str(local))
     except (OSError, MlflowException):

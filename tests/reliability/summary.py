@@ -17,8 +17,7 @@ from collections import defaultdict
 # category -> (module, test name prefix or "" for the whole module)
 CATEGORIES: dict[str, list[tuple[str, str]]] = {
     "load": [("tests.reliability.test_load", "")],
-    "faults": [("tests.reliability.test_faults", ""), ("tests.flows.test_crash", ""),
-               ("tests.unit.test_train", "test_sigkill_of_one_rank"),
+    "faults": [("tests.reliability.test_faults", ""), ("tests.unit.test_provenance", "test_reconcile"),
                ("tests.unit.test_provenance", "test_an_unreachable_tracking_server")],
     "hostile input": [("tests.reliability.test_hostile_input", "")],
     "access": [("tests.reliability.test_access_control", "")],

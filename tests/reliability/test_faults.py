@@ -2,11 +2,11 @@
 user relies on asserted.
 
     fault                                      pass criterion                                     test
-    a DDP worker SIGKILLed mid-epoch           resumes; metrics equal an uninterrupted run         rank 1: tests/unit/test_train.py
-                                                                                                   ::test_sigkill_of_one_rank_...;
-                                                                                                   rank 0 (the writer): here
-    the flow process SIGKILLed mid-search      the rerun repeats no finished trial; no MLflow      here (tests/flows/test_crash.py:
-                                               run left RUNNING                                    a kill inside a one-trial grid)
+    a DDP worker SIGKILLed mid-epoch           resumes; metrics equal an uninterrupted run         here: rank 1, then rank 0 (the
+                                                                                                   writer), in one launch
+    the flow process SIGKILLed mid-search      the rerun repeats no finished trial and takes the   here; `mlpipe reconcile`:
+                                               data stages from the cache; no MLflow run left      tests/unit/test_provenance.py
+                                               RUNNING, no server or worker left alive
     the artifact store full / read-only        one-line error naming the store; checkpoints load;  here (a real tmpfs, filled or
                                                the previous @champion and its tags untouched       remounted read-only)
     the MLflow server down at start            fails at once, in one line                          tests/unit/test_provenance.py
@@ -41,6 +41,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -53,7 +54,6 @@ from mlpipe.train.launch import launch
 from mlpipe.train.spec import TrialResult, TrialSpec, WorkerSpec
 from tests.privacy import files_under, scan
 from tests.servers import BIN, free_port, start, stop, wait_for
-from tests.flows.test_crash import _workers
 from tests.unit.test_serving import _checkpoint
 from tests.unit.test_train import FAST, _without_timing, kill_rank_when_logged, worker_data
 
@@ -167,19 +167,20 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_good_one_used(tmp_p
 
 
 @pytest.mark.slow
-def test_sigkill_of_rank_zero_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, state, monkeypatch):
-    """tests/unit/test_train.py kills rank 1; here rank 0 dies, the rank that writes the
-    checkpoints and logs to MLflow. One launch of two identical trials on 2 gloo processes with
-    train.max_restarts 1: trial-000 trains undisturbed, trial-001 loses rank 0 in its second epoch.
-    torchrun restarts both ranks, trial-000 is skipped as done, trial-001 resumes; the two results
-    are equal, and MLflow holds one value per epoch for trial-001."""
+def test_sigkill_of_either_rank_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, state, monkeypatch):
+    """One launch of three identical trials on 2 gloo processes with train.max_restarts 2:
+    trial-000 trains undisturbed, trial-001 loses rank 1 in its second epoch and trial-002 loses
+    rank 0 (the rank that writes the checkpoints and logs to MLflow) in its second epoch. Each
+    time torchrun restarts both ranks, the finished trials are skipped as done and the interrupted
+    one resumes from its checkpoint; all three results are equal, and MLflow holds one value per
+    epoch for each."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     pixels, train_set, val_set = worker_data(tmp_path, 12_000)  # about 2 s an epoch: room to land the kill
-    cfg = TrainConfig(**{**FAST, "epochs": 3, "batch_size": 32, "patience": 10, "nproc": 2, "max_restarts": 1,
+    cfg = TrainConfig(**{**FAST, "epochs": 3, "batch_size": 32, "patience": 10, "nproc": 2, "max_restarts": 2,
                          "augment": TrainConfig().augment})  # fmt: skip
     parent = tracking.start_run("faults", "ddp", {}, {})
     run_ids, trials = {}, []
-    for i in range(2):
+    for i in range(3):
         name = f"trial-{i:03d}"
         (tmp_path / name).mkdir()
         run_ids[name] = tracking.start_child_run(parent, name, {})
@@ -188,24 +189,28 @@ def test_sigkill_of_rank_zero_mid_epoch_resumes_to_the_uninterrupted_result(tmp_
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(WorkerSpec(pixels=pixels, val_set=val_set, num_classes=3, tracking_uri=parent.tracking_uri,
                                     trials=trials).model_dump_json())  # fmt: skip
-    log_path, killed = tmp_path / "launch.log", []
-    killer = kill_rank_when_logged(spec_path, log_path, 0, "trial-001 epoch   0/3", killed)
-    launch(spec_path, nproc=2, max_restarts=1, log_path=log_path, cpu=True)
-    killer.join()
+    log_path, killed = tmp_path / "launch.log", {1: [], 0: []}
+    killers = [kill_rank_when_logged(spec_path, log_path, 1, "trial-001 epoch   0/3", killed[1]),
+               kill_rank_when_logged(spec_path, log_path, 0, "trial-002 epoch   0/3", killed[0])]  # fmt: skip
+    launch(spec_path, nproc=2, max_restarts=2, log_path=log_path, cpu=True)
+    for killer in killers:
+        killer.join()
     log = log_path.read_text()
-    assert killed, "rank 0 was never killed"
-    before, after = log.split("trial-001 resumed after epoch", 1)  # it restarted, from the checkpoint
-    assert "trial-001 epoch   2/3" not in before  # the kill landed before the last epoch
-    assert "trial-000 epoch" not in after  # the finished trial was not trained again
-    assert _history(tmp_path / "trial-001") == _history(tmp_path / "trial-000")
-    for name in ("trial-000", "trial-001"):
+    assert killed[1] and killed[0], f"killed: {killed}"
+    for trial, done in (("trial-001", ["trial-000"]), ("trial-002", ["trial-000", "trial-001"])):
+        before, after = log.split(f"{trial} resumed after epoch", 1)  # it restarted, from the checkpoint
+        assert f"{trial} epoch   2/3" not in before  # the kill landed before the last epoch
+        assert not any(f"{other} epoch" in after for other in done)  # finished trials are not trained again
+        assert _history(tmp_path / trial) == _history(tmp_path / "trial-000")
+    for name in run_ids:
         assert TrialResult.model_validate_json((tmp_path / name / "result.json").read_text()).world_size == 2
     client = MlflowClient(parent.tracking_uri)
-    steps = [m.step for m in client.get_metric_history(run_ids["trial-001"], "val_macro_f1")]
-    assert sorted(steps) == [0, 1, 2]  # one value per epoch, none repeated after the resume
-    values = {run: [m.value for m in sorted(client.get_metric_history(run_ids[run], "val_macro_f1"), key=lambda m: m.step)]
-              for run in run_ids}  # fmt: skip
-    assert values["trial-000"] == values["trial-001"]
+    values = {}
+    for run in run_ids:
+        history = sorted(client.get_metric_history(run_ids[run], "val_macro_f1"), key=lambda m: m.step)
+        assert [m.step for m in history] == [0, 1, 2]  # one value per epoch, none repeated after a resume
+        values[run] = [m.value for m in history]
+    assert values["trial-000"] == values["trial-001"] == values["trial-002"]
 
 
 # --- the flow process SIGKILLed mid-search -------------------------------------------------------
@@ -225,6 +230,16 @@ def _mlpipe(home: Path, code: Path, output: Path, *args: str) -> subprocess.Pope
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
 
+def _workers(home: Path) -> list[psutil.Process]:
+    """The torchrun workers of runs in `home`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "mlpipe.train.worker" in cmdline and str(home) in cmdline:
+            found.append(proc)
+    return found
+
+
 def _snapshot_code(target: Path) -> Path:
     """The code both runs import: stage and trial keys include code versions, so an edit of the
     working tree between the kill and the rerun would (rightly) make every stage new."""
@@ -237,10 +252,12 @@ def _snapshot_code(target: Path) -> Path:
 @pytest.mark.slow
 def test_a_flow_killed_during_the_second_trial_reruns_without_repeating_the_first(tmp_path, source):
     """A grid of two trials trained one after the other (3 epochs each); `mlpipe run` is
-    SIGKILLed once the second trial has saved its first epoch. The rerun takes the first trial
-    as it is (its files untouched, not one epoch trained again, its curves copied into the new
-    MLflow child run) and resumes the second; afterwards no MLflow run is RUNNING: the killed
-    run's parent and children were ended KILLED by the rerun itself."""
+    SIGKILLed (no hook, no finally block runs) once the second trial has saved its first epoch.
+    Its temporary Prefect server and torchrun workers stop by themselves. The rerun takes the data
+    stages from Prefect's cache and the first trial as it is (its files untouched, not one epoch
+    trained again, its curves copied into the new MLflow child run) and resumes the second;
+    afterwards no MLflow run is RUNNING: the killed run's parent and children were ended KILLED by
+    the rerun itself (`mlpipe reconcile` alone: tests/unit/test_provenance.py)."""
     home = tmp_path / "state"
     home.mkdir()
     code = _snapshot_code(tmp_path / "code")
@@ -258,8 +275,12 @@ def test_a_flow_killed_during_the_second_trial_reruns_without_repeating_the_firs
             break
         time.sleep(0.1)
     assert second is not None and (second / "last.pt").exists(), "the second trial never saved an epoch"
+    servers = [c for c in psutil.Process(flow.pid).children() if "prefect.server.api.server" in " ".join(c.cmdline())]
+    assert len(servers) == 1, "no temporary Prefect server under mlpipe run"
     flow.send_signal(signal.SIGKILL)  # no hook, no finally block runs
     flow.wait()
+    _, alive = psutil.wait_procs(servers, timeout=30)  # the watchdog stops the orphaned temporary server
+    assert not alive, "the temporary Prefect server outlived the killed mlpipe run"
     assert not (second / "result.json").exists(), "the kill came after the second trial had finished"
     first = next(p for p in home.glob("work/trials/*") if p != second)
     kept = {name: ((first / name).read_bytes(), (first / name).stat().st_mtime_ns)
@@ -269,12 +290,14 @@ def test_a_flow_killed_during_the_second_trial_reruns_without_repeating_the_firs
     killed = {r.info.run_id: r for r in client.search_runs([experiment])}
     assert {r.info.status for r in killed.values()} == {"RUNNING"} and len(killed) == 3  # parent + 2 trials
     gone = time.time() + 30
-    while _workers(home) and time.time() < gone:
+    while _workers(home) and time.time() < gone:  # the kernel's parent-death signal stops torchrun
         time.sleep(0.5)
     assert not _workers(home)
 
     rerun = _mlpipe(home, code, rerun_log, "run", *SEARCH, "--set", f"source.uri={source}")
     assert rerun.wait(timeout=600) == 0, rerun_log.read_text()
+    cached = set(re.findall(r"Task run '(\w+)-\w+' - Finished in state Cached", rerun_log.read_text()))
+    assert {"ingest", "anonymize", "label", "split", "resample"} <= cached
     assert kept == {name: ((first / name).read_bytes(), (first / name).stat().st_mtime_ns) for name in kept}
     (train_dir,) = [p for p in home.glob("work/train/*") if not p.name.startswith(".")]
     report = json.loads((train_dir / "report.json").read_text())
@@ -424,10 +447,18 @@ def test_a_full_artifact_store_fails_the_run_in_one_line_and_leaves_the_champion
     assert statuses[summary["run_id"]] == "FINISHED"
 
 
-def test_a_read_only_artifact_store_fails_registration_in_one_line_and_leaves_the_champion(state, artifact_disk):
+def test_a_read_only_artifact_store_fails_registration_in_one_line_and_leaves_the_champion(state, artifact_disk,
+                                                                                           monkeypatch):  # fmt: skip
     """The registration step alone (what evaluate does last), against an artifact store remounted
     read-only between two pipeline runs: the second run's model logging fails with one line naming
-    the store, nothing moves @champion, and the parent run ends FAILED (not RUNNING)."""
+    the store, nothing moves @champion, and the parent run ends FAILED (not RUNNING). Model logging
+    leaves MLflow's process-wide tracking URI as it found it."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     checkpoint = _checkpoint(state / "checkpoint.pt", classes=2)
     model = serving.save(state / "serving", checkpoint, ["a", "b"], serving.Preprocessing(16, 1), {"kind": "argmax"},
                          np.zeros((16, 16, 1), np.uint8), "small_cnn")  # fmt: skip
@@ -435,6 +466,9 @@ def test_a_read_only_artifact_store_fails_registration_in_one_line_and_leaves_th
         registered = tracking.log_model(run, model, "faults-model", checkpoint, ["a", "b"])
         gate = {"decision": "promote", "reasons": ["no champion yet; thresholds met"], "champion_version": None}
         tracking.record_gate(run, "faults-model", registered["version"], gate)
+    # a later call in this process, or a child it starts, reaches no store or experiment it did not name
+    assert utils._tracking_uri is None and fluent._active_experiment_id is None
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
     client = MlflowClient(run.tracking_uri)
     before = _champion_record(client, "faults-model")
 

@@ -24,13 +24,20 @@ def test_the_crash_and_cancel_hooks_end_the_parent_and_its_children(state):
     assert client.get_run(other.run_id).info.status == "RUNNING"  # another flow run's: untouched
 
 
-def test_reconcile_ends_runs_whose_process_is_gone_and_spares_live_ones(state):
+def test_reconcile_ends_runs_whose_process_is_gone_and_spares_live_ones(state, capsys):
+    """`mlpipe reconcile` (tests/reliability/test_faults.py kills a real `mlpipe run`; its rerun
+    calls the same reconcile)."""
+    from flows.cli import main
+
     dead = {**tracking.owner_tags(), "mlpipe.pid": "999999999"}
     gone, gone_child = _parent_with_child("fr-3", dead)
     alive, _ = _parent_with_child("fr-4", tracking.owner_tags())  # this test's own process
     reused = {**tracking.owner_tags(), "mlpipe.pid_started": "1.000"}  # the pid exists, but it is another process
     recycled, recycled_child = _parent_with_child("fr-5", reused)
-    ended = tracking.reconcile()
+    assert main(["reconcile"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ended 4 MLflow run(s) whose flow process is gone, as KILLED: ")
+    ended = out.strip().split(": ", 1)[1].split(", ")
     client = MlflowClient(gone.tracking_uri)
     assert sorted(ended) == sorted([gone.run_id, gone_child, recycled.run_id, recycled_child])
     assert client.get_run(gone.run_id).info.status == "KILLED"

@@ -236,9 +236,13 @@ def test_a_pyfunc_that_is_not_mlpipe_serving_is_refused_before_loading(tmp_path,
 def test_a_registered_version_is_found_in_the_state_directorys_store(tmp_path, monkeypatch):
     """Without MLFLOW_TRACKING_URI, models:/ URIs resolve in the store `mlpipe run` writes
     ($MLPIPE_HOME/mlflow.db), not in a new, empty ./mlflow.db (MLflow's own default); a missing
-    alias says how to name a version instead."""
+    alias says how to name a version instead. MLflow's process-wide tracking URI, left set by an
+    earlier call in the process (CI: a test's server, stopped since), decides nothing either."""
+    from mlflow.tracking._tracking_service import utils
+
     from mlpipe import tracking
 
+    monkeypatch.setattr(utils, "_tracking_uri", "http://127.0.0.1:9")  # nothing listens on port 9 (discard)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLPIPE_HOME", str(tmp_path / "state"))
     monkeypatch.chdir(tmp_path)
@@ -249,6 +253,7 @@ def test_a_registered_version_is_found_in_the_state_directorys_store(tmp_path, m
     with pytest.raises(MlpipeError, match=r"^models:/m/1 is not an MLflow model"):  # found: a version with no model in it
         tracking.load_serving_model("models:/m/1", tmp_path / "work")
     assert not (tmp_path / "mlflow.db").exists() and "MLFLOW_TRACKING_URI" not in os.environ
+    assert utils._tracking_uri == "http://127.0.0.1:9"  # put back as it was
     with pytest.raises(MlpipeError, match=r"no version of m holds @champion .*mlpipe promote --version VERSION$"):
         tracking.load_serving_model("models:/m@champion", tmp_path / "work")
 
