@@ -192,7 +192,7 @@ def read_header(opener, key: tuple[str, int, str]) -> Header | str:
         with opener() as f:
             dataset = pydicom.dcmread(f, stop_before_pixels=True, force=True)
             if "Rows" not in dataset and "PixelData" not in dataset:
-                result: Header | str = _no_pixels(getattr(dataset, "preamble", None) is not None)
+                result: Header | str = _no_pixels(dataset, getattr(dataset, "preamble", None) is not None)
             else:
                 result = replace(header_of(dataset), pixels=_pixel_module(dataset, f))
     except Exception as exc:  # noqa: BLE001 - hostile bytes: pydicom raises many kinds
@@ -201,11 +201,19 @@ def read_header(opener, key: tuple[str, int, str]) -> Header | str:
     return result
 
 
-def _no_pixels(preamble: bool) -> str:
+def _no_pixels(dataset, preamble: bool) -> str:
     """The reason for a file pydicom parsed (force=True parses any bytes) without pixel data: a
-    DICOM file (its DICM preamble) of a non-image kind, or, without the preamble, no DICOM at all
-    (a text file named .dcm): then ingest's and predict's words for any file that is no image."""
-    return "DICOM without pixel data" if preamble else "not an image"
+    DICOM file (its DICM preamble) of a non-image kind, named by its SOP class as the DICOM
+    dictionary (PS3.6 Annex A, through pydicom) names it, e.g. "DICOM without pixel data (Basic
+    Text SR Storage)", or "(Media Storage Directory Storage)" for a DICOMDIR; an unknown or
+    missing class is left unnamed. Without the preamble, no DICOM at all (a text file named .dcm):
+    then ingest's and predict's words for any file that is no image."""
+    if not preamble:
+        return "not an image"
+    meta = getattr(dataset, "file_meta", None)
+    uid = (meta.get("MediaStorageSOPClassUID") if meta is not None else None) or dataset.get("SOPClassUID")
+    known = isinstance(uid, _pydicom().uid.UID) and uid.name != str(uid)  # name is the UID itself when unknown
+    return f"DICOM without pixel data ({uid.name})" if known else "DICOM without pixel data"
 
 
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float and Pixel Data
@@ -301,7 +309,7 @@ def decode_dicom(data: bytes, frame: int | str | None, window: Window, max_pixel
     except Exception as exc:  # noqa: BLE001
         raise Quarantined(f"truncated or corrupt DICOM ({type(exc).__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise Quarantined(_no_pixels(is_dicom(data)))
+        raise Quarantined(_no_pixels(ds, is_dicom(data)))
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows * columns > max_pixels:
         raise Quarantined("over the pixel limit")

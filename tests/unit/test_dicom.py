@@ -303,6 +303,15 @@ def test_multiframe_colour_frame_is_that_frame_of_pixel_array(name, frame):
     assert not np.array_equal(out, ds.pixel_array[other])  # the frames really differ
 
 
+def _private_sop_class(name: str) -> bytes:
+    """`name` with a SOP class no dictionary knows (a vendor's private one)."""
+    ds = _ds(name)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.826.0.1.3680043.9.7.1"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def _truncated_half(name: str) -> bytes:
     data = _bytes(name)
     return data[: len(data) // 2]
@@ -311,9 +320,11 @@ def _truncated_half(name: str) -> bytes:
 @pytest.mark.parametrize("make,reason", [
     (lambda: _bytes("MR_truncated.dcm"), "truncated DICOM pixel data"),
     (lambda: _truncated_half("CT_small.dcm"), "truncated DICOM pixel data"),
-    (lambda: _bytes("rtplan.dcm"), "DICOM without pixel data"),
-    (lambda: _bytes("reportsi.dcm"), "DICOM without pixel data"),
-    (lambda: _bytes("waveform_ecg.dcm"), "DICOM without pixel data"),
+    (lambda: _bytes("rtplan.dcm"), "DICOM without pixel data (RT Plan Storage)"),
+    (lambda: _bytes("reportsi.dcm"), "DICOM without pixel data (Basic Text SR Storage)"),
+    (lambda: _bytes("dicomdirtests/DICOMDIR"), "DICOM without pixel data (Media Storage Directory Storage)"),
+    (lambda: _bytes("waveform_ecg.dcm"), "DICOM without pixel data (12-lead ECG Waveform Storage)"),
+    (lambda: _private_sop_class("rtplan.dcm"), "DICOM without pixel data"),
     (lambda: _bytes("nested_priv_SQ.dcm"), "DICOM lacks a required Image Pixel attribute"),
     (lambda: _bytes("JPEG-lossy.dcm"), "DICOM pixel data the installed decoders fail on (JPEG Extended (Process 2 and 4): corrupt, or a variant they do not read)"),
     (lambda: b"patient list, not an image\n" * 20, "not an image"),  # a text file named .dcm: no DICM preamble, no pixels
@@ -420,7 +431,7 @@ def test_header_frames_and_read_header_reasons_and_cache():
             return io.BytesIO(_bytes(name))
         return open_
 
-    assert read_header(opener("rtplan.dcm"), ("test:rtplan", 1, "a")) == "DICOM without pixel data"
+    assert read_header(opener("rtplan.dcm"), ("test:rtplan", 1, "a")) == "DICOM without pixel data (RT Plan Storage)"
     text = b"patient list, not an image\n" * 20  # named .dcm, no DICM preamble: what ingest says of any non-image
     assert read_header(lambda: io.BytesIO(text), ("test:text", len(text), "a")) == "not an image"
     first = read_header(opener("CT_small.dcm"), ("test:ct", 1, "a"))
@@ -601,7 +612,7 @@ def test_ingest_of_class_folders_of_dicom_files(state, tmp_path):
     r = result.report
     assert r["rows_in"] == len(LISTED) == r["kept"] + r["quarantined"] + r["duplicates"]
     assert (r["kept"], r["quarantined"], r["duplicates"]) == (6, 2, 1)
-    assert r["quarantine_reasons"] == {"DICOM without pixel data": 1, "truncated DICOM pixel data": 1}
+    assert r["quarantine_reasons"] == {"DICOM without pixel data (RT Plan Storage)": 1, "truncated DICOM pixel data": 1}
     assert {"PatientName", "PatientID", "Modality", "StudyDate", "Rows", IMAGEFOLDER_LABEL, "image"} <= {*r["columns"]}
     assert not set(HIDDEN) & set(r["columns"])
 
@@ -625,7 +636,7 @@ def test_ingest_of_class_folders_of_dicom_files(state, tmp_path):
     assert list(quarantine.columns) == ["row", "reason"]
     rows = dict(zip(frame["image"], range(len(frame)), strict=True))
     assert dict(zip(quarantine["row"], quarantine["reason"], strict=True)) == {
-        rows["ct/rtplan.dcm"]: "DICOM without pixel data",
+        rows["ct/rtplan.dcm"]: "DICOM without pixel data (RT Plan Storage)",
         rows["mr/MR_truncated.dcm"]: "truncated DICOM pixel data",
     }
     assert ".dcm" not in result.file("quarantine.csv").read_text()
