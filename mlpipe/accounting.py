@@ -51,7 +51,7 @@ def lines(entries: list[dict], trained_on: int | None = None, evaluated_on: int 
     left out of them (resample.drop_label_issues, opt-in)."""
     out = []
     for e in entries:
-        removed = ", ".join(f"{why} {n}" for why, n in e["removed"].items() if n) or "none removed"
+        removed = _removed_text(e["removed"])
         extra = f"; {e['flagged_kept']} likely label errors flagged, kept" if e.get("flagged_kept") else ""
         if e["stage"] == "split":
             s = e["sizes"]
@@ -64,3 +64,35 @@ def lines(entries: list[dict], trained_on: int | None = None, evaluated_on: int 
     if evaluated_on is not None:
         out.append(f"evaluate   evaluated on {evaluated_on} (the whole test split)")
     return out
+
+
+# ledger keys "quarantined: REASON" or "quarantined (REASON)", and "review: WHY"; how a line names them
+_GROUPED = {"quarantined": "quarantined", "review": "sent to review"}
+
+
+def _removed_text(removed: Mapping[str, int]) -> str:
+    """`removed` for a person: reasons of one kind under one count, e.g. "quarantined 3 (not an
+    image 2; truncated DICOM pixel data 1), exact duplicates 1" or "sent to review 26 (unlabelled)";
+    "none removed" when nothing was."""
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for key, n in removed.items():
+        if not n:
+            continue
+        kind, reason = key, ""
+        for head in _GROUPED:
+            if key.startswith(f"{head}: "):
+                kind, reason = _GROUPED[head], key[len(head) + 2:]
+            elif key.startswith(f"{head} (") and key.endswith(")"):
+                kind, reason = _GROUPED[head], key[len(head) + 2:-1]
+        groups.setdefault(kind, []).append((reason, n))
+    parts = []
+    for kind, reasons in groups.items():
+        total = sum(n for _, n in reasons)
+        named = [r for r in reasons if r[0]]
+        if not named:
+            parts.append(f"{kind} {total}")
+        elif len(reasons) == 1:
+            parts.append(f"{kind} {total} ({named[0][0]})")
+        else:
+            parts.append(f"{kind} {total} (" + "; ".join(f"{r} {n}" if r else f"other {n}" for r, n in reasons) + ")")
+    return ", ".join(parts) or "none removed"

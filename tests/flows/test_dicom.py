@@ -59,7 +59,7 @@ def test_a_dicom_folder_trains_and_no_removed_header_value_reaches_any_output(tm
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ingest.image_size 64" in done.stderr and "source.layout imagefolder" in done.stderr
-    assert re.search(r"anonymize +33 in, 32 kept; quarantined \(burned-in annotation \(header\)\) 1", done.stdout)
+    assert re.search(r"anonymize +33 in, 32 kept; quarantined 1 \(burned-in annotation \(header\)\)", done.stdout)
 
     run_id = re.search(r"MLflow run: +(\w+)", done.stdout).group(1)
     params = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_run(run_id).data.params

@@ -24,7 +24,9 @@ def test_every_row_of_the_sample_is_accounted_for(state, config):
     for before, after in zip(entries, entries[1:]):
         assert after["rows_in"] == before["kept"]  # nothing falls between two stages
     text = lines(entries, trained_on=700, evaluated_on=150)
-    assert text[0].startswith("ingest     1103 in, 1096 kept; quarantined: ")
+    assert text[0] == ("ingest     1103 in, 1096 kept; quarantined 4 (truncated or corrupt (OSError) 1; empty file 1; "
+                       "missing file 1; path escapes the dataset root 1), exact duplicates 3")  # one count per kind
+    assert text[2] == "label      1096 in, 1058 kept; sent to review 38 (unlabelled 26; tie 12); 10 likely label errors flagged, kept"
     assert text[-1] == "evaluate   evaluated on 150 (the whole test split)"
 
 
