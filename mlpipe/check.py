@@ -151,8 +151,10 @@ def _sample_lines(detection: Detection, config: PipelineConfig, report: CheckRep
     sizes = ", ".join(f"{size} ({n})" for size, n in summary["sizes"].items()) or "none"
     modes = ", ".join(f"{mode} ({n})" for mode, n in summary["modes"].items()) or "none"
     unreadable = summary["unreadable"]
-    report.summary.append(f"sample: {summary['sampled']} images decoded; sizes {sizes}; modes {modes}; "
-                          f"{summary['colour_images']} in colour; {len(unreadable)} unreadable")  # fmt: skip
+    decoded = summary["sampled"] - len(unreadable)
+    report.summary.append(f"sample: {summary['sampled']} of {summary['rows']} rows read, {decoded} decoded, "
+                          f"{len(unreadable)} unreadable; sizes {sizes}; modes {modes}; "
+                          f"{summary['colour_images']} in colour")  # fmt: skip
     for row, reason in unreadable.items():
         report.warnings.append(f"{row}: {reason} (ingest quarantines it)")
     if detection.images and len(unreadable) / len(detection.images) > config.ingest.max_drop_fraction:

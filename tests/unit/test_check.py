@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,7 @@ def test_check_passes_on_the_sample_and_writes_only_the_sample(state, capsys):
     assert code == 0 and err == [], err
     assert "layout manifest (auto); 1103 rows" in out and "ingest.image_size 16 (median longer side 8 px)" in out
     assert "labels from annotator_1, annotator_2, annotator_3; groups by subject_id" in out
+    assert "sample: 32 of 1103 rows read, 32 decoded, 0 unreadable; sizes 8x8 (32); modes L (32); 0 in colour" in out
     assert {p.name for p in state.iterdir()} == {"sample"}  # no mlflow.db, no work/, no prefect-results
 
 
@@ -144,6 +146,17 @@ def test_dicom_items_whose_header_says_burned_in_text_are_predicted(state, capsy
     _, out, err = _check(capsys, "--set", f"source.uri={root}", "--set", "anonymize.burned_in=redact")
     assert "burned-in text: 5 DICOM item(s) say BurnedInAnnotation YES; anonymize blacks out" in out
     assert not [line for line in err if "BurnedInAnnotation" in line], err
+
+    # A study export's non-image objects and a stray text file: read, named, not decoded.
+    report = Path(pydicom.__file__).parent / "data" / "test_files" / "reportsi.dcm"
+    (files[0].parent / "report.dcm").write_bytes(report.read_bytes())
+    (files[0].parent / "notes.dcm").write_text("patient list, not an image\n")
+    say_yes(0)
+    _, out, err = _check(capsys, "--set", f"source.uri={root}")
+    assert "sample: 18 of 18 rows read, 16 decoded, 2 unreadable; sizes 32x32 (16)" in out, out
+    quarantined = sorted(line.split(": ", 3)[3] for line in err if "ingest quarantines it" in line)  # after "row N: "
+    assert quarantined == ["DICOM without pixel data (Basic Text SR Storage) (ingest quarantines it)",
+                           "not an image (ingest quarantines it)"], err  # fmt: skip
 
 
 def test_a_colour_only_transform_on_gray_data_is_refused_by_the_decided_channels(state, capsys, tmp_path):
