@@ -34,8 +34,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from mlpipe.config import (  # IMAGEFOLDER_LABEL: importers of this module name it from here
-    AUTO_SAMPLE_IMAGES, IMAGEFOLDER_LABEL, DataFacts, DicomConfig, IngestConfig, PipelineConfig, SourceConfig,
-    clamped_side, resolve_auto,
+    AUTO_SAMPLE_IMAGES, IMAGEFOLDER_LABEL, SAMPLE_GROUP_COLUMN, DataFacts, DicomConfig, IngestConfig, PipelineConfig,
+    SourceConfig, clamped_side, resolve_auto,
 )  # fmt: skip
 from mlpipe import dicom
 from mlpipe.accounting import check_drop
@@ -586,7 +586,10 @@ def resolve_config(config: PipelineConfig) -> tuple[PipelineConfig, dict, Detect
     """(the config with every auto decided, {dotted key: value decided}, the detection or None
     when nothing needed the data). See `mlpipe.config.resolve_auto` for the rules. Raises
     MlpipeError: `DataError` when the source cannot be read, plain when the decided config is invalid."""
-    needs_data = "auto" in (config.source.layout, config.ingest.channels, config.ingest.image_size)
+    # The group column left at the sample's default on a folder is decided from the data too: DICOM
+    # files are grouped by patient (or study) whatever else the user set, never by item.
+    needs_data = "auto" in (config.source.layout, config.ingest.channels, config.ingest.image_size) or (
+        config.source.layout in ("imagefolder", "dicom") and config.split.group_column == SAMPLE_GROUP_COLUMN)
     detection = None
     if needs_data:
         try:

@@ -52,6 +52,10 @@ def assign_folds(y: np.ndarray, groups: np.ndarray, config: SplitConfig) -> tupl
     the rest forms `config.folds` stratified group folds (-1 for test). Fold 0 doubles as the
     'val' split, so every holdout consumer still works."""
     rest, test = _holdout(y, groups, config.test_fraction, config.seed)
+    left = len(np.unique(groups[rest]))
+    if left < config.folds:  # scikit-learn's ValueError, as the user's words
+        raise MlpipeError(f"too few groups for split.folds={config.folds}: {left} left after the test split; "
+                          "lower split.folds or use split.mode holdout")  # fmt: skip
     folds = np.full(len(y), -1)
     splitter = StratifiedGroupKFold(n_splits=config.folds, shuffle=True, random_state=config.seed + 1)
     with warnings.catch_warnings():  # "least populated class" is checked below, with a clearer message

@@ -88,6 +88,11 @@ def test_a_flat_dicom_folder_needs_the_header_attribute_that_holds_the_label(sca
     resolved, decided, _ = resolve_config(config.with_overrides({"label.columns": ["Modality"]}))
     assert decided["source.layout"] == "dicom" and decided["split.group_column"] == "PatientID"
     assert resolved.anonymize.policy == {}
+    # Nothing else left auto (layout, channels, size set): the slices are still grouped by patient.
+    explicit = config.with_overrides({"label.columns": ["Modality"], "source.layout": "dicom", "ingest.channels": 1,
+                                      "ingest.image_size": 32})  # fmt: skip
+    resolved, decided, _ = resolve_config(explicit)
+    assert decided["split.group_column"] == resolved.split.group_column == "PatientID"
 
 
 def test_dicom_files_without_a_patient_id_are_grouped_by_study(scans, tmp_path):

@@ -60,9 +60,14 @@ def test_fewer_groups_than_the_split_fractions_folds_still_split(state, tmp_path
     source = SourceConfig(uri=str(root))
     policy = {"subject": "pseudonymize", "label": "keep"}
     data = anonymize(ingest(source, IngestConfig(image_size=8)), AnonymizeConfig(policy=policy), source)
-    result = split(label(data, LabelConfig(columns=["label"])), SplitConfig(group_column="subject"))
-    report = result.report
+    labelled = label(data, LabelConfig(columns=["label"]))
+    report = split(labelled, SplitConfig(group_column="subject")).report
     assert report["groups"] == {"train": 4, "val": 1, "test": 1} and report["leaks"]["subjects_across_splits"] == 0
+    # kfold asks for its folds by name: 5 of the 5 patients left works, 6 is one line (it was scikit-learn's ValueError)
+    assert split(labelled, SplitConfig(group_column="subject", mode="kfold", folds=5)).report["groups"]["test"] == 1
+    with pytest.raises(MlpipeError, match=r"^too few groups for split.folds=6: 5 left after the test split; lower "
+                                          r"split.folds or use split.mode holdout$"):  # fmt: skip
+        split(labelled, SplitConfig(group_column="subject", mode="kfold", folds=6))
 
 
 def test_items_without_a_group_value_are_one_group_and_the_error_says_how_many(state, tmp_path):
