@@ -128,22 +128,54 @@ def check_config(config: PipelineConfig, images: int = AUTO_SAMPLE_IMAGES) -> Ch
 
 def _burned_in_lines(frame: pd.DataFrame, config: PipelineConfig, report: CheckReport) -> None:
     """What anonymize does with the DICOM rows whose header says BurnedInAnnotation YES (read from
-    every header; text OCR finds in pixels is found only by the run, which reads them)."""
+    every header; text OCR finds in pixels is found only by the run, which reads them). With
+    burned_in redact, a YES item OCR will not read (text_scan never, no tesseract, or under auto a
+    modality outside `OCR_MODALITIES`) is quarantined for sure: those count against the budget."""
     if "BurnedInAnnotation" not in frame.columns:
         return
-    burned = int((frame["BurnedInAnnotation"].str.strip().str.upper() == "YES").sum())
+    yes = frame["BurnedInAnnotation"].str.strip().str.upper() == "YES"
+    burned = int(yes.sum())
     if not burned:
         return
-    if config.anonymize.burned_in == "redact":
-        report.summary.append(f"burned-in text: {burned} DICOM item(s) say BurnedInAnnotation YES; anonymize "
-                              "blacks out the text OCR locates in them and quarantines those where it locates none")  # fmt: skip
+    settings, limit = config.anonymize, config.anonymize.max_drop_fraction
+    unread, why, remedy = _not_read_by_ocr(frame[yes], settings.text_scan)
+    if settings.burned_in == "redact":
+        line = (f"burned-in text: {burned} DICOM item(s) say BurnedInAnnotation YES; anonymize blacks out the text "
+                "OCR locates in them and quarantines those where it locates none")  # fmt: skip
+        if not unread:
+            report.summary.append(line)
+        elif unread / max(len(frame), 1) > limit:
+            report.problems.append(f"{unread} of {len(frame)} DICOM item(s) say BurnedInAnnotation YES and OCR will not "
+                                   f"read them ({why}): anonymize quarantines them, more than "
+                                   f"anonymize.max_drop_fraction {limit}: anonymize would stop; with {remedy} OCR "
+                                   "reads them")  # fmt: skip
+        else:
+            report.warnings.append(f"{line}; {unread} of them OCR will not read ({why}): quarantined")
         return
     line = f"{burned} of {len(frame)} DICOM item(s) say BurnedInAnnotation YES: anonymize quarantines them"
-    if burned / max(len(frame), 1) > config.anonymize.max_drop_fraction:
-        report.problems.append(f"{line}, more than anonymize.max_drop_fraction {config.anonymize.max_drop_fraction}: "
-                               "anonymize would stop; anonymize.burned_in: redact blacks the text out instead")  # fmt: skip
+    if burned / max(len(frame), 1) > limit:
+        instead = "anonymize.burned_in: redact" + (f" with {remedy}" if unread else "")
+        report.problems.append(f"{line}, more than anonymize.max_drop_fraction {limit}: anonymize would stop; "
+                               f"{instead} blacks the text out instead")  # fmt: skip
     else:
         report.warnings.append(line)
+
+
+def _not_read_by_ocr(rows: pd.DataFrame, text_scan: str) -> tuple[int, str, str]:
+    """(how many of `rows` anonymize's OCR will not read, why, what would make it read them), as
+    `mlpipe.anonymize.burned_in` decides."""
+    from mlpipe.anonymize import OCR_MODALITIES
+    from mlpipe.burned_in import ocr_available
+
+    if text_scan == "never":
+        return len(rows), "anonymize.text_scan never", "anonymize.text_scan: always"
+    if not ocr_available():
+        return len(rows), "tesseract is not installed", "tesseract-ocr installed"
+    if text_scan == "always":
+        return 0, "", ""
+    kinds = rows["Modality"].str.strip().str.upper() if "Modality" in rows else pd.Series("", index=rows.index)
+    outside = kinds[~kinds.isin(OCR_MODALITIES)]
+    return len(outside), f"modality {', '.join(sorted(set(outside)))} under text_scan auto", "anonymize.text_scan: always"
 
 
 def _sample_lines(detection: Detection, config: PipelineConfig, report: CheckReport) -> None:

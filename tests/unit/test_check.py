@@ -121,9 +121,11 @@ def test_a_class_with_too_few_items_is_one_line(state, capsys, tmp_path):
 
 def test_dicom_items_whose_header_says_burned_in_text_are_predicted(state, capsys, tmp_path):
     """BurnedInAnnotation YES is in every header: check counts what anonymize will quarantine (a
-    warning; a problem past anonymize.max_drop_fraction), or, with burned_in redact, redact."""
+    warning; a problem past anonymize.max_drop_fraction), and with burned_in redact, those OCR will
+    not read (quarantined all the same)."""
     import pydicom
 
+    from mlpipe.burned_in import ocr_available
     from tests.dicom_data import ct_folder
 
     root = ct_folder(tmp_path / "ct", per_class=8, side=32).root
@@ -142,10 +144,24 @@ def test_dicom_items_whose_header_says_burned_in_text_are_predicted(state, capsy
     code, _, err = _check(capsys, "--set", f"source.uri={root}")
     assert code == 1 and ("mlpipe: error: 5 of 16 DICOM item(s) say BurnedInAnnotation YES: anonymize quarantines them, "
                           "more than anonymize.max_drop_fraction 0.2: anonymize would stop; anonymize.burned_in: "
-                          "redact blacks the text out instead") in err, err  # fmt: skip
-    _, out, err = _check(capsys, "--set", f"source.uri={root}", "--set", "anonymize.burned_in=redact")
-    assert "burned-in text: 5 DICOM item(s) say BurnedInAnnotation YES; anonymize blacks out" in out
-    assert not [line for line in err if "BurnedInAnnotation" in line], err
+                          "redact with anonymize.text_scan: always blacks the text out instead") in err, err  # fmt: skip
+    # redact: CT is not read by OCR under text_scan auto, so every YES item is quarantined all the same
+    code, out, err = _check(capsys, "--set", f"source.uri={root}", "--set", "anonymize.burned_in=redact")
+    assert code == 1 and ("mlpipe: error: 5 of 16 DICOM item(s) say BurnedInAnnotation YES and OCR will not read them "
+                          "(modality CT under text_scan auto): anonymize quarantines them, more than "
+                          "anonymize.max_drop_fraction 0.2: anonymize would stop; with anonymize.text_scan: always OCR "
+                          "reads them") in err, err  # fmt: skip
+    redact_all = ["--set", "anonymize.burned_in=redact", "--set", "anonymize.text_scan=always"]
+    if ocr_available():  # tesseract installed (make test installs it): OCR reads the CT slices, nothing is certain
+        code, out, err = _check(capsys, "--set", f"source.uri={root}", *redact_all)
+        assert "burned-in text: 5 DICOM item(s) say BurnedInAnnotation YES; anonymize blacks out" in out
+        assert not [line for line in err if "BurnedInAnnotation" in line], err
+    say_yes(1)
+    _, out, err = _check(capsys, "--set", f"source.uri={root}", "--set", "anonymize.burned_in=redact",
+                         "--set", "anonymize.text_scan=never")  # fmt: skip
+    assert ("mlpipe: warning: burned-in text: 1 DICOM item(s) say BurnedInAnnotation YES; anonymize blacks out the text "
+            "OCR locates in them and quarantines those where it locates none; 1 of them OCR will not read "
+            "(anonymize.text_scan never): quarantined") in err, err  # fmt: skip
 
     # A study export's non-image objects and a stray text file: read, named, not decoded.
     report = Path(pydicom.__file__).parent / "data" / "test_files" / "reportsi.dcm"
