@@ -227,7 +227,8 @@ def _pixel_module(dataset, f) -> PixelModule | None:
     pydicom = _pydicom()
     meta = getattr(dataset, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    if syntax is None or syntax.is_deflated or not syntax.is_transfer_syntax:
+    # pydicom raises for a UID that is no transfer syntax it knows (a private one): checked first
+    if not isinstance(syntax, pydicom.uid.UID) or not syntax.is_transfer_syntax or syntax.is_deflated:
         return None
     offset = f.tell()
     kept = pydicom.Dataset()

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,25 +130,30 @@ def _fluent_tracking_uri(uri: str, experiment_id: str | None = None) -> Iterator
     were. `mlflow.set_tracking_uri` and `set_experiment` keep their value in module globals and also
     write `$MLFLOW_TRACKING_URI` and `$MLFLOW_EXPERIMENT_ID`: left set, a later call in the same process
     (the next flow run of a worker, `mlpipe predict` after a run, a test) or a child it starts would
-    still reach this store, whatever the variables said before."""
+    still reach this store, whatever the variables said before. One block at a time per process
+    (threads of a task runner wait): interleaved, they would put each other's values back."""
     from mlflow.tracking import fluent
     from mlflow.tracking._tracking_service import utils  # the globals have no public getters
 
-    saved = (utils._tracking_uri, fluent._active_experiment_id,
-             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")})  # fmt: skip
-    mlflow.set_tracking_uri(uri)
-    try:
-        if experiment_id is not None:
-            mlflow.set_experiment(experiment_id=experiment_id)
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])  # None included: MLflow's tracer state is reset with it
-        fluent._active_experiment_id = saved[1]
-        for name, value in saved[2].items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with _FLUENT_LOCK:
+        saved = (utils._tracking_uri, fluent._active_experiment_id,
+                 {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")})  # fmt: skip
+        mlflow.set_tracking_uri(uri)
+        try:
+            if experiment_id is not None:
+                mlflow.set_experiment(experiment_id=experiment_id)
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved[0])  # None included: MLflow's tracer state is reset with it
+            fluent._active_experiment_id = saved[1]
+            for name, value in saved[2].items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+_FLUENT_LOCK = threading.RLock()
 
 
 def _client(uri: str | None = None) -> MlflowClient:
@@ -931,7 +937,9 @@ def _model_version_info(model_uri: str) -> dict:
         hint = ""
         if ref and "alias" in str(err).lower() and "not found" in str(err).lower():
             hint = (f": no version of {name} holds @{ref} (a version the registry gate rejected gets none); name one, "
-                    f"--model models:/{name}/VERSION, or give it the alias: mlpipe promote --version VERSION")  # fmt: skip
+                    f"--model models:/{name}/VERSION")  # fmt: skip
+            if ref == "champion":  # what promote moves
+                hint += f", or give it the alias: mlpipe promote --model {name} --version VERSION"
         raise MlpipeError(f"cannot load model {model_uri}: {_first_line(err).rstrip('.')}{hint}") from None
     return {"registered_model": version.name, "version": str(version.version), "training_run_id": version.run_id}
 

@@ -446,6 +446,14 @@ def test_header_frames_and_read_header_reasons_and_cache():
 
     assert read_header(broken, ("test:broken", 1, "a")) == "truncated or corrupt DICOM (ValueError)"
 
+    # A transfer syntax no dictionary knows (a vendor's private one): the header is still read
+    # (pydicom raises on is_deflated for such a UID), decoding names the syntax.
+    private = _bytes("CT_small.dcm").replace(b"1.2.840.10008.1.2.1\x00", b"1.2.3.4.5.6.7.8.9.1\x00", 1)
+    header = read_header(lambda: io.BytesIO(private), ("test:private", len(private), "a"))
+    assert isinstance(header, Header) and header.columns["Modality"] == "CT" and header.pixels is None
+    with pytest.raises(Quarantined, match=r"^DICOM compression without an installed decoder \(1.2.3.4.5.6.7.8.9.1\)$"):
+        _dd(private)
+
 
 def _pydicom_columns(ds: Dataset) -> dict[str, str]:
     """The columns header_of should give, by pydicom's own way: iterating a dataset converts every

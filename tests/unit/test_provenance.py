@@ -1,5 +1,6 @@
 """Crash hygiene and provenance in the MLflow record."""
 
+import os
 import types
 
 from mlflow.tracking import MlflowClient
@@ -104,3 +105,35 @@ def test_a_failed_deferred_write_fails_the_run_instead_of_vanishing(state, monke
         with tracking.pipeline_run("deferred", "flow", {}, {}) as run:
             tracking.log_stage(run, "split", {"rows": 3})
     assert MlflowClient(run.tracking_uri).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_mlflows_process_wide_tracking_uri_is_put_back_even_by_overlapping_threads(monkeypatch):
+    """Two threads of one process (a thread task runner) each log a model to their own store: the
+    second waits for the first's block, so neither puts back the other's URI and none stays set."""
+    import threading
+
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a_inside, a_may_leave, b_inside = threading.Event(), threading.Event(), threading.Event()
+
+    def a() -> None:
+        with tracking._fluent_tracking_uri("sqlite:////tmp/a.db"):
+            a_inside.set()
+            a_may_leave.wait(10)
+
+    def b() -> None:
+        a_inside.wait(10)
+        with tracking._fluent_tracking_uri("sqlite:////tmp/b.db"):
+            b_inside.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for thread in threads:
+        thread.start()
+    assert a_inside.wait(10)
+    assert not b_inside.wait(0.5)  # b waits while a's store is set
+    a_may_leave.set()
+    for thread in threads:
+        thread.join(10)
+    assert b_inside.is_set() and utils._tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ

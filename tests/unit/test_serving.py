@@ -254,8 +254,10 @@ def test_a_registered_version_is_found_in_the_state_directorys_store(tmp_path, m
         tracking.load_serving_model("models:/m/1", tmp_path / "work")
     assert not (tmp_path / "mlflow.db").exists() and "MLFLOW_TRACKING_URI" not in os.environ
     assert utils._tracking_uri == "http://127.0.0.1:9"  # put back as it was
-    with pytest.raises(MlpipeError, match=r"no version of m holds @champion .*mlpipe promote --version VERSION$"):
+    with pytest.raises(MlpipeError, match=r"no version of m holds @champion .*mlpipe promote --model m --version VERSION$"):
         tracking.load_serving_model("models:/m@champion", tmp_path / "work")
+    with pytest.raises(MlpipeError, match=r"no version of m holds @challenger .*--model models:/m/VERSION$"):
+        tracking.load_serving_model("models:/m@challenger", tmp_path / "work")  # promote moves @champion only
 
 
 def test_predict_reads_image_files_named_by_url_on_their_own_filesystem(classifier):
