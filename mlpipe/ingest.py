@@ -559,9 +559,10 @@ DICOM_GROUP_ATTRIBUTES = ("PatientID", "StudyInstanceUID")
 
 
 def dicom_group_column(frame: pd.DataFrame) -> str | None:
-    """split.group_column auto for DICOM rows: PatientID when any DICOM row has one, else
-    StudyInstanceUID when any has one (files whose Patient ID was blanked before they reached
-    us: grouping every one of them under "" would make one group of the whole dataset), else None."""
+    """split.group_column auto for DICOM rows: PatientID when any DICOM row has one (a row without
+    one is grouped by its study: `mlpipe.split.group_values`), else StudyInstanceUID when any has
+    one (files whose Patient ID was blanked before they reached us: grouping every one of them
+    under "" would make one group of the whole dataset), else None."""
     if dicom.FRAME not in frame.columns:
         return None
     rows = frame[frame[dicom.FRAME] != ""]

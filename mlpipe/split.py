@@ -81,6 +81,22 @@ def check_folds(frame: pd.DataFrame, folds: int) -> None:
             )
 
 
+# A DICOM file whose Patient ID was blanked before it reached us belongs to its study (Study Instance
+# UID, Type 1 in every image IOD; a study is one patient's), not to one group of every such file.
+GROUP_FALLBACKS = {"PatientID": "StudyInstanceUID"}
+
+
+def group_values(items: pd.DataFrame, column: str) -> pd.Series:
+    """Each item's group as text: its `column` value, else (for PatientID) "study " + its
+    StudyInstanceUID, else "" (no value: such items are one group, so that none of them can leak)."""
+    values = items[column].fillna("").astype(str).str.strip()
+    fallback = GROUP_FALLBACKS.get(column)
+    if fallback in items.columns:
+        study = items[fallback].fillna("").astype(str).str.strip()
+        values = values.mask((values == "") & (study != ""), "study " + study)
+    return values
+
+
 def combined_groups(subjects: pd.Series, near_dups: pd.Series | None) -> np.ndarray:
     """Items linked by subject or by near-duplicate group form one group: neither may span splits."""
     codes, _ = pd.factorize(subjects)
@@ -142,8 +158,9 @@ def split(labelled: StageResult, config: SplitConfig) -> StageResult:
     if config.group_column is not None and config.group_column not in items.columns:
         raise MlpipeError(f"split.group_column '{config.group_column}' is not a column of the labelled data")
     group_col = config.group_column or ITEM_ID
-    items["group"] = combined_groups(items[group_col], items.get(NEAR_DUP_GROUP))
-    blank = int((items[group_col].astype(str).str.strip() == "").sum()) if config.group_column else 0
+    values = group_values(items, group_col)
+    items["group"] = combined_groups(values, items.get(NEAR_DUP_GROUP))
+    blank = int((values == "").sum()) if config.group_column else 0
     check_stratifiable(items[LABEL], items["group"], blank, group_col)
 
     y, groups = items[TARGET].to_numpy(), items["group"].to_numpy()

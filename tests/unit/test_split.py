@@ -174,3 +174,14 @@ def test_small_data_within_one_group_step_is_split_not_refused(state, tmp_path):
     result = split(labelled, config.split)
     assert config.split.tolerance < result.report["proportion_gap_linf"] <= result.report["group_step"]
     assert sum(result.report["sizes"].values()) == labelled.report["labelled"] == 111
+
+
+def test_a_dicom_item_without_a_patient_id_is_grouped_by_its_study():
+    """A mixed export (some Patient IDs blanked upstream): those items fall back to their study,
+    not into one group of every such item; an item with neither value is in the one blank group."""
+    from mlpipe.split import group_values
+
+    items = pd.DataFrame({"PatientID": ["p_1", "", "", None, ""], "StudyInstanceUID": ["2.25.1", "2.25.2", "2.25.3", "2.25.3", ""]})
+    assert group_values(items, "PatientID").tolist() == ["p_1", "study 2.25.2", "study 2.25.3", "study 2.25.3", ""]
+    assert group_values(items, "StudyInstanceUID").tolist() == ["2.25.1", "2.25.2", "2.25.3", "2.25.3", ""]  # no fallback
+    assert group_values(items.drop(columns="StudyInstanceUID"), "PatientID").tolist() == ["p_1", "", "", "", ""]
