@@ -341,13 +341,16 @@ def decode_dicom(data: bytes, frame: int | str | None, window: Window, max_pixel
     if high - low < 1 << 20:
         # Through a lookup table over the stored levels from the lowest to the highest: every
         # transform on at most 2**16 or so values instead of every pixel, no float copy of the frame.
-        index = array.astype(np.intp)
-        index -= low
-        values = pydicom.pixels.apply_modality_lut(np.arange(low, high + 1, dtype=np.int64), ds).astype(np.float64)
+        if array.dtype in (np.uint8, np.uint16):  # the levels index the table as stored: no wider copy
+            base, index = 0, array
+        else:  # int32 (half of intp's bytes): a difference below 2**20 is exact even where the cast wraps
+            base, index = low, array.astype(np.int32)
+            index -= np.int32(np.int64(low).astype(np.int32))
+        values = pydicom.pixels.apply_modality_lut(np.arange(base, high + 1, dtype=np.int64), ds).astype(np.float64)
         if "ModalityLUTSequence" in ds:  # a table: the values the frame holds are those of the levels present
             observed = values[np.bincount(index.ravel(), minlength=len(values)) > 0]
         else:  # Rescale Slope and Intercept: a line, whose extremes over the frame are at its extreme levels
-            observed = values[[0, -1]]
+            observed = values[[low - base, high - base]]
         table = _to_8bit(_voi(values, ds, window, observed), photometric)
         return table[index], mode
     values = pydicom.pixels.apply_modality_lut(array, ds).astype(np.float64)
