@@ -120,8 +120,15 @@ def test_dicom_files_without_a_patient_id_are_grouped_by_study(scans, tmp_path):
             out = pd.read_parquet(result.file("items.parquet")).set_index("item_id")
             written = sorted(result.file("dicom").glob("*.dcm"))
             assert len(written) == len(out) == 8
+            originals = {(ds := pydicom.dcmread(f)).PixelData: (ds.StudyInstanceUID, ds.StudyDate) for f in root.rglob("*.dcm")}
+            offsets: dict[str, set] = {}
             for path in written:
-                assert pydicom.dcmread(path).StudyDate == out.loc[path.stem, "StudyDate"], path.stem
+                ds = pydicom.dcmread(path)
+                assert ds.StudyDate == out.loc[path.stem, "StudyDate"], path.stem
+                study, date = originals[ds.PixelData]  # the pixels are untouched: they name the source file
+                offsets.setdefault(study, set()).add(pd.Timestamp(date) - pd.Timestamp(ds.StudyDate))
+            assert all(len(days) == 1 for days in offsets.values())  # one offset per study: intervals kept
+            assert len(offsets) == 4 and len(set().union(*offsets.values())) > 1  # not one offset for every file
     one = pd.DataFrame({"image": ["a.dcm", "b.dcm", "c.png"], "PatientID": ["", "MRN1", ""],
                         "StudyInstanceUID": ["1.2", "1.3", ""], "__frame": ["0", "0", ""]})  # fmt: skip
     assert dicom_group_column(one) == "PatientID"  # any DICOM file with a PatientID: by patient
