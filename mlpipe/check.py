@@ -167,15 +167,16 @@ def _not_read_by_ocr(rows: pd.DataFrame, text_scan: str) -> tuple[int, str, str]
     from mlpipe.anonymize import OCR_MODALITIES
     from mlpipe.burned_in import ocr_available
 
+    kinds = rows["Modality"].str.strip().str.upper() if "Modality" in rows else pd.Series("", index=rows.index)
+    outside = kinds[~kinds.isin(OCR_MODALITIES)]  # what text_scan auto leaves unread
+    always = "anonymize.text_scan: always" if text_scan == "never" or (text_scan == "auto" and len(outside)) else ""
     if text_scan == "never":
-        return len(rows), "anonymize.text_scan never", "anonymize.text_scan: always"
+        return len(rows), "anonymize.text_scan never", always
     if not ocr_available():
-        return len(rows), "tesseract is not installed", "tesseract-ocr installed"
+        return len(rows), "tesseract is not installed", " and ".join(filter(None, ["tesseract-ocr installed", always]))
     if text_scan == "always":
         return 0, "", ""
-    kinds = rows["Modality"].str.strip().str.upper() if "Modality" in rows else pd.Series("", index=rows.index)
-    outside = kinds[~kinds.isin(OCR_MODALITIES)]
-    return len(outside), f"modality {', '.join(sorted(set(outside)))} under text_scan auto", "anonymize.text_scan: always"
+    return len(outside), f"modality {', '.join(sorted(set(outside)))} under text_scan auto", always
 
 
 def _sample_lines(detection: Detection, config: PipelineConfig, report: CheckReport) -> None:

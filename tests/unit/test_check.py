@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -219,3 +220,18 @@ def test_names_suggest_policies(column, suggestion):
     import pandas as pd
 
     assert suggest_for(column, pd.Series(["x"] * 3)).split()[0] == suggestion
+
+
+@pytest.mark.parametrize("text_scan,tesseract,expected", [
+    ("never", True, (2, "anonymize.text_scan never", "anonymize.text_scan: always")),
+    ("auto", True, (1, "modality CT under text_scan auto", "anonymize.text_scan: always")),  # US is read, CT is not
+    ("auto", False, (2, "tesseract is not installed", "tesseract-ocr installed and anonymize.text_scan: always")),
+    ("always", True, (0, "", "")),
+    ("always", False, (2, "tesseract is not installed", "tesseract-ocr installed")),
+])  # fmt: skip
+def test_which_burned_in_items_ocr_will_not_read_and_what_would_make_it(monkeypatch, text_scan, tesseract, expected):
+    from mlpipe import burned_in
+    from mlpipe.check import _not_read_by_ocr
+
+    monkeypatch.setattr(burned_in, "ocr_available", lambda: tesseract)
+    assert _not_read_by_ocr(pd.DataFrame({"Modality": ["CT", " us"]}), text_scan) == expected
